@@ -1,0 +1,102 @@
+"""Summaries of stripping: dead neurons, active parameters, sparsity.
+
+All functions are jit-able and return dicts ``{layer_path: scalar}`` (the
+kernel's path, e.g. ``encoder/block_0/mlp/fc1/kernel``), plus totals.
+
+*Active parameters* follow the original's definition: over the stripped
+(targeted) kernels, the weights that are kept by the mask **and** do not feed
+a currently dead neuron. Biases are not counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from synstrip_jax import _trees
+
+PyTree = Any
+Array = jax.Array
+
+
+def dead_counts(dead: PyTree) -> dict[str, Array]:
+  """``{path: number of dead neurons}`` for each non-``None`` dead vector."""
+  return {path: jnp.sum(d, dtype=jnp.int32)
+          for path, d in _trees.leaves_with_path(dead, keep_none=True)
+          if d is not None}
+
+
+def _kernel_entries(params: PyTree, dead: Optional[PyTree],
+                    masks: Optional[PyTree]):
+  """``(path, kernel, dead or None, mask or None)`` for the targeted kernels.
+
+  A kernel is targeted when ``dead`` or ``masks`` has an entry for it.
+  """
+  if dead is not None:
+    _trees.check_aligned(params, dead, "dead")
+  if masks is not None:
+    _trees.check_aligned(params, masks, "masks")
+  _, paths, leaves, (dead_l, mask_l) = _trees.aligned_leaves(params, dead, masks)
+  return [(path, p, d, m) for path, p, d, m in zip(paths, leaves, dead_l, mask_l)
+          if d is not None or m is not None]
+
+
+def active_params(params: PyTree, dead: Optional[PyTree] = None,
+                  masks: Optional[PyTree] = None) -> dict[str, Array]:
+  """Active weights per targeted kernel and ``'total'``.
+
+  Args:
+    params: parameter pytree (only shapes are used).
+    dead: dead-neuron tree (``None`` = no dead neuron).
+    masks: keep-mask tree (``None`` = nothing stripped).
+
+  Returns:
+    ``{path: int32 count, ..., 'total': int32}``: for each kernel, the number
+    of entries kept by its mask whose neuron (last axis) is not dead.
+  """
+  out = {}
+  for path, p, d, m in _kernel_entries(params, dead, masks):
+    keep = jnp.ones(p.shape, jnp.bool_) if m is None else m
+    if d is not None:
+      keep = keep & ~d
+    out[path] = jnp.sum(keep, dtype=jnp.int32)
+  out["total"] = sum(out.values(), jnp.zeros((), jnp.int32))
+  return out
+
+
+def sparsity(masks: PyTree) -> dict[str, Array]:
+  """Fraction of pruned weights per masked kernel and ``'total'`` (float32)."""
+  pruned, sizes, out = 0, 0, {}
+  for path, m in _trees.leaves_with_path(masks, keep_none=True):
+    if m is None:
+      continue
+    n_pruned = jnp.sum(~m, dtype=jnp.int32)
+    out[path] = n_pruned.astype(jnp.float32) / m.size
+    pruned = pruned + n_pruned
+    sizes += m.size
+  out["total"] = (jnp.asarray(pruned, jnp.float32) / sizes if sizes
+                  else jnp.zeros((), jnp.float32))
+  return out
+
+
+def summary(params: PyTree, dead: PyTree, masks: Optional[PyTree]) -> dict[str, Array]:
+  """Flat scalar metrics for logging.
+
+  Keys: ``dead_neurons``, ``active_params``, ``sparsity`` (totals) and
+  ``dead/<path>``, ``active/<path>``, ``sparsity/<path>`` per kernel.
+  """
+  dc = dead_counts(dead)
+  ap = active_params(params, dead, masks)
+  out = {"dead_neurons": sum(dc.values(), jnp.zeros((), jnp.int32)),
+         "active_params": ap.pop("total")}
+  if masks is not None:
+    sp = sparsity(masks)
+    out["sparsity"] = sp.pop("total")
+    out.update({f"sparsity/{k}": v for k, v in sp.items()})
+  else:
+    out["sparsity"] = jnp.zeros((), jnp.float32)
+  out.update({f"dead/{k}": v for k, v in dc.items()})
+  out.update({f"active/{k}": v for k, v in ap.items()})
+  return out

@@ -1,0 +1,285 @@
+r"""Synaptic stripping: prune the lowest incoming weights of dead neurons.
+
+For a kernel ``W`` of shape ``[..., fan_in, n]`` (Flax layout: the last axis
+indexes the ``n`` neurons, every other axis is fan-in, so Dense and Conv
+kernels both work) and a dead neuron ``j``, let ``v`` be the ``m`` weights of
+column ``W[..., j]`` that are still non-zero. Stripping computes the
+``q = stripping_factor`` quantile of ``v`` with linear interpolation, exactly
+as ``torch.quantile`` (and ``numpy.quantile``) does in float32,
+
+.. math::
+   r = q (m - 1) \text{ (float64)},\quad l = \lfloor r \rfloor,\quad
+   h = \lceil r \rceil,\quad w = \mathrm{f32}(r - l),\quad
+   t = \mathrm{lerp}(v_{(l)}, v_{(h)}, w)
+
+where ``v_(i)`` is the ``i``-th smallest value and ``lerp`` is PyTorch's CPU
+lerp with one rounding (``a + w d`` if ``w < 0.5`` else ``b - d (1 - w)``,
+``d = b - a``). Every weight of the column with ``W < t`` (signed, strictly;
+ties survive) is set to 0.0 and its keep-mask bit to False. Masks only shrink.
+
+Implementation: the ``m``-dependent interpolation constants come from a
+float64 table built on the host (so ranks match PyTorch's float64 ranks
+without enabling x64); only the ``k = ceil(q (fan_in - 1)) + 1`` smallest
+non-zero values are needed, found with ``lax.top_k``; and only the dead
+neurons' columns are processed, gathered into one of a few fixed bucket sizes
+selected by ``lax.switch`` so that a whole run compiles a handful of shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from synstrip_jax import _trees
+
+PyTree = Any
+Array = jax.Array
+
+#: Default stripping factor of the original implementation.
+DEFAULT_STRIPPING_FACTOR = 0.05
+
+
+def validate_stripping_factor(stripping_factor: Any) -> float:
+  """Return ``stripping_factor`` as a Python float, or raise ``ValueError``.
+
+  It must be a real number in ``[0, 1]`` (not NaN, not a traced value: it
+  fixes static shapes).
+  """
+  if isinstance(stripping_factor, jax.core.Tracer):
+    raise TypeError(
+        "stripping_factor must be a static Python number, got a traced "
+        f"value {stripping_factor!r}; pass it as a static argument.")
+  if isinstance(stripping_factor, (bool, np.bool_)) or not isinstance(
+      stripping_factor, (numbers.Real, np.ndarray, np.generic)):
+    raise ValueError(
+        f"stripping_factor must be a real number in [0, 1], got "
+        f"{stripping_factor!r}")
+  try:
+    q = float(stripping_factor)
+  except TypeError as e:
+    raise ValueError(
+        f"stripping_factor must be a real number in [0, 1], got "
+        f"{stripping_factor!r}") from e
+  if not (0.0 <= q <= 1.0):  # also rejects NaN
+    raise ValueError(
+        f"stripping_factor must be in [0, 1], got {stripping_factor!r}")
+  return q
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation_table(fan_in: int, q: float) -> tuple[np.ndarray, ...]:
+  """Host-side tables indexed by the non-zero count ``m`` in ``[0, fan_in]``.
+
+  Returns ``(lo, hi, w, k)``: int32 ``lo``/``hi`` order statistics, float32
+  weight ``w`` (all ``[fan_in + 1]``), and ``k`` the number of smallest
+  values needed. Rank ``q * (m - 1)`` is computed in float64 from the Python
+  float ``q``, as ``torch.quantile`` does.
+  """
+  m = np.arange(fan_in + 1, dtype=np.float64)
+  rank = np.float64(q) * np.maximum(m - 1.0, 0.0)
+  lo = np.floor(rank)
+  hi = np.ceil(rank)
+  w = (rank - lo).astype(np.float32)
+  k = int(hi.max()) + 1
+  return lo.astype(np.int32), hi.astype(np.int32), w, k
+
+
+def _smallest_nonzero(cols: Array, k: int) -> Array:
+  """``[B, F] -> [B, k]``: the ``k`` smallest non-zero values, ascending.
+
+  Zeros become ``+inf`` and so sort last.
+  """
+  vals = jnp.where(cols != 0, cols, jnp.inf)
+  if 4 * k >= cols.shape[-1]:
+    return jnp.sort(vals, axis=-1)[..., :k]
+  neg, _ = jax.lax.top_k(-vals, k)
+  return -neg
+
+
+def column_thresholds(cols: Array, stripping_factor: float) -> Array:
+  """Quantile thresholds of the non-zero entries of each row of ``cols``.
+
+  Args:
+    cols: ``[B, F]`` float32, one neuron's incoming weights per row.
+    stripping_factor: the quantile ``q`` in ``[0, 1]`` (static).
+
+  Returns:
+    ``[B]`` float32 thresholds; NaN for a row with no non-zero entry (such a
+    neuron is left alone: the original raises there).
+  """
+  fan_in = cols.shape[-1]
+  lo_t, hi_t, w_t, k = _interpolation_table(fan_in, stripping_factor)
+  m = jnp.sum(cols != 0, axis=-1)
+  smallest = _smallest_nonzero(cols, k)
+  lo = jnp.asarray(lo_t)[m]
+  hi = jnp.asarray(hi_t)[m]
+  w = jnp.asarray(w_t)[m]
+  a = jnp.take_along_axis(smallest, lo[:, None], axis=-1)[:, 0]
+  b = jnp.take_along_axis(smallest, hi[:, None], axis=-1)[:, 0]
+  d = b - a
+  # PyTorch CPU lerp; XLA contracts each branch into one fused multiply-add.
+  t = jnp.where(w < 0.5, a + w * d, b - d * (1.0 - w))
+  return jnp.where(m > 0, t, jnp.nan)
+
+
+def bucket_sizes(num_neurons: int, num_buckets: int = 5) -> tuple[int, ...]:
+  """Static column-bucket sizes ``n/2^j`` (ascending, deduplicated)."""
+  sizes = {max(1, math.ceil(num_neurons / 2**j)) for j in range(num_buckets)}
+  return tuple(sorted(sizes))
+
+
+def kernel_thresholds(kernel: Array, dead: Array, stripping_factor: float,
+                      *, num_buckets: int = 5) -> Array:
+  """Per-neuron stripping thresholds of one kernel.
+
+  Args:
+    kernel: ``[..., fan_in, n]`` effective weights (pruned entries are 0).
+    dead: ``[n]`` bool, the dead neurons.
+    stripping_factor: static quantile in ``[0, 1]``.
+    num_buckets: number of fixed column-bucket sizes (``n, n/2, ... n/2^(b-1)``).
+
+  Returns:
+    ``[n]`` float32: the threshold of each dead neuron with a non-zero weight
+    left, NaN elsewhere. Work scales with the number of dead neurons: their
+    columns are gathered into the smallest bucket that holds them.
+  """
+  n = kernel.shape[-1]
+  w2d = kernel.reshape(-1, n).astype(jnp.float32)
+  num_dead = jnp.sum(dead)
+  sizes = bucket_sizes(n, num_buckets)
+  nan = jnp.full((n,), jnp.nan, jnp.float32)
+
+  def branch(size):
+    def run(_):
+      # Indices of the dead neurons, padded with the out-of-range index n.
+      idx = jnp.nonzero(dead, size=size, fill_value=n)[0]
+      cols = jnp.take(w2d, idx, axis=1, mode="clip").T  # [size, F]
+      thr = column_thresholds(cols, stripping_factor)
+      return nan.at[idx].set(thr, mode="drop")
+    return run
+
+  branches = [lambda _: nan] + [branch(s) for s in sizes]
+  index = jnp.where(num_dead == 0, 0,
+                    1 + jnp.searchsorted(jnp.asarray(sizes), num_dead))
+  return jax.lax.switch(index, branches, None)
+
+
+@functools.partial(jax.jit, static_argnames=("stripping_factor", "num_buckets"))
+def strip_kernel(kernel: Array, dead: Array, mask: Array, *,
+                 stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
+                 num_buckets: int = 5) -> tuple[Array, Array, Array]:
+  """Strip one kernel.
+
+  Args:
+    kernel: ``[..., fan_in, n]`` weights (any float dtype; thresholds are
+      computed in float32).
+    dead: ``[n]`` bool dead neurons.
+    mask: keep-mask of ``kernel``'s shape, bool (True = kept).
+    stripping_factor: static quantile in ``[0, 1]``.
+    num_buckets: see :func:`kernel_thresholds`.
+
+  Returns:
+    ``(kernel, mask, thresholds)``: the kernel with every pruned weight 0.0
+    (dtype unchanged), the new mask (``new <= old``), and ``[n]`` float32
+    thresholds (NaN for neurons that were not stripped).
+  """
+  effective = jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
+  thr = kernel_thresholds(effective, dead, stripping_factor,
+                          num_buckets=num_buckets)
+  # NaN thresholds compare False: live neurons and empty columns keep all.
+  prune = effective.astype(jnp.float32) < thr
+  new_mask = mask & ~prune
+  new_kernel = jnp.where(new_mask, kernel, jnp.zeros((), kernel.dtype))
+  return new_kernel, new_mask, thr
+
+
+def _check_dead_leaf(path: str, kernel: Any, dead: Any) -> None:
+  if not hasattr(dead, "shape") or not hasattr(dead, "dtype"):
+    raise TypeError(f"dead[{path}] must be a bool array or None, got "
+                    f"{type(dead).__name__}: {dead!r}")
+  if dead.dtype != jnp.bool_:
+    raise TypeError(f"dead[{path}] must have dtype bool, got {dead.dtype}")
+  if kernel.ndim < 2:
+    raise ValueError(f"params[{path}] has shape {kernel.shape}: only kernels "
+                     "of rank >= 2 ([..., fan_in, neurons]) can be stripped")
+  if tuple(dead.shape) != (kernel.shape[-1],):
+    raise ValueError(
+        f"dead[{path}] has shape {tuple(dead.shape)} but the kernel "
+        f"{tuple(kernel.shape)} has {kernel.shape[-1]} neurons (last axis)")
+
+
+def _check_mask_leaf(path: str, kernel: Any, mask: Any) -> None:
+  if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+    raise TypeError(f"masks[{path}] must be a bool array or None, got "
+                    f"{type(mask).__name__}: {mask!r}")
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"masks[{path}] must have dtype bool, got {mask.dtype}")
+  if tuple(mask.shape) != tuple(kernel.shape):
+    raise ValueError(f"masks[{path}] has shape {tuple(mask.shape)}, the "
+                     f"kernel has shape {tuple(kernel.shape)}")
+
+
+def validate_sparse_tree(params: PyTree, tree: Optional[PyTree], name: str) -> None:
+  """Check that ``tree`` (``dead`` or ``masks``) aligns with ``params``.
+
+  Raises ``ValueError``/``TypeError`` naming the path and the offending
+  value. Only shapes and dtypes are inspected, so this works under ``jit``.
+  """
+  if tree is None:
+    return
+  _trees.check_aligned(params, tree, name)
+  check = _check_dead_leaf if name == "dead" else _check_mask_leaf
+  _, paths, leaves, (others,) = _trees.aligned_leaves(params, tree)
+  for path, p, t in zip(paths, leaves, others):
+    if t is not None:
+      check(path, p, t)
+
+
+def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
+                 *, stripping_factor: float = DEFAULT_STRIPPING_FACTOR
+                 ) -> tuple[PyTree, PyTree]:
+  """Synaptic stripping over a parameter pytree (pure).
+
+  Args:
+    params: the parameter pytree.
+    dead: the structure of ``params`` with a ``[n]`` bool vector at every
+      kernel ``[..., fan_in, n]`` to strip and ``None`` at every other leaf.
+    masks: ``None`` (everything kept) or the keep-mask pytree: bool arrays of
+      the kernel's shape at stripped kernels and ``None`` elsewhere.
+    stripping_factor: the quantile ``q`` in ``[0, 1]`` of each dead neuron's
+      remaining non-zero incoming weights below which weights are pruned.
+
+  Returns:
+    ``(params, masks)``: new params with pruned weights exactly 0.0 (shapes
+    and dtypes unchanged; leaves without a ``dead`` entry are returned as
+    they are) and the new masks, which hold a bool array at every leaf where
+    ``dead`` or the old ``masks`` did.
+
+  Raises:
+    ValueError, TypeError: a bad stripping factor, trees that do not align,
+      a dead vector or mask of the wrong shape or dtype; the message names
+      the tree path and the value.
+  """
+  q = validate_stripping_factor(stripping_factor)
+  validate_sparse_tree(params, dead, "dead")
+  validate_sparse_tree(params, masks, "masks")
+  treedef, _, leaves, (dead_l, mask_l) = _trees.aligned_leaves(
+      params, dead, masks)
+  new_params, new_masks = [], []
+  for p, d, m in zip(leaves, dead_l, mask_l):
+    if d is not None:
+      if m is None:
+        m = jnp.ones(p.shape, jnp.bool_)
+      p, m, _ = strip_kernel(p, d, m, stripping_factor=q)
+    elif m is not None:
+      p = jnp.where(m, p, jnp.zeros((), p.dtype))
+    new_params.append(p)
+    new_masks.append(m)
+  return (jax.tree_util.tree_unflatten(treedef, new_params),
+          jax.tree_util.tree_unflatten(treedef, new_masks))
