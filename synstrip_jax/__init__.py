@@ -15,7 +15,8 @@ from synstrip_jax.metrics import active_params, dead_counts, sparsity, summary
 from synstrip_jax.stripping import (DEFAULT_STRIPPING_FACTOR, strip_kernel,
                                     strip_params, validate_stripping_factor)
 from synstrip_jax.transform import (StrippingState, get_masks, init_masks,
-                                    set_masks, strip_event, with_stripping)
+                                    masked_params, set_masks, strip_event,
+                                    with_stripping)
 
 __version__ = "0.1.0"
 
@@ -23,7 +24,7 @@ __all__ = [
     "ActivationStats", "DEFAULT_STRIPPING_FACTOR", "StrippingState",
     "active_params", "batch_stats", "check_finite", "dead_counts", "dead_mask",
     "dead_masks", "dormancy_score", "example_stats", "find_dead", "get_masks",
-    "init_masks", "init_stats", "merge_stats", "nonfinite_neurons",
+    "init_masks", "init_stats", "masked_params", "merge_stats", "nonfinite_neurons",
     "psum_stats", "reduce_examples", "set_masks", "sparsity", "strip_event",
     "strip_kernel", "strip_params", "summary", "update_stats",
     "validate_stripping_factor", "with_stripping",

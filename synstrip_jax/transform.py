@@ -71,7 +71,7 @@ def init_masks(params: PyTree, targets: Targets) -> PyTree:
   """All-True keep-masks at the targeted kernels, ``None`` elsewhere."""
   flags = _resolve_targets(targets, params)
   treedef, _, leaves, _ = _trees.aligned_leaves(params)
-  masks = [jnp.ones(jnp.shape(p), jnp.bool_) if f else None
+  masks = [jnp.ones_like(p, dtype=jnp.bool_) if f else None
            for p, f in zip(leaves, flags)]
   return jax.tree_util.tree_unflatten(treedef, masks)
 
@@ -87,6 +87,26 @@ def _apply_masks(tree: PyTree, masks: PyTree, fill: Optional[PyTree]) -> PyTree:
     else:
       out.append(jnp.where(m, x, -f if f is not None else jnp.zeros((), x.dtype)))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def masked_params(params: PyTree, opt_state: Any) -> PyTree:
+  """``params`` with every weight whose mask bit is False set to 0.0.
+
+  The :func:`with_stripping` guarantee covers the params it updates. Some
+  optimizers keep their own copy of the weights (e.g.
+  ``optax.contrib.schedule_free_*``, whose evaluation params are computed
+  from an internal iterate the wrapper never sees); pass such derived params
+  through this function to apply the same masks.
+
+  Args:
+    params: a pytree with the structure of the params the optimizer was
+      initialised with.
+    opt_state: a state holding exactly one :func:`with_stripping` state.
+
+  Returns:
+    ``params`` with the stripped weights at exactly 0.0 (dtypes unchanged).
+  """
+  return _apply_masks(params, get_masks(opt_state), None)
 
 
 def with_stripping(inner: optax.GradientTransformation,

@@ -1,0 +1,248 @@
+"""Reusable pieces of a training run: state, optimizer, steps, sharding.
+
+The loop itself lives in ``experiments/train_vit.py``; everything here is a
+pure function (or a jit-compiled one) of explicit arguments. Data parallelism
+is plain ``jax.jit`` over a 1-D mesh ``('data',)`` spanning every device of
+every process: batches are sharded over ``'data'``, the train state is
+replicated, and XLA inserts the gradient all-reduce. The same code runs on 1
+or N devices and hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from synstrip_jax import flax_utils
+from synstrip_jax.transform import with_stripping
+
+PyTree = Any
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step needs and a checkpoint holds.
+
+  Attributes:
+    step: int32 scalar, number of optimizer steps taken.
+    params: the model parameters (float32).
+    opt_state: the optimizer state; holds the stripping masks.
+    rng: ``uint32[2]`` raw PRNG key (dropout, augmentation), folded with
+      ``step`` at every step, so a resumed run draws the same numbers.
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+
+
+# ------------------------------------------------------------------ devices
+
+def make_mesh(devices: Optional[list] = None) -> Mesh:
+  """A 1-D ``('data',)`` mesh over ``devices`` (default: every device)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  """Raise ``ValueError`` unless the batch splits evenly over the devices."""
+  n = mesh.devices.size
+  if global_batch_size <= 0 or global_batch_size % n:
+    raise ValueError(f"{what}={global_batch_size} must be a positive multiple "
+                     f"of the device count {n} (one equal shard per device)")
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"{what}={global_batch_size} must be divisible by the "
+                     f"process count {jax.process_count()}")
+
+
+def global_batch(local: PyTree, mesh: Mesh) -> PyTree:
+  """Assemble per-process host arrays into global arrays sharded on ``'data'``.
+
+  Each process passes its own slice (``global_batch // process_count`` rows);
+  with one process this is a plain sharded ``device_put``.
+  """
+  sharding = data_sharded(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local)
+
+
+# ---------------------------------------------------------------- optimizer
+
+def make_schedule(*, learning_rate: float, min_learning_rate: float,
+                  warmup_steps: int, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to ``learning_rate``, then cosine to the minimum.
+
+  The original uses 5 warm-up epochs then cosine annealing to 1e-5.
+  """
+  warmup_steps = max(int(warmup_steps), 0)
+  decay_steps = max(int(total_steps), warmup_steps + 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+      decay_steps=decay_steps, end_value=min_learning_rate)
+
+
+def make_optimizer(schedule: optax.Schedule, *, weight_decay: float,
+                   targets: PyTree, strip: bool) -> optax.GradientTransformation:
+  """AdamW (the original's optimizer), wrapped in ``with_stripping``.
+
+  The stripping wrapper is present even when ``strip`` is False (the masks
+  then stay all True) so that both arms share one state layout; with
+  ``strip=False`` no kernel is targeted and the state holds no mask.
+  """
+  inner = optax.inject_hyperparams(optax.adamw)(
+      learning_rate=schedule, weight_decay=weight_decay)
+  if not strip:
+    targets = jax.tree.map(lambda _: False, targets)
+  return with_stripping(inner, targets)
+
+
+def create_train_state(model: nn.Module, tx_factory: Callable[[PyTree], optax.GradientTransformation],
+                       image_shape: tuple[int, ...], seed: int
+                       ) -> tuple[TrainState, optax.GradientTransformation]:
+  """Initialise params and optimizer state (host-side, unsharded).
+
+  Args:
+    model: a Linen model with ``__call__(x, *, train)`` whose strippable
+      layers are :class:`~synstrip_jax.flax_utils.ActDense`.
+    tx_factory: ``targets -> optimizer``; ``targets`` is the bool tree of the
+      kernels that feed sown activations.
+    image_shape: ``(H, W, C)``.
+    seed: the run's seed.
+  """
+  rng = jax.random.PRNGKey(seed)
+  init_rng, state_rng = jax.random.split(rng)
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  variables = model.init({"params": init_rng}, x, train=False)
+  params = variables["params"]
+  targets = flax_utils.target_tree(params, variables[flax_utils.ACTIVATIONS])
+  tx = tx_factory(targets)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params), rng=state_rng)
+  return state, tx
+
+
+# -------------------------------------------------------------------- steps
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """``[B, K], [B] -> [B]`` float32 softmax cross-entropy."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               augment: Callable[[jax.Array, jax.Array], jax.Array]
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a (global, data-sharded) batch.
+
+  Args:
+    state: replicated train state.
+    images: ``[B, H, W, C]`` uint8, sharded over the batch.
+    labels: ``[B]`` int32.
+    model, tx: static.
+    augment: ``(key, uint8 images) -> float32 normalised images``.
+
+  Returns:
+    ``(state, metrics)`` with ``loss_sum``, ``correct`` and ``count`` (sums
+    over the batch, so epochs aggregate exactly).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  aug_rng, dropout_rng = jax.random.split(rng)
+  x = augment(aug_rng, images)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, x, train=True,
+                         rngs={"dropout": dropout_rng},
+                         mutable=[flax_utils.ACTIVATIONS])[0]
+    losses = cross_entropy(logits, labels)
+    return jnp.mean(losses), (losses, logits)
+
+  (_, (losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      "loss_sum": jnp.sum(losses),
+      "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+      "count": jnp.asarray(labels.shape[0], jnp.float32),
+  }
+  return state.replace(step=state.step + 1, params=params,
+                       opt_state=opt_state), metrics
+
+
+def eval_step(params: PyTree, images: jax.Array, labels: jax.Array,
+              valid: jax.Array, *, model: nn.Module,
+              preprocess: Callable[[jax.Array], jax.Array],
+              collect_stats: bool) -> dict[str, Any]:
+  """Evaluate a batch; optionally collect the activation statistics.
+
+  Args:
+    params: replicated params.
+    images: ``[B, H, W, C]`` uint8; ``labels``: ``[B]``; ``valid``: ``[B]``
+      bool, False for padding rows of a last partial batch.
+    collect_stats: also return ``stats``, the per-layer
+      :class:`~synstrip_jax.activations.ActivationStats` summed over the valid
+      examples (the probe pass for dead neurons).
+
+  Returns:
+    ``loss_sum``, ``correct``, ``count`` (over valid rows) and, if asked,
+    ``stats``.
+  """
+  x = preprocess(images)
+  if collect_stats:
+    logits, state = model.apply({"params": params}, x, train=False,
+                                mutable=[flax_utils.ACTIVATIONS])
+  else:
+    logits = model.apply({"params": params}, x, train=False,
+                         mutable=[flax_utils.ACTIVATIONS])[0]
+  losses = cross_entropy(logits, labels)
+  w = valid.astype(jnp.float32)
+  out = {
+      "loss_sum": jnp.sum(losses * w),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) & valid),
+      "count": jnp.sum(w),
+  }
+  if collect_stats:
+    out["stats"] = flax_utils.reduce_stats_tree(
+        flax_utils.linen_stats(state), where=valid)
+  return out
+
+
+def jit_train_step(model, tx, augment, mesh: Mesh):
+  """``train_step`` compiled for the mesh: state replicated, batch sharded."""
+  repl, data = replicated(mesh), data_sharded(mesh)
+  fn = functools.partial(train_step, model=model, tx=tx, augment=augment)
+  return jax.jit(fn, in_shardings=(repl, data, data),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def jit_eval_step(model, preprocess, mesh: Mesh, *, collect_stats: bool):
+  """``eval_step`` compiled for the mesh (params replicated, batch sharded)."""
+  repl, data = replicated(mesh), data_sharded(mesh)
+  fn = functools.partial(eval_step, model=model, preprocess=preprocess,
+                         collect_stats=collect_stats)
+  return jax.jit(fn, in_shardings=(repl, data, data, data),
+                 out_shardings=repl)
+
+
+def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:
+  """Sum two metric/statistic trees (``total=None`` starts the sum)."""
+  return new if total is None else jax.tree.map(jnp.add, total, new)

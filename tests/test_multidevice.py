@@ -1,0 +1,111 @@
+"""Multi-device tests on 8 fake CPU devices.
+
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before JAX
+initialises, and this pytest process has already imported JAX, so the checks
+run once in a subprocess (``tests/_multidevice_worker.py``, one JAX start for
+all of them, ~15 s) that prints a JSON verdict per check; each test below
+asserts one verdict and shows the worker's traceback (and stderr) on failure.
+
+What is checked (details in each check's docstring in the worker):
+* ``jax.pmap`` with ``axis_name='d'``: per-device ``batch_stats`` (also
+  ``update_stats``, ``reduce_examples``, ``where``) equals the single-device
+  statistics of the full batch bit for bit; dead masks agree;
+* sharded ``jit`` (batch over ``P('data')``): ``batch_stats`` and
+  ``dead_masks`` identical to 1 device; ``strip_params`` with replicated
+  params, and with kernels sharded over their neurons, identical to 1 device;
+* ``strip_params`` inside ``jax.pmap``: the 1-device result on every device;
+* the state of ``with_stripping(optax.adamw(...))`` keeps the params'
+  shardings (masks and Adam moments) through jitted update steps and
+  ``strip_event`` under jit, also for eager ``tx.init`` and under explicit
+  mesh axes (``jax.make_mesh``'s default, ``jax.set_mesh``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("_multidevice_worker.py")
+NUM_DEVICES = 8
+TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def worker():
+  """Run every check once on 8 fake CPU devices; ``{name: result}``."""
+  env = {**os.environ,
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
+         "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join(
+             [str(REPO)] + ([os.environ["PYTHONPATH"]]
+                            if os.environ.get("PYTHONPATH") else []))}
+  proc = subprocess.run([sys.executable, str(WORKER)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+  lines = proc.stdout.strip().splitlines()
+  try:
+    out = json.loads(lines[-1])
+  except (IndexError, json.JSONDecodeError):
+    pytest.fail(f"the multi-device worker crashed (exit {proc.returncode}):\n"
+                f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+  assert out["devices"] == NUM_DEVICES, out
+  out["stderr"] = proc.stderr
+  return out
+
+
+def check(worker, name):
+  result = worker["results"][name]
+  assert result["ok"], (f"{name} failed in the worker:\n{result['error']}\n"
+                        f"worker stderr (tail):\n{worker['stderr'][-2000:]}")
+
+
+def test_pmap_batch_stats_equal_single_device(worker):
+  """pmap + axis_name: every device's statistics and dead mask = 1 device."""
+  check(worker, "pmap_batch_stats")
+
+
+def test_sharded_jit_batch_stats_and_dead_masks(worker):
+  """Batch sharded P('data') under jit: statistics and dead masks = 1 device."""
+  check(worker, "sharded_jit_batch_stats")
+
+
+def test_sharded_jit_strip_params_replicated(worker):
+  """strip_params under jit, params replicated: masks/params = 1 device."""
+  check(worker, "sharded_jit_strip_params_replicated")
+
+
+def test_sharded_jit_strip_params_sharded_kernel(worker):
+  """strip_params under jit, kernels sharded over neurons (Auto axes)."""
+  check(worker, "sharded_jit_strip_params_sharded_kernel")
+
+
+def test_pmap_strip_params(worker):
+  """strip_params inside pmap: the 1-device result on every device."""
+  check(worker, "pmap_strip_params")
+
+
+def test_opt_state_keeps_param_shardings_through_jitted_steps(worker):
+  """jit(tx.init), jitted update, jit(strip_event), update: masks and Adam
+  moments sharded like their params after each step."""
+  check(worker, "opt_state_sharding_jit_update_auto")
+
+
+def test_eager_init_masks_sharded_like_params(worker):
+  """Eager tx.init (Auto axes): masks and moments sharded like the params."""
+  check(worker, "opt_state_sharding_eager_init_auto")
+
+
+def test_explicit_mesh_jit_init_keeps_sharding_types(worker):
+  """Explicit axes: jit(tx.init) masks/moments have the params' types."""
+  check(worker, "explicit_mesh_jit_init")
+
+
+def test_explicit_mesh_update_and_strip_event(worker):
+  """Explicit axes: jitted update and strip_event run, keep shardings, and
+  match the 1-device masks and params bit for bit."""
+  check(worker, "explicit_mesh_update_and_strip_event")

@@ -1,0 +1,259 @@
+"""Unit tests of strip_params / strip_kernel, and equivalence with the original."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from synstrip_jax import stripping
+from synstrip_jax.stripping import strip_kernel, strip_params
+
+STRIP_CASES = ["lin64x32_f005", "lin64x32_f05", "lin64x32_pert_f005",
+               "lin64x32_pert_f02", "ties_f005", "ties_f025", "ties_f05",
+               "tiny_f005", "tiny_f05"]
+
+
+def replay(reference, case, strip_fn):
+  """Replay a fixture case as its README says; yield per-iteration results."""
+  g = lambda name: reference[f"{case}__{name}"]
+  w = g("weight0").T.copy()  # PyTorch [out, in] -> Flax [in, out]
+  mask = np.ones_like(w, bool)
+  dead = g("dead")
+  q = float(g("factor"))
+  for k in range(1, int(g("iterations")) + 1):
+    if f"{case}__noise_{k}" in reference:
+      w = w + g(f"noise_{k}").T * mask
+    w, mask, thr = strip_fn(w, dead, mask, q)
+    w, mask, thr = np.asarray(w), np.asarray(mask), np.asarray(thr)
+    yield k, w, mask, thr, g(f"weight_{k}").T, g(f"mask_{k}").T, g(f"thresholds_{k}")
+
+
+@pytest.mark.parametrize("case", STRIP_CASES)
+def test_matches_original_bit_for_bit(reference, case):
+  def fn(w, dead, mask, q):
+    return strip_kernel(jnp.asarray(w), jnp.asarray(dead), jnp.asarray(mask),
+                        stripping_factor=q)
+  n = 0
+  for k, w, mask, thr, ref_w, ref_mask, ref_thr in replay(reference, case, fn):
+    np.testing.assert_array_equal(mask, ref_mask, err_msg=f"{case} mask_{k}")
+    np.testing.assert_array_equal(w, ref_w, err_msg=f"{case} weight_{k}")
+    # Exact, NaN for live rows on both sides.
+    np.testing.assert_array_equal(thr, ref_thr, err_msg=f"{case} thresholds_{k}")
+    n += 1
+  assert n >= 2
+
+
+@pytest.mark.parametrize("case", ["lin64x32_pert_f02", "ties_f025", "tiny_f05"])
+def test_matches_original_through_strip_params_tree(reference, case):
+  def fn(w, dead, mask, q):
+    params = {"layer": {"kernel": jnp.asarray(w), "bias": jnp.ones(w.shape[1])}}
+    dead_t = {"layer": {"kernel": jnp.asarray(dead), "bias": None}}
+    masks = {"layer": {"kernel": jnp.asarray(mask), "bias": None}}
+    new_p, new_m = jax.jit(strip_params, static_argnames="stripping_factor")(
+        params, dead_t, masks, stripping_factor=q)
+    np.testing.assert_array_equal(new_p["layer"]["bias"], 1.0)
+    return new_p["layer"]["kernel"], new_m["layer"]["kernel"], np.zeros(w.shape[1])
+  for k, w, mask, _, ref_w, ref_mask, _ in replay(reference, case, fn):
+    np.testing.assert_array_equal(mask, ref_mask, err_msg=f"{case} mask_{k}")
+    np.testing.assert_array_equal(w, ref_w, err_msg=f"{case} weight_{k}")
+
+
+def test_all_zero_dead_row_is_left_alone(reference):
+  # The original raises here (documented deviation); we leave the row as is.
+  assert "non-empty" in str(reference["all_zero_row_behaviour"])
+  w = jnp.zeros((5, 3)).at[:, 1].set(jnp.arange(1.0, 6.0))
+  dead = jnp.array([True, True, False])
+  new_w, mask, thr = strip_kernel(w, dead, jnp.ones((5, 3), bool),
+                                  stripping_factor=0.5)
+  assert np.isnan(thr[0]) and np.isnan(thr[2]) and float(thr[1]) == 3.0
+  np.testing.assert_array_equal(mask[:, 0], True)
+  np.testing.assert_array_equal(new_w[:, 1], [0, 0, 3, 4, 5])
+
+
+def _params(key=0, dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
+  return {
+      "dense": {"kernel": jax.random.normal(k1, (16, 8), dtype),
+                "bias": jnp.zeros(8, dtype)},
+      "conv": {"kernel": jax.random.normal(k2, (3, 3, 4, 6), dtype),
+               "bias": jnp.zeros(6, dtype)},
+      "head": {"kernel": jax.random.normal(k3, (8, 2), dtype)},
+  }
+
+
+def _dead(dense=None, conv=None):
+  return {"dense": {"kernel": dense, "bias": None},
+          "conv": {"kernel": conv, "bias": None},
+          "head": {"kernel": None}}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_and_conv_kernels(dtype):
+  params = _params(dtype=dtype)
+  dead = _dead(jnp.arange(8) % 2 == 0, jnp.array([True, False] * 3))
+  new_p, masks = strip_params(params, dead, stripping_factor=0.25)
+  for name in ("dense", "conv"):
+    k, m = new_p[name]["kernel"], masks[name]["kernel"]
+    assert k.shape == params[name]["kernel"].shape and k.dtype == dtype
+    assert m.dtype == jnp.bool_ and m.shape == k.shape
+    d = dead[name]["kernel"]
+    # Live neurons untouched; dead neurons lost about a quarter of fan-in.
+    np.testing.assert_array_equal(np.asarray(m)[..., ~np.asarray(d)], True)
+    np.testing.assert_array_equal(
+        np.asarray(k, np.float32)[..., ~np.asarray(d)],
+        np.asarray(params[name]["kernel"], np.float32)[..., ~np.asarray(d)])
+    fan_in = int(np.prod(k.shape[:-1]))
+    pruned = (~np.asarray(m)).reshape(fan_in, -1).sum(0)[np.asarray(d)]
+    expected = int(np.floor(0.25 * (fan_in - 1))) + 1
+    assert np.all(np.abs(pruned - expected) <= 1), pruned
+    assert np.all(np.asarray(k, np.float32)[~np.asarray(m)] == 0)
+  assert masks["head"]["kernel"] is None and masks["dense"]["bias"] is None
+  assert new_p["head"]["kernel"] is params["head"]["kernel"]
+
+
+def test_conv_kernel_flattens_all_fan_in_axes():
+  params = _params()
+  dead = _dead(None, jnp.ones(6, bool))
+  _, masks = strip_params(params, dead, stripping_factor=0.5)
+  _, flat_mask, _ = strip_kernel(params["conv"]["kernel"].reshape(36, 6),
+                                 jnp.ones(6, bool), jnp.ones((36, 6), bool),
+                                 stripping_factor=0.5)
+  np.testing.assert_array_equal(masks["conv"]["kernel"].reshape(36, 6), flat_mask)
+
+
+def test_masks_only_shrink_and_pruned_weights_stay_zero():
+  params = _params()
+  dead = _dead(jnp.ones(8, bool), None)
+  p1, m1 = strip_params(params, dead, stripping_factor=0.1)
+  # Pretend training moved a pruned weight: the old mask still applies.
+  tampered = jax.tree.map(lambda x: x, p1)
+  tampered["dense"]["kernel"] = jnp.where(m1["dense"]["kernel"], p1["dense"]["kernel"], 7.0)
+  p2, m2 = strip_params(tampered, dead, m1, stripping_factor=0.1)
+  assert not np.any(np.asarray(m2["dense"]["kernel"]) & ~np.asarray(m1["dense"]["kernel"]))
+  assert np.all(np.asarray(p2["dense"]["kernel"])[~np.asarray(m2["dense"]["kernel"])] == 0)
+  assert (~np.asarray(m2["dense"]["kernel"])).sum() > (~np.asarray(m1["dense"]["kernel"])).sum()
+
+
+def test_no_dead_neurons_changes_nothing():
+  params = _params()
+  dead = _dead(jnp.zeros(8, bool), jnp.zeros(6, bool))
+  new_p, masks = strip_params(params, dead)
+  for name in ("dense", "conv"):
+    np.testing.assert_array_equal(new_p[name]["kernel"], params[name]["kernel"])
+    assert bool(jnp.all(masks[name]["kernel"]))
+
+
+def test_factor_zero_prunes_nothing_factor_one_prunes_all_but_max():
+  params = _params()
+  dead = _dead(jnp.ones(8, bool), None)
+  _, m0 = strip_params(params, dead, stripping_factor=0.0)
+  assert bool(jnp.all(m0["dense"]["kernel"]))
+  _, m1 = strip_params(params, dead, stripping_factor=1.0)
+  np.testing.assert_array_equal(np.asarray(m1["dense"]["kernel"]).sum(0), 1)
+
+
+def test_inputs_are_not_modified():
+  params = jax.tree.map(np.asarray, _params())
+  before = jax.tree.map(np.copy, params)
+  dead = _dead(np.ones(8, bool), np.ones(6, bool))
+  masks = {"dense": {"kernel": np.ones((16, 8), bool), "bias": None},
+           "conv": {"kernel": None, "bias": None}, "head": {"kernel": None}}
+  masks_before = jax.tree.map(np.copy, masks)
+  strip_params(params, dead, masks, stripping_factor=0.5)
+  jax.tree.map(np.testing.assert_array_equal, params, before)
+  jax.tree.map(np.testing.assert_array_equal, masks, masks_before)
+
+
+def test_no_recompilation_for_new_dead_sets():
+  traces = []
+
+  def fn(params, dead):
+    traces.append(1)  # runs once per trace
+    return strip_params(params, dead, stripping_factor=0.05)
+
+  f = jax.jit(fn)
+  params = _params()
+  rng = np.random.default_rng(0)
+  for frac in (0.0, 0.1, 0.5, 0.9, 1.0, 0.3):
+    dead = _dead(jnp.asarray(rng.random(8) < frac), jnp.asarray(rng.random(6) < frac))
+    f(params, dead)
+  assert len(traces) == 1
+
+
+def test_work_buckets_cover_every_dead_count():
+  for n in (1, 2, 7, 384, 1536):
+    sizes = stripping.bucket_sizes(n)
+    assert sizes[-1] == n and list(sizes) == sorted(set(sizes))
+  # Every dead count lands in a bucket that holds it: compare with full work.
+  w = jax.random.normal(jax.random.key(1), (40, 33))
+  for count in range(0, 34):
+    dead = jnp.arange(33) < count
+    thr = stripping.kernel_thresholds(w, dead, 0.2)
+    ref = stripping.kernel_thresholds(w, dead, 0.2, num_buckets=1)
+    np.testing.assert_array_equal(thr, ref)
+    assert int(jnp.sum(~jnp.isnan(thr))) == count
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("factor", [-0.1, 1.5, float("nan"), float("inf")])
+def test_bad_stripping_factor_value(factor):
+  with pytest.raises(ValueError, match="stripping_factor"):
+    strip_params(_params(), _dead(jnp.ones(8, bool)), stripping_factor=factor)
+
+
+@pytest.mark.parametrize("factor", [True, "0.1", None, [0.1]])
+def test_bad_stripping_factor_type(factor):
+  with pytest.raises(ValueError, match="stripping_factor"):
+    strip_params(_params(), _dead(jnp.ones(8, bool)), stripping_factor=factor)
+
+
+def test_traced_stripping_factor_is_rejected():
+  with pytest.raises(TypeError, match="static"):
+    jax.jit(lambda q: strip_params(_params(), _dead(jnp.ones(8, bool)),
+                                   stripping_factor=q))(0.1)
+
+
+def test_mismatched_tree_names_the_path():
+  dead = {"dense": {"kernel": jnp.ones(8, bool), "bias": None},
+          "other": {"kernel": None}}
+  with pytest.raises(ValueError, match="other/kernel"):
+    strip_params(_params(), dead)
+
+
+def test_dead_wrong_length_names_path_and_shape():
+  with pytest.raises(ValueError, match=r"dead\[dense/kernel\].*\(7,\).*8 neurons"):
+    strip_params(_params(), _dead(jnp.ones(7, bool)))
+
+
+def test_dead_not_bool():
+  with pytest.raises(TypeError, match=r"dead\[dense/kernel\].*bool.*float32"):
+    strip_params(_params(), _dead(jnp.ones(8, jnp.float32)))
+  # A list is a container, not a leaf: the structures no longer align.
+  with pytest.raises(ValueError, match=r"dense/kernel"):
+    strip_params(_params(), _dead([True] * 8))
+  with pytest.raises(TypeError, match=r"dead\[dense/kernel\].*str"):
+    strip_params(_params(), _dead("all"))
+
+
+def test_dead_on_a_bias_is_rejected():
+  dead = _dead()
+  dead["dense"]["bias"] = jnp.ones(8, bool)
+  with pytest.raises(ValueError, match=r"dense/bias.*rank >= 2"):
+    strip_params(_params(), dead)
+
+
+def test_masks_wrong_shape_or_dtype():
+  dead = _dead(jnp.ones(8, bool))
+  masks = _dead(jnp.ones((16, 7), bool))
+  with pytest.raises(ValueError, match=r"masks\[dense/kernel\].*\(16, 7\)"):
+    strip_params(_params(), dead, masks)
+  masks = _dead(jnp.ones((16, 8), jnp.int32))
+  with pytest.raises(TypeError, match=r"masks\[dense/kernel\].*int32"):
+    strip_params(_params(), dead, masks)
+
+
+def test_errors_are_raised_under_jit_too():
+  f = jax.jit(strip_params, static_argnames="stripping_factor")
+  with pytest.raises(ValueError, match=r"dead\[dense/kernel\]"):
+    f(_params(), _dead(jnp.ones(5, bool)), stripping_factor=0.1)
