@@ -1,0 +1,77 @@
+"""Train a ViT (or MLP) with synaptic stripping.
+
+  python experiments/train_vit.py                       # offline default
+  python experiments/train_vit.py --config=experiments/configs/vit_cifar10.py \
+      --workdir=runs/c10 [--config.num_epochs=50 ...]
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+Every visible device (of every process) is used, data-parallel. On several
+hosts, start the same command on each (see README, "Running on many devices
+and hosts").
+"""
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+  sys.path.insert(0, str(REPO))
+
+from synstrip_jax import distributed, experiment  # noqa: E402
+
+DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
+
+try:  # ml_collections applies --config.<field> overrides already here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", str(DEFAULT_CONFIG), "Config file (ml_collections).",
+      lock_config=True)
+except (AttributeError, KeyError) as _e:
+  sys.exit(f"error: unknown config field {str(_e).strip(chr(34) + chr(39))!r}"
+           " on the command line")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (default: a fresh runs/<config>-<time>).")
+distributed.define_flags()
+
+
+def _parse_flags(argv):
+  """absl's parser, with a one-line error for a bad command line."""
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as e:  # ml_collections: an unknown --config.<field>
+    field = str(e).strip("\"'")
+    print(f"error: unknown config field {field!r} on the command line",
+          file=sys.stderr)
+  except (flags.Error, KeyError, TypeError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  distributed.initialize_from_flags()
+  workdir = _WORKDIR.value
+  if workdir is None:
+    stem = Path(flags.FLAGS["config"].value.split(":")[0]).stem
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = str(REPO / "runs" / f"{stem}-{stamp}")
+  print(f"workdir: {workdir}", flush=True)
+  try:
+    experiment.train_and_evaluate(_CONFIG.value, workdir)
+  except (ValueError, experiment.RunError, FloatingPointError,
+          experiment.checkpointing.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  print(f"done: metrics in {workdir}/metrics.jsonl, plots "
+        f"{workdir}/{{accuracy,dead_neurons,active_params}}.png", flush=True)
+
+
+if __name__ == "__main__":
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  app.run(main, flags_parser=_parse_flags)

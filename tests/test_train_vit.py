@@ -1,0 +1,368 @@
+"""End-to-end tests of experiments/train_vit.py and synstrip_jax.experiment.
+
+Tiny runs on scikit-learn's digits (offline): the script as a subprocess
+(metrics, plots, config, resume, errors, a real SIGKILL, 8 fake devices) and
+the loop in-process (resume equivalence at many interruption points,
+checkpoint fall-back, NaN loss, TFDS through ``tfds.testing.mock_data``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from synstrip_jax import checkpointing, experiment, run_logging
+from synstrip_jax.config import base_config
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "train_vit.py"
+
+TINY = {
+    "dataset": "digits", "train_limit": 320, "test_limit": 96,
+    "batch_size": 32, "eval_batch_size": 64, "patch_size": 4,
+    "hidden_size": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32,
+    "num_epochs": 2, "warmup_epochs": 1, "crop_padding": 1, "flip": False,
+    "progress_bar": False, "learning_rate": 3e-3,
+}
+CACHE_DIR = Path(os.environ.get(
+    "SYNSTRIP_TEST_CACHE",
+    Path(tempfile.gettempdir()) / "synstrip_test_jax_cache"))
+REQUIRED = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
+            "dead_neurons", "active_params", "sparsity")
+
+
+def tiny_config(**overrides):
+  c = base_config()
+  c.update(TINY)
+  c.update(overrides)
+  return c
+
+
+def overrides_argv(**overrides):
+  values = dict(TINY, **overrides)
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def script_env(devices=None):
+  """Subprocess environment; compiled programs are cached across runs."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("XLA_FLAGS", None)
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def run_script(workdir, *args, devices=None, timeout=300, **overrides):
+  env = script_env(devices)
+  cmd = [sys.executable, str(SCRIPT), f"--workdir={workdir}",
+         *overrides_argv(**overrides), *args]
+  return subprocess.run(cmd, env=env, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def strip_times(records):
+  drop = ("train_time_s", "eval_time_s", "strip_time_s")
+  return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def final_params(config, workdir):
+  state, position, _, _ = experiment.final_state(config, workdir)
+  return jax.device_get(state.params), position
+
+
+def assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compilation_cache():
+  """Share compiled programs between the many tiny runs of this module."""
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+# --------------------------------------------------------------- the script
+
+@pytest.fixture(scope="module")
+def script_run(tmp_path_factory):
+  """One tiny run of the script (2 epochs, stripping on) shared by tests."""
+  workdir = tmp_path_factory.mktemp("run") / "wd"
+  res = run_script(workdir)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return workdir, res
+
+
+def test_script_writes_metrics_plots_and_config(script_run):
+  workdir, res = script_run
+  records = run_logging.read_jsonl(workdir / "metrics.jsonl")
+  assert [r["epoch"] for r in records] == [0, 1]
+  for r in records:
+    for key in REQUIRED:
+      assert key in r, key
+    assert any(k.startswith("dead/") for k in r)
+    assert 0.0 <= r["test_acc"] <= 1.0
+    assert np.isfinite(r["train_loss"])
+  for name in ("accuracy", "dead_neurons", "active_params"):
+    png = workdir / f"{name}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["hidden_size"] == TINY["hidden_size"]
+  assert "epoch 2/2" in res.stdout
+
+
+def test_stripped_weights_never_come_back(script_run):
+  workdir, _ = script_run
+  records = run_logging.read_jsonl(workdir / "metrics.jsonl")
+  stripped = [r["stripped_weights"] for r in records]
+  assert stripped == sorted(stripped)
+  # The final masks: every stripped weight is exactly 0.0 in the params.
+  config = tiny_config()
+  state, _, _, _ = experiment.final_state(config, workdir)
+  from synstrip_jax.transform import get_masks  # pylint: disable=import-outside-toplevel
+  masks = get_masks(state.opt_state)
+  for p, m in zip(jax.tree.leaves(state.params),
+                  jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+    if m is not None:
+      assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
+  assert int(sum(np.sum(~np.asarray(m)) for m in jax.tree.leaves(masks))) \
+      == stripped[-1]
+
+
+def test_rerun_of_a_finished_run_changes_nothing(script_run):
+  workdir, _ = script_run
+  before = (workdir / "metrics.jsonl").read_text()
+  res = run_script(workdir)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resuming from checkpoint" in res.stdout
+  assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_rerun_with_another_config_is_refused(script_run):
+  workdir, _ = script_run
+  res = run_script(workdir, seed=1)
+  assert res.returncode == 1
+  assert "different config" in res.stderr and "seed" in res.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["--config.stripping_factor=1.5"], "stripping_factor"),
+    (["--config.stripping_factor=nan"], "stripping_factor"),
+    (["--config.bogus=1"], "unknown config field 'bogus'"),
+    (["--config.probe=train"], "config.probe='train'"),
+    (["--config.batch_size=1000"], "batch_size=1000"),
+])
+def test_bad_input_one_line_error_before_training(tmp_path, args, expected):
+  res = run_script(tmp_path / "wd", *args, timeout=120)
+  assert res.returncode != 0
+  lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+  assert lines and lines[-1].startswith("error:"), res.stderr[-2000:]
+  assert expected in lines[-1], lines[-1]
+  assert "Traceback" not in res.stderr
+  assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def _write_npz(path, **changes):
+  rng = np.random.default_rng(0)
+  arrays = {"x_train": rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+            "y_train": rng.integers(0, 10, 64).astype(np.int32),
+            "x_test": rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8),
+            "y_test": rng.integers(0, 10, 32).astype(np.int32)}
+  arrays.update(changes)
+  arrays = {k: v for k, v in arrays.items() if v is not None}
+  np.savez(path, **arrays)
+  return path
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"y_train": None}, "y_train"),
+    ({"y_test": np.full(32, -1, np.int32)}, "negative label"),
+    ({"y_test": np.full(32, 12, np.int32),
+      "class_names": np.array([f"c{i}" for i in range(10)])},
+     "label 12 >= len\\(class_names\\)"),
+    ({"y_train": np.zeros(10, np.int32)}, "y_train"),
+    ("missing", "does not exist"),
+])
+def test_bad_npz_fails_before_training(tmp_path, changes, expected):
+  path = tmp_path / "d.npz"
+  if changes != "missing":
+    _write_npz(path, **changes)
+  config = tiny_config(dataset=f"npz:{path}", train_limit=0, test_limit=0)
+  with pytest.raises(ValueError, match=expected):
+    experiment.train_and_evaluate(config, tmp_path / "wd")
+  assert not (tmp_path / "wd").exists()
+
+
+def test_npz_dataset_trains(tmp_path):
+  path = _write_npz(tmp_path / "d.npz")
+  config = tiny_config(dataset=f"npz:{path}", train_limit=0, test_limit=0,
+                       num_epochs=1)
+  records = experiment.train_and_evaluate(config, tmp_path / "wd",
+                                          log=lambda _: None)
+  assert len(records) == 1 and np.isfinite(records[0]["test_loss"])
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+  """A real kill -9 in the middle of the run; rerunning the same command
+  ends with exactly the parameters and metrics of an uninterrupted run."""
+  ref, killed = tmp_path / "ref", tmp_path / "killed"
+  extra = {"num_epochs": 3, "checkpoint_every_steps": 3}
+  res = run_script(ref, **extra)
+  assert res.returncode == 0, res.stderr[-3000:]
+
+  env = script_env()
+  cmd = [sys.executable, str(SCRIPT), f"--workdir={killed}",
+         *overrides_argv(**extra)]
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpts = killed / "checkpoints"
+  try:  # kill once a mid-epoch checkpoint of epoch 2 exists
+    while time.time() < deadline and proc.poll() is None:
+      steps = ([int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
+               if ckpts.exists() else [])
+      if steps and max(steps) > 12:
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  assert len(run_logging.read_jsonl(killed / "metrics.jsonl")) < 3
+  res = run_script(killed, **extra)
+  assert res.returncode == 0, res.stderr[-3000:]
+  config = tiny_config(**extra)
+  p_ref, _ = final_params(config, ref)
+  p_killed, _ = final_params(config, killed)
+  assert_trees_equal(p_ref, p_killed)
+  assert strip_times(run_logging.read_jsonl(ref / "metrics.jsonl")) == \
+      strip_times(run_logging.read_jsonl(killed / "metrics.jsonl"))
+
+
+def test_eight_fake_devices(tmp_path, script_run):
+  """The same run over 8 (fake CPU) devices: same metrics up to float
+  reassociation of the gradient all-reduce; a clear error when the batch
+  does not split over the devices."""
+  res = run_script(tmp_path / "wd8", devices=8)
+  assert res.returncode == 0, res.stderr[-3000:]
+  one = run_logging.read_jsonl(script_run[0] / "metrics.jsonl")
+  eight = run_logging.read_jsonl(tmp_path / "wd8" / "metrics.jsonl")
+  assert len(eight) == len(one) == 2
+  for a, b in zip(one, eight):
+    np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=1e-3)
+    np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-2)
+  bad = run_script(tmp_path / "bad", devices=8, batch_size=36, timeout=120)
+  assert bad.returncode == 1
+  assert "batch_size=36" in bad.stderr and "device count 8" in bad.stderr
+
+
+# --------------------------------------------------------- in-process loop
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ref") / "wd"
+  config = tiny_config(num_epochs=3, checkpoint_every_steps=4)
+  records = experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  params, _ = final_params(config, workdir)
+  return config, records, params
+
+
+@pytest.mark.parametrize("interrupts", [[4], [9, 1], [5, 11, 3]])
+def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
+                                                         reference_run,
+                                                         interrupts):
+  """Interruptions mid-epoch (between checkpoints), right after a
+  checkpoint, at epoch ends, and several in a row."""
+  config, ref_records, ref_params = reference_run
+  workdir = tmp_path / "wd"
+  for n in interrupts:
+    with pytest.raises(experiment.Interrupt):
+      experiment.train_and_evaluate(config, workdir, interrupt_after_steps=n,
+                                    log=lambda _: None)
+  experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  params, position = final_params(config, workdir)
+  assert position.epoch == 2 and position.epoch_done
+  assert_trees_equal(ref_params, params)
+  assert strip_times(run_logging.read_jsonl(workdir / "metrics.jsonl")) == \
+      strip_times(ref_records)
+
+
+def test_corrupt_latest_checkpoint_falls_back_then_errors(tmp_path):
+  config = tiny_config(num_epochs=2)
+  workdir = tmp_path / "wd"
+  experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  ckpts = workdir / "checkpoints"
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  assert len(steps) == 2
+  # Corrupt the newest one: every file of its state item is truncated.
+  for f in (ckpts / str(steps[-1]) / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  # The run resumes from the previous checkpoint (epoch 1) and redoes epoch 2.
+  records = experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  assert [r["epoch"] for r in records] == [0, 1]
+  # The unreadable checkpoint was moved aside, not deleted.
+  assert (workdir / "unreadable_checkpoints" / str(steps[-1])).is_dir()
+  # Now corrupt both: a clear error, and the metrics are not overwritten.
+  for f in ckpts.rglob("*"):
+    if f.is_file() and "state" in f.parts:
+      f.write_bytes(b"garbage")
+  before = (workdir / "metrics.jsonl").read_text()
+  with pytest.raises(checkpointing.CheckpointError, match="could be restored"):
+    experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def test_metrics_without_checkpoints_is_refused(tmp_path):
+  config = tiny_config(num_epochs=1)
+  workdir = tmp_path / "wd"
+  experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  shutil.rmtree(workdir / "checkpoints")
+  with pytest.raises(experiment.RunError, match="refusing to start over"):
+    experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny_config(num_epochs=3, learning_rate=1e30, warmup_epochs=0,
+                       weight_decay=0.0)
+  workdir = tmp_path / "wd"
+  with pytest.raises(FloatingPointError, match="training loss became"):
+    experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  records = run_logging.read_jsonl(workdir / "metrics.jsonl")
+  for r in records:
+    assert np.isfinite(r["train_loss"])
+  steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == len(records)
+
+
+def test_tfds_path_with_mock_data(tmp_path):
+  """cifar10 through the TFDS API (mock data: nothing is read or fetched)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = tiny_config(dataset="cifar10", train_limit=0, test_limit=0,
+                       num_epochs=1, patch_size=8, crop_padding=4, flip=True)
+  with tfds.testing.mock_data(num_examples=64):
+    records = experiment.train_and_evaluate(config, tmp_path / "wd",
+                                            log=lambda _: None)
+  assert len(records) == 1
+  assert records[0]["dead_neurons"] >= 0 and np.isfinite(records[0]["test_loss"])
