@@ -43,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     (epochs), ``probe`` (``train_holdout``: a held-out part of the training
     data, or ``test``: the test set as the original does), ``probe_fraction``
     (held-out share), ``tau`` (< 0: exact rule ``total == 0``; else ReDo
-    dormancy threshold).
+    dormancy threshold), ``redo`` (the ReDo baseline: at the same events,
+    recycle the dead neurons instead of / besides stripping them:
+    re-initialise their incoming weights, zero their outgoing weights and
+    the optimizer moments of both; see :mod:`synstrip_jax.redo`).
   * run: ``checkpoint_every_steps`` (0: only at epoch ends),
     ``max_checkpoints``, ``progress_bar``.
   """
@@ -83,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.probe = "train_holdout"
   c.probe_fraction = 0.1
   c.tau = -1.0
+  c.redo = False
   # Run.
   c.checkpoint_every_steps = 0
   c.max_checkpoints = 2
@@ -172,7 +176,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if c.hidden_size % c.num_heads:
     raise ValueError(f"config.num_heads={c.num_heads} does not divide "
                      f"config.hidden_size={c.hidden_size}")
-  for name in ("strip", "augment", "flip", "progress_bar"):
+  for name in ("strip", "redo", "augment", "flip", "progress_bar"):
     if not isinstance(c[name], bool):
       raise ValueError(f"config.{name} must be True or False, got "
                        f"{c[name]!r}")

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from synstrip_jax import checkpointing, data, flax_utils, metrics, models
-from synstrip_jax import run_logging, training
+from synstrip_jax import redo, run_logging, training
 from synstrip_jax import config as config_lib
 from synstrip_jax.activations import check_finite
 from synstrip_jax.transform import get_masks, strip_event
@@ -192,6 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   strip = jax.jit(functools.partial(strip_event,
                                     stripping_factor=config.stripping_factor),
                   out_shardings=repl, donate_argnums=(0, 1))
+  recycle = jax.jit(functools.partial(
+      redo.recycle, outgoing=redo.outgoing_map(state.params, config.model)),
+                    out_shardings=repl, donate_argnums=(0, 1))
 
   # ---- workdir: resume or start; never overwrite another run's work.
   _check_config_file(workdir, config, is_main)
@@ -283,6 +286,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       state = state.replace(params=params, opt_state=opt_state)
       jax.block_until_ready(state.params)
     t_strip = time.perf_counter() - t2
+    recycled_now = config.redo and (epoch + 1) % config.stripping_frequency == 0
+    if recycled_now:
+      # A host value, identical on every process (raw uint32[2] key).
+      key = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.seed),
+                                          epoch))
+      params, opt_state = recycle(state.params, state.opt_state, dead, key)
+      state = state.replace(params=params, opt_state=opt_state)
 
     masks = get_masks(state.opt_state) if config.strip else None
     summary = jax.device_get(metrics.summary(state.params, dead, masks))
@@ -303,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         "sparsity": float(summary.pop("sparsity")),
         "stripped_weights": stripped_weights,
         "stripped_now": bool(stripped_now),
+        "recycled_now": bool(recycled_now),
         "learning_rate": float(schedule(int(state.step))),
         "train_time_s": t_train,
         "eval_time_s": t_eval,

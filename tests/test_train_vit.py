@@ -366,3 +366,17 @@ def test_tfds_path_with_mock_data(tmp_path):
                                             log=lambda _: None)
   assert len(records) == 1
   assert records[0]["dead_neurons"] >= 0 and np.isfinite(records[0]["test_loss"])
+
+
+def test_redo_arm_recycles_dead_neurons(tmp_path):
+  """The ReDo baseline through the loop: with a learning rate high enough
+  to kill neurons, recycling events happen and training stays finite."""
+  config = tiny_config(model="mlp", width=16, depth=3, num_epochs=3,
+                       strip=False, redo=True, augment=False,
+                       learning_rate=3e-2, warmup_epochs=0)
+  records = experiment.train_and_evaluate(config, tmp_path / "wd",
+                                          log=lambda _: None)
+  assert all(r["recycled_now"] for r in records)
+  assert all(not r["stripped_now"] and r["stripped_weights"] == 0
+             for r in records)
+  assert all(np.isfinite(r["train_loss"]) for r in records)

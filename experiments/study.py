@@ -1,0 +1,194 @@
+"""Does stripping work? The study of RESULTS.md, as named groups of runs.
+
+  python experiments/study.py --study=cifar_vit      # ViT, CIFAR-10 JPEG subset
+  python experiments/study.py --study=mnist_mlp      # MLP, MNIST
+  python experiments/study.py --study=ablation       # MLP depth/width, MNIST
+  python experiments/study.py --study=redo           # ReDo arm (MNIST MLP)
+
+Runs execute one after the other in this process (``runs/study/<study>/
+<run>/``: checkpoints, resumable: rerun the same command after a kill); each
+finished run's per-epoch metrics are copied to ``experiments/results/
+<study>/<run>.jsonl`` (committed), and for ``cifar_vit`` the final model's
+accuracy under corruptions to ``<run>.robustness.json``. A finished run is
+skipped. ``experiments/report.py`` turns the results into tables/figures.
+
+Scale (chosen to fit a 2-core CPU in a few hours, see RESULTS.md): far
+fewer epochs and a smaller ViT than the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from synstrip_jax import data, experiment, run_logging, training  # noqa: E402
+from synstrip_jax.config import base_config  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast")
+SEVERITIES = (1, 3, 5)
+
+_STUDY = flags.DEFINE_enum(
+    "study", None, ["cifar_vit", "mnist_mlp", "ablation", "redo"],
+    "which group of runs")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds")
+_RUNS_DIR = flags.DEFINE_string("runs_dir", str(REPO / "runs" / "study"),
+                                "where checkpoints go (not committed)")
+_OUT = flags.DEFINE_string("out", str(REPO / "experiments" / "results"),
+                           "where per-run metrics go (committed)")
+_ONLY = flags.DEFINE_string("only", "", "run only runs whose name contains "
+                            "this string")
+
+
+# ------------------------------------------------------------------ configs
+
+def cifar_vit_base():
+  """A small ViT on the 20k-image CIFAR-10 JPEG subset (full test set)."""
+  c = base_config()
+  c.dataset = f"npz:{SHARED / 'cifar10_jpeg_q75.npz'}"
+  c.patch_size = 8          # 4x4 patch grid: 4x fewer tokens than the paper
+  c.hidden_size = 128
+  c.depth = 4
+  c.num_heads = 4
+  c.mlp_dim = 512
+  c.num_epochs = 15
+  c.warmup_epochs = 2
+  c.eval_batch_size = 500
+  c.progress_bar = False
+  return c
+
+
+def mnist_mlp_base():
+  """The plain MLP (3 x 256) on MNIST, no augmentation."""
+  c = base_config()
+  c.dataset = f"npz:{SHARED / 'mnist.npz'}"
+  c.model = "mlp"
+  c.width = 256
+  c.depth = 3
+  c.augment = False
+  c.num_epochs = 10
+  c.warmup_epochs = 1
+  c.eval_batch_size = 1000
+  c.progress_bar = False
+  return c
+
+
+ARMS = {
+    "relu": dict(activation="relu", strip=False),
+    "relu_strip": dict(activation="relu", strip=True),
+    "gelu": dict(activation="gelu", strip=False),
+}
+
+
+def runs_for(study: str, seeds: list[int]):
+  """``[(name, config)]`` of a study."""
+  out = []
+  if study in ("cifar_vit", "mnist_mlp"):
+    base = cifar_vit_base if study == "cifar_vit" else mnist_mlp_base
+    for arm, fields in ARMS.items():
+      for seed in seeds:
+        c = base()
+        c.update(fields)
+        c.seed = seed
+        out.append((f"{arm}_s{seed}", c))
+  elif study == "ablation":
+    shapes = [(d, 128) for d in (1, 2, 4, 8)] + [(4, w) for w in (32, 512)]
+    for depth, width in shapes:
+      for strip in (False, True):
+        for seed in seeds:
+          c = mnist_mlp_base()
+          c.train_limit = 10000
+          c.depth, c.width, c.strip, c.seed = depth, width, strip, seed
+          arm = "strip" if strip else "relu"
+          out.append((f"d{depth}_w{width}_{arm}_s{seed}", c))
+  elif study == "redo":
+    for seed in seeds:
+      c = mnist_mlp_base()
+      c.update(dict(activation="relu", strip=False, redo=True))
+      c.seed = seed
+      out.append((f"relu_redo_s{seed}", c))
+  else:
+    raise ValueError(f"unknown study {study!r}")
+  return out
+
+
+# --------------------------------------------------------------- robustness
+
+def robustness(config, workdir) -> dict:
+  """Test accuracy of the run's final model on corrupted test images."""
+  state, _, model, run_data = experiment.final_state(config, workdir)
+  mesh = training.make_mesh()
+  preprocess = lambda x: data.normalize(  # noqa: E731
+      x, jax.numpy.asarray(run_data.mean), jax.numpy.asarray(run_data.std))
+  step = training.jit_eval_step(model, preprocess, mesh, collect_stats=False)
+  out = {}
+
+  def accuracy(images):
+    batches = data.eval_batches(len(images), config.eval_batch_size)
+    correct = count = 0.0
+    for idx, valid in zip(batches.indices, batches.valid):
+      r = step(state.params, *training.global_batch(
+          (images[idx], run_data.y_test[idx], valid), mesh))
+      correct += float(r["correct"])
+      count += float(r["count"])
+    return correct / count
+
+  out["clean"] = accuracy(run_data.x_test)
+  for kind in CORRUPTIONS:
+    for sev in SEVERITIES:
+      out[f"{kind}_{sev}"] = accuracy(
+          data.apply_corruption(run_data.x_test, kind, sev, seed=0))
+  return out
+
+
+# --------------------------------------------------------------------- main
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  study = _STUDY.value
+  if study is None:
+    raise app.UsageError("--study is required")
+  seeds = [int(s) for s in _SEEDS.value]
+  out_dir = Path(_OUT.value) / study
+  out_dir.mkdir(parents=True, exist_ok=True)
+  for name, config in runs_for(study, seeds):
+    if _ONLY.value and _ONLY.value not in name:
+      continue
+    result = out_dir / f"{name}.jsonl"
+    rob = out_dir / f"{name}.robustness.json"
+    need_rob = study == "cifar_vit"
+    done = (len(run_logging.read_jsonl(result)) == config.num_epochs
+            and (not need_rob or rob.exists()))
+    if done:
+      print(f"[{study}] {name}: done, skipped", flush=True)
+      continue
+    workdir = Path(_RUNS_DIR.value) / study / name
+    t0 = time.time()
+    print(f"[{study}] {name}: training in {workdir}", flush=True)
+    experiment.train_and_evaluate(config, workdir,
+                                  log=lambda m: print(f"  {m}", flush=True))
+    shutil.copyfile(workdir / run_logging.METRICS_FILE, result)
+    (out_dir / f"{name}.config.json").write_text(
+        (workdir / experiment.CONFIG_FILE).read_text())
+    if need_rob:
+      rob.write_text(json.dumps(robustness(config, workdir), indent=1))
+    print(f"[{study}] {name}: finished in {time.time() - t0:.0f} s",
+          flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
