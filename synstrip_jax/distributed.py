@@ -34,6 +34,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("process_id", None, "this process's id, 0-based")
   flags.DEFINE_string("local_device_ids", None,
                       "comma-separated local device ids of this process")
+  flags.DEFINE_integer("distributed_timeout", None,
+                       "seconds to wait for peers at start-up and before a "
+                       "silent peer is declared dead (JAX's defaults: 300 "
+                       "and 100)")
   _FLAGS_DEFINED = True
 
 
@@ -45,12 +49,15 @@ def _env_int(name: str) -> Optional[int]:
 def initialize(*, auto: bool = False, coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None,
                process_id: Optional[int] = None,
-               local_device_ids: Optional[list[int]] = None) -> bool:
+               local_device_ids: Optional[list[int]] = None,
+               timeout_s: Optional[int] = None) -> bool:
   """Start JAX's multi-process runtime if asked to; return whether it did.
 
   Explicit arguments win over ``JAX_COORDINATOR_ADDRESS`` /
   ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``. Must run before any other JAX
-  call that touches devices.
+  call that touches devices. ``timeout_s`` bounds the wait for peers at
+  start-up and the heartbeat timeout after which the survivors of a dead
+  process stop (with an error) instead of waiting forever.
 
   Raises:
     ValueError: an incomplete explicit set-up (names the missing value).
@@ -76,12 +83,23 @@ def initialize(*, auto: bool = False, coordinator_address: Optional[str] = None,
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes,
                                process_id=process_id,
-                               local_device_ids=local_device_ids)
+                               local_device_ids=local_device_ids,
+                               **_timeouts(timeout_s))
     return True
   if auto or os.environ.get("SYNSTRIP_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_timeouts(timeout_s))
     return True
   return False
+
+
+def _timeouts(timeout_s: Optional[int]) -> dict[str, int]:
+  if timeout_s is None:
+    return {}
+  if timeout_s < 1:
+    raise ValueError(f"distributed timeout must be >= 1 s, got {timeout_s}")
+  return {"initialization_timeout": timeout_s,
+          "heartbeat_timeout_seconds": timeout_s,
+          "shutdown_timeout_seconds": timeout_s}
 
 
 def initialize_from_flags() -> bool:
@@ -91,7 +109,8 @@ def initialize_from_flags() -> bool:
   return initialize(
       auto=f.distributed, coordinator_address=f.coordinator_address,
       num_processes=f.num_processes, process_id=f.process_id,
-      local_device_ids=[int(i) for i in ids.split(",")] if ids else None)
+      local_device_ids=[int(i) for i in ids.split(",")] if ids else None,
+      timeout_s=f.distributed_timeout)
 
 
 __all__ = ["define_flags", "initialize", "initialize_from_flags"]

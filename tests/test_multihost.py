@@ -1,0 +1,207 @@
+"""experiments/train_vit.py as 2 JAX processes on localhost (CPU, gloo).
+
+Two processes with 2 fake CPU devices each (coordinator on 127.0.0.1) against
+one process with 4: the same dead neurons and masks at every epoch, the
+same final parameters up to float reassociation (the cross-process gradient
+all-reduce sums in another order than the in-process one: measured, the
+losses agree to ~1e-7 relative, not bit for bit), and checkpoints written by
+8 (1) devices that restore onto 1 (8) devices and train on alike. Every
+process is started with a deadline and killed if a peer fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from synstrip_jax import experiment, run_logging
+from synstrip_jax.config import base_config
+from synstrip_jax.transform import get_masks
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "train_vit.py"
+TIMEOUT = 240
+
+# A small MLP at a high learning rate: neurons die, stripping happens.
+CONFIG = {
+    "dataset": "digits", "train_limit": 320, "test_limit": 96,
+    "batch_size": 32, "eval_batch_size": 64, "model": "mlp", "width": 32,
+    "depth": 4, "augment": False, "learning_rate": 0.03, "warmup_epochs": 0,
+    "num_epochs": 3, "progress_bar": False,
+}
+
+
+def config(**kw):
+  c = base_config()
+  c.update(CONFIG)
+  c.update(kw)
+  return c
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def env_for(devices: int) -> dict:
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def argv(workdir, **kw):
+  values = dict(CONFIG, **kw)
+  return [sys.executable, str(SCRIPT), f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def run_group(cmds_envs, timeout=TIMEOUT):
+  """Start processes; kill all if one fails or the deadline passes.
+
+  Returns ``(returncodes, outputs)``.
+  """
+  procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for c, e in cmds_envs]
+  deadline = time.time() + timeout
+  try:
+    while time.time() < deadline:
+      codes = [p.poll() for p in procs]
+      if all(c is not None for c in codes):
+        break
+      if any(c not in (None, 0) for c in codes):
+        time.sleep(2)  # let the others report, then stop them
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    outs = [p.communicate(timeout=30)[0] for p in procs]
+  return [p.returncode for p in procs], outs
+
+
+def two_process_cmds(workdir, devices_each=2, timeout_s=30, **kw):
+  port = free_port()
+  return [(argv(workdir, **kw) + [
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+      f"--process_id={i}", f"--distributed_timeout={timeout_s}"],
+           env_for(devices_each)) for i in range(2)]
+
+
+def final(workdir, **kw):
+  state, position, _, _ = experiment.final_state(config(**kw), workdir)
+  return jax.device_get(state.params), jax.device_get(get_masks(
+      state.opt_state)), position
+
+
+def timeless(records):
+  return [{k: v for k, v in r.items() if not k.endswith("_time_s")}
+          for r in records]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mh")
+  codes, outs = run_group(two_process_cmds(root / "two"))
+  assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+  codes, outs = run_group([(argv(root / "one"), env_for(4))])
+  assert codes == [0], outs[0][-3000:]
+  return root
+
+
+def test_two_processes_match_one_process(runs):
+  two = timeless(run_logging.read_jsonl(runs / "two" / "metrics.jsonl"))
+  one = timeless(run_logging.read_jsonl(runs / "one" / "metrics.jsonl"))
+  assert len(two) == len(one) == CONFIG["num_epochs"]
+  assert any(r["dead_neurons"] > 0 for r in one), "no dead neuron: weak test"
+  assert one[-1]["stripped_weights"] > 0
+  for a, b in zip(one, two):
+    exact = {k: v for k, v in a.items() if k.startswith(("dead", "active",
+                                                         "stripped", "sparsity"))}
+    assert exact == {k: b[k] for k in exact}
+    for k in ("train_loss", "test_loss", "probe_loss"):
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5)
+  p1, m1, _ = final(runs / "one")
+  p2, m2, _ = final(runs / "two")
+  for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m2)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_only_process_zero_writes_logs(runs):
+  out = (runs / "two" / "metrics.jsonl").read_text().splitlines()
+  assert len(out) == CONFIG["num_epochs"]  # not written twice
+
+
+@pytest.mark.parametrize("written, restored", [(8, 1), (1, 8)])
+def test_restore_on_another_device_count(tmp_path, written, restored):
+  """A run on ``written`` devices; its last checkpoint is dropped and the run
+  resumes from the previous one (end of epoch 2) on ``restored`` devices. It
+  restores, redoes epoch 3 and matches the run that never moved: the same
+  history, dead neurons and masks; params to float tolerance (different
+  device counts reduce the gradient in a different order)."""
+  ref = tmp_path / "ref"
+  codes, outs = run_group([(argv(ref), env_for(written))])
+  assert codes == [0], outs[0][-3000:]
+  moved = tmp_path / "moved"
+  shutil.copytree(ref, moved)
+  ckpts = sorted((moved / "checkpoints").iterdir(), key=lambda p: int(p.name))
+  assert len(ckpts) == 2
+  shutil.rmtree(ckpts[-1])
+  codes, outs = run_group([(argv(moved), env_for(restored))])
+  assert codes == [0], outs[0][-3000:]
+  assert f"resuming from checkpoint {ckpts[0].name}" in outs[0]
+  a = timeless(run_logging.read_jsonl(moved / "metrics.jsonl"))
+  b = timeless(run_logging.read_jsonl(ref / "metrics.jsonl"))
+  assert len(a) == len(b) == CONFIG["num_epochs"]
+  assert a[:2] == b[:2]
+  for key in ("dead_neurons", "stripped_weights", "active_params"):
+    assert a[2][key] == b[2][key], key
+  np.testing.assert_allclose(a[2]["train_loss"], b[2]["train_loss"], rtol=1e-5)
+  pa, ma, _ = final(moved)
+  pb, mb, _ = final(ref)
+  for u, v in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)):
+    np.testing.assert_array_equal(u, v)
+  for u, v in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_process_stops_the_other(tmp_path):
+  """Process 1 is killed right after start-up: process 0 must end by itself
+  (JAX's heartbeat timeout, here 10 s), not hang."""
+  (c0, e0), (c1, e1) = two_process_cmds(tmp_path / "wd", timeout_s=10,
+                                        num_epochs=50)
+  p0 = subprocess.Popen(c0, env=e0, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True)
+  p1 = subprocess.Popen(c1, env=e1, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+  try:
+    # Wait until training has started (process 0 wrote its config).
+    deadline = time.time() + 120
+    while not (tmp_path / "wd" / "config.json").exists():
+      assert time.time() < deadline and p0.poll() is None
+      time.sleep(0.1)
+    time.sleep(2)
+    p1.kill()
+    p1.wait(timeout=30)
+    t0 = time.time()
+    p0.wait(timeout=120)
+    elapsed = time.time() - t0
+  finally:
+    for p in (p0, p1):
+      if p.poll() is None:
+        p.kill()
+  assert p0.returncode != 0
+  assert elapsed < 120
