@@ -380,3 +380,18 @@ def test_redo_arm_recycles_dead_neurons(tmp_path):
   assert all(not r["stripped_now"] and r["stripped_weights"] == 0
              for r in records)
   assert all(np.isfinite(r["train_loss"]) for r in records)
+
+
+def test_bfloat16_computation_keeps_float32_state(tmp_path):
+  """dtype=bfloat16: computation in bf16, params/optimizer state/statistics
+  and the stripping thresholds in float32."""
+  config = tiny_config(dtype="bfloat16", num_epochs=1)
+  records = experiment.train_and_evaluate(config, tmp_path / "wd",
+                                          log=lambda _: None)
+  assert np.isfinite(records[0]["train_loss"])
+  state, _, model, _ = experiment.final_state(config, tmp_path / "wd")
+  assert model.dtype == jax.numpy.bfloat16
+  for leaf in jax.tree.leaves(state.params):
+    assert leaf.dtype == np.float32
+  for leaf in jax.tree.leaves(state.opt_state):
+    assert leaf.dtype in (np.float32, np.int32, np.bool_), leaf.dtype
