@@ -186,10 +186,12 @@ def test_work_buckets_cover_every_dead_count():
     assert sizes[-1] == n and list(sizes) == sorted(set(sizes))
   # Every dead count lands in a bucket that holds it: compare with full work.
   w = jax.random.normal(jax.random.key(1), (40, 33))
+  thresholds = jax.jit(stripping.kernel_thresholds,
+                       static_argnames=("stripping_factor", "num_buckets"))
   for count in range(0, 34):
     dead = jnp.arange(33) < count
-    thr = stripping.kernel_thresholds(w, dead, 0.2)
-    ref = stripping.kernel_thresholds(w, dead, 0.2, num_buckets=1)
+    thr = thresholds(w, dead, stripping_factor=0.2)
+    ref = thresholds(w, dead, stripping_factor=0.2, num_buckets=1)
     np.testing.assert_array_equal(thr, ref)
     assert int(jnp.sum(~jnp.isnan(thr))) == count
 
