@@ -31,8 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from synstrip_jax import data, experiment, run_logging, training  # noqa: E402
 from synstrip_jax.config import base_config  # noqa: E402
@@ -131,20 +129,14 @@ def robustness(config, workdir) -> dict:
   """Test accuracy of the run's final model on corrupted test images."""
   state, _, model, run_data = experiment.final_state(config, workdir)
   mesh = training.make_mesh()
-  preprocess = lambda x: data.normalize(  # noqa: E731
-      x, jax.numpy.asarray(run_data.mean), jax.numpy.asarray(run_data.std))
+  _, preprocess = experiment.input_fns(config, run_data)
   step = training.jit_eval_step(model, preprocess, mesh, collect_stats=False)
   out = {}
 
   def accuracy(images):
-    batches = data.eval_batches(len(images), config.eval_batch_size)
-    correct = count = 0.0
-    for idx, valid in zip(batches.indices, batches.valid):
-      r = step(state.params, *training.global_batch(
-          (images[idx], run_data.y_test[idx], valid), mesh))
-      correct += float(r["correct"])
-      count += float(r["count"])
-    return correct / count
+    r = training.evaluate(step, state.params, images, run_data.y_test,
+                          batch_size=config.eval_batch_size, mesh=mesh)
+    return float(r["correct"]) / float(r["count"])
 
   out["clean"] = accuracy(run_data.x_test)
   for kind in CORRUPTIONS:

@@ -11,7 +11,6 @@ and hosts").
 """
 
 import datetime
-import os
 import sys
 from pathlib import Path
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ class RunData:
     self.mean, self.std = data.channel_stats(x_train)
 
 
-def _fns(config, run_data: RunData):
+def input_fns(config, run_data: RunData):
   """``augment(key, uint8) -> float`` and ``preprocess(uint8) -> float``."""
   mean, std = jnp.asarray(run_data.mean), jnp.asarray(run_data.std)
 
@@ -112,16 +111,6 @@ def _check_config_file(workdir: Path, config: ml_collections.ConfigDict,
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(new, indent=2, sort_keys=True))
-
-
-def _replicate(tree: PyTree, mesh) -> PyTree:
-  """Host values (identical on every process) as replicated global arrays."""
-  sharding = training.replicated(mesh)
-
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-  return jax.tree.map(put, tree)
 
 
 def _sums_to_host(sums: Optional[dict]) -> dict[str, float]:
@@ -182,7 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                      f"{n_train} training images")
   steps_per_epoch = n_train // config.batch_size
   model, schedule, state, tx = _build(config, run_data, mesh)
-  augment, preprocess = _fns(config, run_data)
+  augment, preprocess = input_fns(config, run_data)
   train_step = training.jit_train_step(model, tx, augment, mesh)
   eval_step = training.jit_eval_step(model, preprocess, mesh,
                                      collect_stats=False)
@@ -192,9 +181,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   strip = jax.jit(functools.partial(strip_event,
                                     stripping_factor=config.stripping_factor),
                   out_shardings=repl, donate_argnums=(0, 1))
-  recycle = jax.jit(functools.partial(
+  recycle = (jax.jit(functools.partial(
       redo.recycle, outgoing=redo.outgoing_map(state.params, config.model)),
-                    out_shardings=repl, donate_argnums=(0, 1))
+                     out_shardings=repl, donate_argnums=(0, 1))
+             if config.redo else None)
 
   # ---- workdir: resume or start; never overwrite another run's work.
   _check_config_file(workdir, config, is_main)
@@ -228,14 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                     unit="step", dynamic_ncols=True, leave=False)
 
   def evaluate(params, x, y, step_fn):
-    batches = data.eval_batches(len(x), config.eval_batch_size,
-                                process_index=pidx, process_count=pcount)
-    total = None
-    for idx, valid in zip(batches.indices, batches.valid):
-      out = step_fn(params, *training.global_batch((x[idx], y[idx], valid),
-                                                   mesh))
-      total = training.accumulate(total, out)
-    return total
+    return training.evaluate(step_fn, params, x, y,
+                             batch_size=config.eval_batch_size, mesh=mesh)
 
   for epoch in range(position.epoch, config.num_epochs):
     t0 = time.perf_counter()
@@ -370,7 +354,7 @@ def _build(config, run_data: RunData, mesh):
 
   state, tx = training.create_train_state(model, tx_factory,
                                           run_data.image_shape, config.seed)
-  return model, schedule, _replicate(state, mesh), tx
+  return model, schedule, training.replicate(state, mesh), tx
 
 
 def final_state(config: ml_collections.ConfigDict, workdir: str | Path):

@@ -9,7 +9,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -116,16 +116,5 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | Path,
   return paths
 
 
-def flatten_numbers(d: Mapping[str, Any], keys: Iterable[str] | None = None
-                    ) -> dict[str, float | int]:
-  """Python scalars from a dict of 0-d arrays (for JSON)."""
-  keys = d.keys() if keys is None else keys
-  out = {}
-  for k in keys:
-    v = _jsonable(d[k])
-    out[k] = v
-  return out
-
-
-__all__ = ["METRICS_FILE", "append_jsonl", "flatten_numbers",
+__all__ = ["METRICS_FILE", "append_jsonl",
            "keep_epochs_before", "plot_metrics", "read_jsonl"]

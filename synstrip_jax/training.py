@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from synstrip_jax import flax_utils
+from synstrip_jax import data, flax_utils
 from synstrip_jax.transform import with_stripping
 
 PyTree = Any
@@ -77,10 +77,17 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
   :func:`jit_train_step` donates its state; a state already laid out as the
   step wants it is donated in place instead of being copied first (which
-  also warns that the donated buffers were not usable). In a multi-process
-  run every process must pass the same values.
+  also warns that the donated buffers were not usable). Host values must be
+  identical on every process (each process builds its own copy of the
+  initial state from the same seed); they become global arrays, which works
+  with one process or many.
   """
-  return jax.device_put(tree, replicated(mesh))
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree)
 
 
 def global_batch(local: PyTree, mesh: Mesh) -> PyTree:
@@ -276,6 +283,23 @@ def jit_eval_step(model, preprocess, mesh: Mesh, *, collect_stats: bool):
                          collect_stats=collect_stats)
   return jax.jit(fn, in_shardings=(repl, data, data, data),
                  out_shardings=repl)
+
+
+def evaluate(step_fn: Callable[..., dict], params: PyTree, x: np.ndarray,
+             y: np.ndarray, *, batch_size: int, mesh: Mesh) -> dict[str, Any]:
+  """Run a :func:`jit_eval_step` over every example of ``(x, y)`` once.
+
+  Fixed-shape padded batches (:func:`synstrip_jax.data.eval_batches`), each
+  process feeding its rows; returns the step's outputs summed over batches.
+  """
+  batches = data.eval_batches(len(x), batch_size,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  total = None
+  for idx, valid in zip(batches.indices, batches.valid):
+    out = step_fn(params, *global_batch((x[idx], y[idx], valid), mesh))
+    total = accumulate(total, out)
+  return total
 
 
 def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:

@@ -7,12 +7,13 @@ already done. ~10 s per run on a 2-core CPU.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _shared import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 PMAP_EXAMPLE = REPO / "docs" / "examples" / "pmap_and_shard_map.py"
@@ -35,13 +36,7 @@ EXPECTED_PREFIXES = [
 
 def run_example(path: Path, num_devices: int | None) -> list[str]:
   """Run ``path`` on ``num_devices`` fake CPU devices (None: no XLA_FLAGS)."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(REPO)] + ([os.environ["PYTHONPATH"]]
-                     if os.environ.get("PYTHONPATH") else []))
-  if num_devices is not None:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env = subprocess_env(num_devices)
   proc = subprocess.run([sys.executable, str(path)], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=TIMEOUT_S)
   assert proc.returncode == 0, (

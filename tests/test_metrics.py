@@ -9,16 +9,11 @@
 
 from __future__ import annotations
 
-
-
-
-from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from _shared import load_fixtures
 

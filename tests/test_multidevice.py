@@ -23,12 +23,13 @@ What is checked (details in each check's docstring in the worker):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from _shared import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_multidevice_worker.py")
@@ -39,12 +40,7 @@ TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def worker():
   """Run every check once on 8 fake CPU devices; ``{name: result}``."""
-  env = {**os.environ,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-         "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join(
-             [str(REPO)] + ([os.environ["PYTHONPATH"]]
-                            if os.environ.get("PYTHONPATH") else []))}
+  env = subprocess_env(NUM_DEVICES)
   proc = subprocess.run([sys.executable, str(WORKER)], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=TIMEOUT_S)
   lines = proc.stdout.strip().splitlines()

@@ -11,7 +11,6 @@ process is started with a deadline and killed if a peer fails.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
+from _shared import subprocess_env
 
 from synstrip_jax import experiment, run_logging
 from synstrip_jax.config import base_config
@@ -54,9 +55,7 @@ def free_port() -> int:
 
 
 def env_for(devices: int) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
+  return subprocess_env(devices)
 
 
 def argv(workdir, **kw):

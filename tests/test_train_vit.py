@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import pytest
 
+from _shared import subprocess_env
+
 from synstrip_jax import checkpointing, experiment, run_logging
 from synstrip_jax.config import base_config
 
@@ -56,13 +58,9 @@ def overrides_argv(**overrides):
 
 def script_env(devices=None):
   """Subprocess environment; compiled programs are cached across runs."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  env.pop("XLA_FLAGS", None)
-  if devices:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+  return subprocess_env(devices or None,
+                        JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
+                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
 def run_script(workdir, *args, devices=None, timeout=300, **overrides):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from _shared import subprocess_env
 
 from synstrip_jax import data, flax_utils, training
 from synstrip_jax.models.mlp import MLP
@@ -602,12 +603,7 @@ def eight_device_worker(request):
   with the single-device tests (XLA compiles mostly on one thread)."""
   proc = None
   if _eight_device_test_selected(request.session):
-    env = {**os.environ,
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={NUM_DEVICES}",
-           "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(
-               [str(REPO)] + ([os.environ["PYTHONPATH"]]
-                              if os.environ.get("PYTHONPATH") else []))}
+    env = subprocess_env(NUM_DEVICES)
     proc = subprocess.Popen([sys.executable, __file__, "--worker"], env=env,
                             cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

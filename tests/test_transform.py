@@ -21,8 +21,6 @@ from __future__ import annotations
 import functools
 import math
 
-
-
 from absl.testing import parameterized
 import chex
 import jax
