@@ -57,7 +57,8 @@ def main(argv):
   distributed.initialize_from_flags()
   workdir = _WORKDIR.value
   if workdir is None:
-    stem = Path(flags.FLAGS["config"].value.split(":")[0]).stem
+    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    stem = Path(config_file.split(":")[0]).stem
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = str(REPO / "runs" / f"{stem}-{stamp}")
   print(f"workdir: {workdir}", flush=True)

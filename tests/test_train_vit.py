@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,23 @@ def test_stripped_weights_never_come_back(script_run):
       assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
   assert int(sum(np.sum(~np.asarray(m)) for m in jax.tree.leaves(masks))) \
       == stripped[-1]
+
+
+def test_without_workdir_a_fresh_named_one_is_used():
+  """No --workdir (the quick start): the run goes to runs/default-<time>."""
+  env = subprocess_env(None)
+  cmd = [sys.executable, str(SCRIPT), *overrides_argv(num_epochs=1)]
+  res = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert res.returncode == 0, res.stderr[-3000:]
+  line = next(l for l in res.stdout.splitlines() if l.startswith("workdir: "))
+  workdir = Path(line[len("workdir: "):])
+  try:
+    assert workdir.parent == REPO / "runs"
+    assert re.fullmatch(r"default-\d{8}-\d{6}", workdir.name), workdir.name
+    assert len(run_logging.read_jsonl(workdir / "metrics.jsonl")) == 1
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_rerun_of_a_finished_run_changes_nothing(script_run):
