@@ -1,4 +1,4 @@
-"""Train/eval step throughput of ``synstrip_jax.training``, stripping on vs off.
+"""Train/eval step throughput of ``synstrip_vit.steps``, stripping on vs off.
 
 Usage (from the repository root)::
 
@@ -54,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from synstrip_jax import data, training
-from synstrip_jax.models.vit import ViT
+from synstrip_vit import data, steps as training
+from synstrip_vit.models.vit import ViT
 from synstrip_jax.transform import get_masks, set_masks, strip_event
 
 MODELS = {

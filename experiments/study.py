@@ -32,8 +32,8 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 
-from synstrip_jax import data, experiment, run_logging, training  # noqa: E402
-from synstrip_jax.config import base_config  # noqa: E402
+from synstrip_vit import data, loop as experiment, writers as run_logging, steps as training  # noqa: E402
+from synstrip_vit.config import base_config  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
   sys.path.insert(0, str(REPO))
 
-from synstrip_jax import distributed, experiment  # noqa: E402
+from synstrip_vit import distributed, loop as experiment  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
 

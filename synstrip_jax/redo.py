@@ -30,11 +30,12 @@ layer's output directly or through channel-preserving ops such as dropout or
 pooling), or ``None`` when there is no such single consumer (e.g. a layer
 that writes into a residual stream). With ``None`` only step 1 (and the
 moments of the incoming column and bias) happens, and **the network function
-changes**. :func:`outgoing_map` builds the mapping for the package's models.
+changes**. :func:`sequential_outgoing` builds it for a chain of layers;
+``synstrip_vit.models.outgoing_map`` for the application's models.
 
 Detection is the library's: ``dead`` is the tree of
 :func:`synstrip_jax.strip_params` (a ``[n]`` bool vector at each kernel,
-``None`` elsewhere), e.g. ``flax_utils.dead_tree(params, stats, tau=0.1)``
+``None`` elsewhere), e.g. ``probe.dead_tree(params, stats, tau=0.1)``
 for ReDo's dormancy rule ``s_i <= tau``.
 
 Composition with :func:`synstrip_jax.with_stripping`: :func:`recycle`
@@ -52,7 +53,6 @@ vector broadcast over the kernel.
 
 from __future__ import annotations
 
-import re
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -147,7 +147,7 @@ class _Plan:
   def __init__(self, params: PyTree, dead: PyTree, outgoing: Any):
     if dead is None:
       raise TypeError("dead must be a tree with the params' structure "
-                      "(use flax_utils.dead_tree), got None")
+                      "(use probe.dead_tree), got None")
     validate_sparse_tree(params, dead, "dead")
     self.treedef, self.paths, self.leaves, (dead_l,) = _trees.aligned_leaves(
         params, dead)
@@ -449,87 +449,7 @@ def sequential_outgoing(kernel_paths: Sequence[str]) -> Outgoing:
   return FrozenDict({a: b for a, b in zip(paths[:-1], paths[1:])})
 
 
-_MLP_FC = re.compile(r"^fc(\d+)/kernel$")
-_VIT_FC1 = re.compile(r"^(.+)/mlp/fc1/kernel$")
-
-
-def mlp_outgoing(params: PyTree) -> Outgoing:
-  """``outgoing`` of :class:`synstrip_jax.models.MLP`.
-
-  ``fc{i}`` feeds ``fc{i+1}``; the last hidden layer feeds ``head``. Every
-  mapping preserves the network function.
-
-  Raises:
-    ValueError: the params are not those of an MLP (no ``fc0/kernel``,
-      non-contiguous layer indices or no ``head/kernel``).
-  """
-  paths = [p for p, _ in _trees.leaves_with_path(params)]
-  idx = sorted(int(m.group(1)) for m in map(_MLP_FC.match, paths) if m)
-  if not idx or idx != list(range(len(idx))):
-    raise ValueError("params are not those of models.MLP: expected kernels "
-                     f"fc0/kernel .. fc{{depth-1}}/kernel, found "
-                     f"{[f'fc{i}/kernel' for i in idx]}")
-  if "head/kernel" not in paths:
-    raise ValueError("params are not those of models.MLP: no head/kernel")
-  return sequential_outgoing([f"fc{i}/kernel" for i in idx] + ["head/kernel"])
-
-
-def vit_outgoing(params: PyTree) -> Outgoing:
-  """``outgoing`` of :class:`synstrip_jax.models.ViT`.
-
-  In every encoder block ``fc1``'s neurons feed ``fc2``'s input axis
-  (function-preserving); ``fc2``'s neurons are added to the residual stream,
-  which has no single consumer kernel, so they map to ``None``: recycling an
-  ``fc2`` neuron redraws its incoming weights only and changes the function.
-
-  Raises:
-    ValueError: no ``<block>/mlp/fc1/kernel`` in params, or an ``fc1``
-      without its ``fc2``.
-  """
-  paths = [p for p, _ in _trees.leaves_with_path(params)]
-  path_set = set(paths)
-  out: dict[str, Optional[str]] = {}
-  for p in paths:
-    m = _VIT_FC1.match(p)
-    if not m:
-      continue
-    fc2 = f"{m.group(1)}/mlp/fc2/kernel"
-    if fc2 not in path_set:
-      raise ValueError(f"params have {p} but no {fc2}")
-    out[p] = fc2
-    out[fc2] = None
-  if not out:
-    raise ValueError("params are not those of models.ViT: no "
-                     "'<block>/mlp/fc1/kernel' path")
-  return FrozenDict(out)
-
-
-#: Model names understood by :func:`outgoing_map` (as ``models.create_model``).
-OUTGOING_BUILDERS: dict[str, Callable[[PyTree], Outgoing]] = {
-    "mlp": mlp_outgoing,
-    "vit": vit_outgoing,
-}
-
-
-def outgoing_map(params: PyTree, model_name: str) -> Outgoing:
-  """``outgoing`` for the params of ``models.create_model(model_name)``.
-
-  The result is a hashable ``flax.core.FrozenDict``, so it can be a static
-  argument: ``jax.jit(recycle, static_argnames=('outgoing',))``.
-
-  Raises:
-    ValueError: unknown model name (lists the known ones) or params that do
-      not belong to that model.
-  """
-  key = model_name.lower() if isinstance(model_name, str) else model_name
-  if key not in OUTGOING_BUILDERS:
-    raise ValueError(f"unknown model {model_name!r} for outgoing_map; known: "
-                     f"{sorted(OUTGOING_BUILDERS)}")
-  return OUTGOING_BUILDERS[key](params)
-
-
 __all__ = [
-    "DEFAULT_INIT", "OUTGOING_BUILDERS", "mlp_outgoing", "outgoing_map",
-    "recycle", "recycle_params", "recycled_mask", "reset_moments",
-    "sequential_outgoing", "vit_outgoing",
+    "DEFAULT_INIT", "recycle", "recycle_params", "recycled_mask",
+    "reset_moments", "sequential_outgoing",
 ]

@@ -118,7 +118,7 @@ def with_stripping(inner: optax.GradientTransformation,
       ``inject_hyperparams`` optimizer...).
     targets: a bool pytree with the params' structure (True at the kernels
       that may be stripped) or a callable ``params -> bool pytree``, e.g.
-      ``lambda p: flax_utils.target_tree(p, stats)``.
+      ``lambda p: probe.target_tree(p, stats)``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a

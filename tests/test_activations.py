@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import synstrip_jax as ss
-from synstrip_jax import flax_utils as fu
+from synstrip_jax import linen as ss_linen, probe
+from synstrip_jax import nnx as ss_nnx
 
 
 def test_detection_matches_original(reference):
@@ -83,8 +84,8 @@ def test_merge_is_split_invariant_and_jittable():
 class _LinenMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
-    x = fu.ActDense(16, name="fc1")(x)
-    x = fu.ActDense(8, name="fc2")(x)
+    x = ss_linen.ActDense(16, name="fc1")(x)
+    x = ss_linen.ActDense(8, name="fc2")(x)
     return nn.Dense(3, name="head")(x)
 
 
@@ -93,13 +94,13 @@ def test_linen_dead_tree_aligned_with_kernels():
   x = jax.random.normal(jax.random.key(0), (6, 5))
   params = model.init(jax.random.key(1), x)["params"]
   params["fc1"]["bias"] = params["fc1"]["bias"].at[3].set(-1e3)  # kill neuron 3
-  _, state = model.apply({"params": params}, x, mutable=[fu.ACTIVATIONS])
-  stats = fu.reduce_stats_tree(fu.linen_stats(state))
-  dead = fu.dead_tree(params, stats)
+  _, state = model.apply({"params": params}, x, mutable=[ss_linen.ACTIVATIONS])
+  stats = probe.reduce_stats_tree(ss_linen.linen_stats(state))
+  dead = probe.dead_tree(params, stats)
   assert dead["head"]["kernel"] is None and dead["fc1"]["bias"] is None
   assert dead["fc1"]["kernel"].shape == (16,) and dead["fc2"]["kernel"].shape == (8,)
   assert bool(dead["fc1"]["kernel"][3])
-  targets = fu.target_tree(params, stats)
+  targets = probe.target_tree(params, stats)
   assert targets == {"fc1": {"kernel": True, "bias": False},
                      "fc2": {"kernel": True, "bias": False},
                      "head": {"kernel": False, "bias": False}}
@@ -111,13 +112,13 @@ def test_linen_layer_called_twice_accumulates():
   class Twice(nn.Module):
     @nn.compact
     def __call__(self, x):
-      layer = fu.ActDense(4, name="shared")
+      layer = ss_linen.ActDense(4, name="shared")
       return layer(x) + layer(x)
 
   x = jnp.ones((2, 4))
   v = Twice().init(jax.random.key(0), x)
-  _, state = Twice().apply({"params": v["params"]}, x, mutable=[fu.ACTIVATIONS])
-  s = fu.reduce_stats_tree(fu.linen_stats(state))["shared"]["post_act"]
+  _, state = Twice().apply({"params": v["params"]}, x, mutable=[ss_linen.ACTIVATIONS])
+  s = probe.reduce_stats_tree(ss_linen.linen_stats(state))["shared"]["post_act"]
   assert float(s.count) == 4.0
 
 
@@ -125,24 +126,24 @@ def test_dead_tree_mismatch_names_the_path():
   model = _LinenMLP()
   x = jnp.ones((2, 5))
   params = model.init(jax.random.key(1), x)["params"]
-  _, state = model.apply({"params": params}, x, mutable=[fu.ACTIVATIONS])
-  stats = fu.reduce_stats_tree(fu.linen_stats(state))
+  _, state = model.apply({"params": params}, x, mutable=[ss_linen.ACTIVATIONS])
+  stats = probe.reduce_stats_tree(ss_linen.linen_stats(state))
   renamed = {"fc1": params["fc1"], "fc2_renamed": params["fc2"], "head": params["head"]}
   with pytest.raises(ValueError, match=r"\['fc2'\].*no kernel"):
-    fu.dead_tree(renamed, stats)
+    probe.dead_tree(renamed, stats)
   wrong = dict(params, fc2={"kernel": jnp.ones((16, 9)), "bias": jnp.ones(9)})
   with pytest.raises(ValueError, match=r"fc2/post_act.*\(8,\).*fc2/kernel.*9"):
-    fu.dead_tree(wrong, stats)
-  per_example = fu.linen_stats(state)
+    probe.dead_tree(wrong, stats)
+  per_example = ss_linen.linen_stats(state)
   with pytest.raises(ValueError, match="reduce"):
-    fu.dead_tree(params, per_example)
+    probe.dead_tree(params, per_example)
   with pytest.raises(ValueError, match="mutable"):
-    fu.linen_stats({"params": params})
+    ss_linen.linen_stats({"params": params})
 
 
 class _NNXMLP(nnx.Module):
   def __init__(self, rngs):
-    self.fc1 = fu.ActLinear(5, 16, rngs=rngs)
+    self.fc1 = ss_nnx.ActLinear(5, 16, rngs=rngs)
     self.head = nnx.Linear(16, 3, rngs=rngs)
 
   def __call__(self, x):
@@ -155,8 +156,8 @@ def test_nnx_dead_tree_aligned_with_kernels():
   x = jax.random.normal(jax.random.key(0), (6, 5))
   _, inter = nnx.capture(model, nnx.Intermediate)(x)
   params = nnx.state(model, nnx.Param)
-  stats = fu.reduce_stats_tree(inter)
-  dead = fu.dead_tree(params, stats)
+  stats = probe.reduce_stats_tree(inter)
+  dead = probe.dead_tree(params, stats)
   assert dead["head"]["kernel"] is None
   assert dead["fc1"]["kernel"].shape == (16,) and bool(dead["fc1"]["kernel"][2])
   new_params, _ = ss.strip_params(params.to_pure_dict(), dead, stripping_factor=0.2)

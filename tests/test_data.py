@@ -1,4 +1,4 @@
-"""Tests for synstrip_jax.data (offline, fast)."""
+"""Tests for synstrip_vit.data (offline, fast)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synstrip_jax import data
+from synstrip_vit import data
 
 SHARED = Path(os.environ.get("SYNSTRIP_SHARED")
               or Path(__file__).resolve().parents[2] / "shared")

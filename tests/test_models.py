@@ -1,4 +1,4 @@
-"""Tests of synstrip_jax.models.
+"""Tests of synstrip_vit.models.
 
 Tiny configs; the default ViT is only checked abstractly (jax.eval_shape).
 """
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from synstrip_jax import flax_utils
-from synstrip_jax.models import (MLP, ViT, create_model, gelu_exact,
+from synstrip_jax import linen as ss_linen, probe
+from synstrip_vit.models import (MLP, ViT, create_model, gelu_exact,
                                  get_activation)
 
 TINY = dict(num_classes=10, patch_size=4, hidden_size=32, depth=2,
@@ -41,9 +41,9 @@ def _flat(tree):
 
 def _dead(model, params, x):
   _, state = model.apply({"params": params}, x, train=False,
-                         mutable=[flax_utils.ACTIVATIONS])
-  stats = flax_utils.reduce_stats_tree(flax_utils.linen_stats(state))
-  return flax_utils.dead_tree(params, stats), state
+                         mutable=[ss_linen.ACTIVATIONS])
+  stats = probe.reduce_stats_tree(ss_linen.linen_stats(state))
+  return probe.dead_tree(params, stats), state
 
 
 def _set(params, path, fn):
@@ -127,7 +127,7 @@ def test_default_vit_shapes_via_eval_shape():
       lambda v, x: model.apply({"params": v["params"]}, x, train=False,
                                mutable=["activations"]), variables, x)
   assert out.shape == (2, 10)
-  layers = flax_utils.stats_by_layer(state["activations"])
+  layers = probe.stats_by_layer(state["activations"])
   assert sorted(layers) == sorted(
       f"encoder_block_{i}/mlp/fc{j}" for i in range(7) for j in (1, 2))
 
@@ -137,7 +137,7 @@ def test_vit_sows_exactly_both_mlp_layers_and_dead_tree_aligns(tiny):
   x, params = tiny
   dead, state = _dead(model, params, x)
   assert set(state) == {"activations"}
-  layers = flax_utils.stats_by_layer(flax_utils.linen_stats(state))
+  layers = probe.stats_by_layer(ss_linen.linen_stats(state))
   expected = {f"encoder_block_{i}/mlp/fc{j}" for i in range(2) for j in (1, 2)}
   assert set(layers) == expected
   for name, s in layers.items():
@@ -152,7 +152,7 @@ def test_vit_sows_exactly_both_mlp_layers_and_dead_tree_aligns(tiny):
     else:
       assert leaf is None, path
   targets = traverse_util.flatten_dict(
-      flax_utils.target_tree(params, flax_utils.linen_stats(state)), sep="/")
+      probe.target_tree(params, ss_linen.linen_stats(state)), sep="/")
   assert {p for p, t in targets.items() if t} == {
       e + "/kernel" for e in expected}
 
@@ -184,7 +184,7 @@ def test_vit_gelu_variant_and_exact_gelu(tiny):
   y, state = model.apply({"params": params}, x, train=False,
                          mutable=["activations"])
   assert y.shape == (4, 10) and bool(jnp.all(jnp.isfinite(y)))
-  assert len(flax_utils.stats_by_layer(state["activations"])) == 4
+  assert len(probe.stats_by_layer(state["activations"])) == 4
   # differs from the relu model with the same params
   y_relu = ViT(**TINY).apply({"params": params}, x, train=False)
   assert not np.allclose(np.asarray(y), np.asarray(y_relu))
@@ -242,8 +242,8 @@ def test_vit_bf16_computes_with_float32_params(tiny):
   y = model.apply({"params": params32}, x, train=False)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y32), atol=0.1,
                              rtol=0.1)
-  stats = flax_utils.reduce_stats_tree(state["activations"])
-  dead = flax_utils.dead_tree(params, stats)
+  stats = probe.reduce_stats_tree(state["activations"])
+  dead = probe.dead_tree(params, stats)
   assert dead["encoder_block_1"]["mlp"]["fc2"]["kernel"].shape == (32,)
 
 
@@ -304,11 +304,11 @@ def test_mlp_shapes_and_sown_layers(depth, width):
   y, state = model.apply({"params": params}, x, train=True,
                          mutable=["activations"])
   assert y.shape == (3, 5) and y.dtype == jnp.float32
-  layers = flax_utils.stats_by_layer(state["activations"])
+  layers = probe.stats_by_layer(state["activations"])
   assert sorted(layers) == [f"fc{i}" for i in range(depth)]
   dead = traverse_util.flatten_dict(
-      flax_utils.dead_tree(
-          params, flax_utils.reduce_stats_tree(state["activations"])),
+      probe.dead_tree(
+          params, probe.reduce_stats_tree(state["activations"])),
       sep="/")
   for path, leaf in dead.items():
     if path in {f"fc{i}/kernel" for i in range(depth)}:

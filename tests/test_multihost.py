@@ -24,8 +24,8 @@ import pytest
 
 from _shared import subprocess_env
 
-from synstrip_jax import experiment, run_logging
-from synstrip_jax.config import base_config
+from synstrip_vit import loop as experiment, writers as run_logging
+from synstrip_vit.config import base_config
 from synstrip_jax.transform import get_masks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ What is checked (see each test's docstring):
   states; step counts, hyperparameters and stripping masks are untouched;
   stripped weights stay 0.0.
 * ``outgoing_map`` for ``mlp`` and ``vit`` matches the paths of
-  ``flax_utils.dead_tree``.
+  ``probe.dead_tree``.
 * a short adamw training run after recycling is finite and revives the
   recycled neurons.
 * hypothesis properties over random shapes and dead sets; bad input raises
@@ -34,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from synstrip_jax import _trees, flax_utils, redo
-from synstrip_jax.models import create_model
+from synstrip_jax import _trees, probe, redo
+from synstrip_jax import linen as ss_linen
+from synstrip_vit import models
+from synstrip_vit.models import create_model
 from synstrip_jax.transform import (get_masks, masked_params, set_masks,
                                     with_stripping)
 
@@ -133,9 +135,9 @@ def probe_dead(model, params, x):
   """``(dead, stats)`` of a probe pass (exact rule); jit-compiled once per
   model configuration and shapes."""
   _, variables = model.apply({"params": params}, x, train=False,
-                             mutable=[flax_utils.ACTIVATIONS])
-  stats = flax_utils.reduce_stats_tree(flax_utils.linen_stats(variables))
-  return flax_utils.dead_tree(params, stats), stats
+                             mutable=[ss_linen.ACTIVATIONS])
+  stats = probe.reduce_stats_tree(ss_linen.linen_stats(variables))
+  return probe.dead_tree(params, stats), stats
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -317,7 +319,7 @@ class FunctionPreservedTest(chex.TestCase):
     dead, _ = probe_dead(model, params, X)
     for layer, idx in (("fc0", [1, 5, 9]), ("fc1", [0, 2, 15])):
       self.assertTrue(np.all(np.asarray(dead[layer]["kernel"])[idx]), layer)
-    outgoing = redo.outgoing_map(params, "mlp")
+    outgoing = models.outgoing_map(params, "mlp")
     new = self.variant(functools.partial(redo.recycle_params,
                                          outgoing=outgoing))(
                                              params, dead, jax.random.PRNGKey(1))
@@ -346,7 +348,7 @@ class FunctionPreservedTest(chex.TestCase):
     fc1_dead = np.asarray(dead["encoder_block_0"]["mlp"]["fc1"]["kernel"])
     fc2_dead = np.asarray(dead["encoder_block_0"]["mlp"]["fc2"]["kernel"])
     self.assertTrue(fc1_dead[2] and fc1_dead[7] and fc2_dead[3])
-    outgoing = redo.outgoing_map(params, "vit")
+    outgoing = models.outgoing_map(params, "vit")
     # fc2 columns drawn positive: fc1's outputs are >= 0, so the recycled
     # fc2 neuron certainly fires.
     init_fn = {p: (nn.initializers.constant(0.5) if "fc2" in p
@@ -541,20 +543,20 @@ class OutgoingMapTest(parameterized.TestCase):
 
   def test_mlp(self):
     model, params = mlp_setup()
-    self.assertEqual(redo.outgoing_map(params, "MLP"),
+    self.assertEqual(models.outgoing_map(params, "MLP"),
                      {"fc0/kernel": "fc1/kernel", "fc1/kernel": "head/kernel"})
     dead, _ = probe_dead(model, params, X)
     set_paths = {p for p, d in _trees.leaves_with_path(dead, keep_none=True)
                  if d is not None}
-    self.assertEqual(set_paths, set(redo.outgoing_map(params, "mlp")))
+    self.assertEqual(set_paths, set(models.outgoing_map(params, "mlp")))
     _, deeper = mlp_setup(depth=4)
-    self.assertEqual(redo.mlp_outgoing(deeper),
+    self.assertEqual(models.mlp_outgoing(deeper),
                      {"fc0/kernel": "fc1/kernel", "fc1/kernel": "fc2/kernel",
                       "fc2/kernel": "fc3/kernel", "fc3/kernel": "head/kernel"})
 
   def test_vit(self):
     model, params, x = vit_setup()
-    out = redo.outgoing_map(params, "vit")
+    out = models.outgoing_map(params, "vit")
     want = {}
     for i in range(VIT_KW["depth"]):
       b = f"encoder_block_{i}/mlp"
@@ -569,7 +571,7 @@ class OutgoingMapTest(parameterized.TestCase):
   def test_static_argument(self):
     """The built maps are hashable: ``outgoing`` can be a static argument."""
     model, params = mlp_setup()
-    outgoing = redo.outgoing_map(params, "mlp")
+    outgoing = models.outgoing_map(params, "mlp")
     params = kill(params, "fc0", [4])
     dead, _ = probe_dead(model, params, X)
     fn = jax.jit(redo.recycle_params, static_argnames=("outgoing",))
@@ -584,14 +586,14 @@ class OutgoingMapTest(parameterized.TestCase):
   def test_errors(self):
     _, params = mlp_setup()
     with self.assertRaisesRegex(ValueError, "unknown model 'resnet'"):
-      redo.outgoing_map(params, "resnet")
+      models.outgoing_map(params, "resnet")
     with self.assertRaisesRegex(ValueError, "fc1/kernel"):
-      redo.outgoing_map(params, "vit")
+      models.outgoing_map(params, "vit")
     with self.assertRaisesRegex(ValueError, "models.MLP"):
-      redo.outgoing_map(make_params(), "mlp")
+      models.outgoing_map(make_params(), "mlp")
     no_head = {k: v for k, v in params.items() if k != "head"}
     with self.assertRaisesRegex(ValueError, "head/kernel"):
-      redo.mlp_outgoing(no_head)
+      models.mlp_outgoing(no_head)
 
 
 # ----------------------------------------------------------------------------
@@ -610,7 +612,7 @@ def test_training_after_recycling_is_finite_and_revives():
   tx = optax.adamw(3e-3, weight_decay=1e-4)
   state = tx.init(params)
   dead, _ = probe_dead(model, params, X)
-  outgoing = redo.outgoing_map(params, "mlp")
+  outgoing = models.outgoing_map(params, "mlp")
   params, state = jax.jit(functools.partial(redo.recycle, outgoing=outgoing))(
       params, state, dead, jax.random.PRNGKey(0))
 
@@ -710,7 +712,7 @@ def test_property_chain_invariants(case):
 
 
 _PROP_MODEL, _PROP_PARAMS = mlp_setup()
-_PROP_OUT = redo.outgoing_map(_PROP_PARAMS, "mlp")
+_PROP_OUT = models.outgoing_map(_PROP_PARAMS, "mlp")
 
 
 @jax.jit

@@ -1,4 +1,4 @@
-"""End-to-end tests of experiments/train_vit.py and synstrip_jax.experiment.
+"""End-to-end tests of experiments/train_vit.py and synstrip_vit.loop.
 
 Tiny runs on scikit-learn's digits (offline): the script as a subprocess
 (metrics, plots, config, resume, errors, a real SIGKILL, 8 fake devices) and
@@ -25,8 +25,8 @@ import pytest
 
 from _shared import subprocess_env
 
-from synstrip_jax import checkpointing, experiment, run_logging
-from synstrip_jax.config import base_config
+from synstrip_vit import checkpointing, loop as experiment, writers as run_logging
+from synstrip_vit.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_vit.py"

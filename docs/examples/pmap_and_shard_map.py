@@ -1,7 +1,7 @@
 """Synaptic stripping on several devices: ``pmap``, ``shard_map`` and sharded ``jit``.
 
 One probe-and-strip step for a tiny Flax Linen MLP
-(``synstrip_jax.models.create_model('mlp', ...)``) computed four ways:
+(``synstrip_vit.models.create_model('mlp', ...)``) computed four ways:
 
 (a) ``jax.pmap(..., axis_name='batch')``: each device gets a slice of the
     probe batch, reduces its own statistics and sums them across devices with
@@ -42,8 +42,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import synstrip_jax as ss
-from synstrip_jax import flax_utils
-from synstrip_jax.models import create_model
+from synstrip_jax import linen as ss_linen, probe
+from synstrip_vit.models import create_model
 
 STRIPPING_FACTOR = 0.05
 NUM_EXAMPLES = 60  # not a multiple of most device counts: padding is exercised
@@ -87,12 +87,12 @@ def probe_and_strip(params, masks, x, valid, *, axis_name=None):
   over; ``None`` for one device or sharded ``jit`` (global arrays).
   """
   _, state = model.apply({"params": params}, x, train=False,
-                         mutable=[flax_utils.ACTIVATIONS])
+                         mutable=[ss_linen.ACTIVATIONS])
   # Sown statistics are per example ([B, n]): sum them over this device's
   # valid examples, then (axis_name) over the devices.
-  stats = flax_utils.reduce_stats_tree(flax_utils.linen_stats(state),
+  stats = probe.reduce_stats_tree(ss_linen.linen_stats(state),
                                        where=valid, axis_name=axis_name)
-  dead = flax_utils.dead_tree(params, stats)  # [n] bool at fc*/kernel
+  dead = probe.dead_tree(params, stats)  # [n] bool at fc*/kernel
   # No axis_name here: params and dead are the same on every device.
   new_params, new_masks = ss.strip_params(params, dead, masks,
                                           stripping_factor=STRIPPING_FACTOR)
@@ -155,8 +155,8 @@ def main():
 
   # Keep-masks (all True) at the kernels that feed sown activations.
   _, state = model.apply({"params": params}, x[:1], train=False,
-                         mutable=[flax_utils.ACTIVATIONS])
-  targets = flax_utils.target_tree(params, flax_utils.linen_stats(state))
+                         mutable=[ss_linen.ACTIVATIONS])
+  targets = probe.target_tree(params, ss_linen.linen_stats(state))
   masks = ss.init_masks(params, targets)
 
   # (d) One device, whole batch, no padding.
@@ -204,10 +204,10 @@ def main():
 
   def strip_then_step(params, opt_state, x, y, valid):
     _, state = model.apply({"params": params}, x, train=False,
-                           mutable=[flax_utils.ACTIVATIONS])
-    stats = flax_utils.reduce_stats_tree(flax_utils.linen_stats(state),
+                           mutable=[ss_linen.ACTIVATIONS])
+    stats = probe.reduce_stats_tree(ss_linen.linen_stats(state),
                                          where=valid, axis_name="batch")
-    dead = flax_utils.dead_tree(params, stats)
+    dead = probe.dead_tree(params, stats)
     params, opt_state = ss.strip_event(params, opt_state, dead,
                                        stripping_factor=STRIPPING_FACTOR)
     stripped = params

@@ -6,7 +6,7 @@ width 64. Trains in about a minute or two on a laptop CPU:
   python experiments/train_vit.py
 """
 
-from synstrip_jax.config import base_config
+from synstrip_vit.config import base_config
 
 
 def get_config():

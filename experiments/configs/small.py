@@ -6,7 +6,7 @@ another one, e.g. ``--config.dataset=cifar10`` with TFDS data prepared).
 
 from pathlib import Path
 
-from synstrip_jax.config import base_config
+from synstrip_vit.config import base_config
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

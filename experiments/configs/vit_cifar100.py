@@ -1,6 +1,6 @@
 """The original's ViT set-up on TFDS cifar100 (see ``original_config``)."""
 
-from synstrip_jax.config import original_config
+from synstrip_vit.config import original_config
 
 
 def get_config():

@@ -44,8 +44,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synstrip_jax.flax_utils import ActDense
-from synstrip_jax.models.mlp import Activation, _check_positive, get_activation
+from synstrip_jax.linen import ActDense
+from synstrip_vit.models.mlp import Activation, _check_positive, get_activation
 
 #: torch's ``nn.LayerNorm`` default epsilon (flax's default is 1e-6).
 LAYER_NORM_EPS = 1e-5
@@ -60,7 +60,7 @@ class MlpBlock(nn.Module):
   """``Dropout(act(fc2(Dropout(act(fc1(x))))))``: ``[..., D] -> [..., D]``.
 
   Both ``fc1`` (``[D, mlp_dim]``) and ``fc2`` (``[mlp_dim, D]``) are
-  :class:`~synstrip_jax.flax_utils.ActDense` layers that sow their statistics.
+  :class:`~synstrip_jax.ss_linen.ActDense` layers that sow their statistics.
   """
   mlp_dim: int
   activation: Union[str, Activation] = "relu"

@@ -21,7 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from synstrip_jax import data, flax_utils
+from synstrip_jax import linen as ss_linen, probe
+from synstrip_vit import data
 from synstrip_jax.transform import with_stripping
 
 PyTree = Any
@@ -155,7 +156,7 @@ def create_train_state(model: nn.Module, tx_factory: Callable[[PyTree], optax.Gr
 
   Args:
     model: a Linen model with ``__call__(x, *, train)`` whose strippable
-      layers are :class:`~synstrip_jax.flax_utils.ActDense`.
+      layers are :class:`~synstrip_jax.ss_linen.ActDense`.
     tx_factory: ``targets -> optimizer``; ``targets`` is the bool tree of the
       kernels that feed sown activations.
     image_shape: ``(H, W, C)``.
@@ -168,7 +169,7 @@ def create_train_state(model: nn.Module, tx_factory: Callable[[PyTree], optax.Gr
   variables = jax.jit(functools.partial(model.init, train=False))(
       {"params": init_rng}, x)
   params = variables["params"]
-  targets = flax_utils.target_tree(params, variables[flax_utils.ACTIVATIONS])
+  targets = probe.target_tree(params, variables[ss_linen.ACTIVATIONS])
   tx = tx_factory(targets)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=jax.jit(tx.init)(params), rng=state_rng)
@@ -251,7 +252,7 @@ def eval_step(params: PyTree, images: jax.Array, labels: jax.Array,
                      "(one flag per example)")
   if collect_stats:
     logits, state = model.apply({"params": params}, x, train=False,
-                                mutable=[flax_utils.ACTIVATIONS])
+                                mutable=[ss_linen.ACTIVATIONS])
   else:
     logits = model.apply({"params": params}, x, train=False)
   losses = cross_entropy(logits, labels)
@@ -263,8 +264,8 @@ def eval_step(params: PyTree, images: jax.Array, labels: jax.Array,
       "count": jnp.sum(valid, dtype=jnp.float32),
   }
   if collect_stats:
-    out["stats"] = flax_utils.reduce_stats_tree(
-        flax_utils.linen_stats(state), where=valid)
+    out["stats"] = probe.reduce_stats_tree(
+        ss_linen.linen_stats(state), where=valid)
   return out
 
 
@@ -289,7 +290,7 @@ def evaluate(step_fn: Callable[..., dict], params: PyTree, x: np.ndarray,
              y: np.ndarray, *, batch_size: int, mesh: Mesh) -> dict[str, Any]:
   """Run a :func:`jit_eval_step` over every example of ``(x, y)`` once.
 
-  Fixed-shape padded batches (:func:`synstrip_jax.data.eval_batches`), each
+  Fixed-shape padded batches (:func:`synstrip_vit.data.eval_batches`), each
   process feeding its rows; returns the step's outputs summed over batches.
   """
   batches = data.eval_batches(len(x), batch_size,

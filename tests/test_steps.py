@@ -1,4 +1,4 @@
-"""Tests of ``synstrip_jax.training``: schedule, optimizer, state, steps, mesh.
+"""Tests of ``synstrip_vit.steps``: schedule, optimizer, state, steps, mesh.
 
 Tiny models (a 2-block ViT of width 32 on 16x16x3 images) keep the module
 under a minute on a 2-core CPU; every compiled step is built once per module.
@@ -23,9 +23,10 @@ import pytest
 
 from _shared import subprocess_env
 
-from synstrip_jax import data, flax_utils, training
-from synstrip_jax.models.mlp import MLP
-from synstrip_jax.models.vit import ViT
+from synstrip_jax import linen as ss_linen, probe
+from synstrip_vit import data, steps as training
+from synstrip_vit.models.mlp import MLP
+from synstrip_vit.models.vit import ViT
 from synstrip_jax.transform import get_masks, strip_event
 
 REPO = Path(__file__).resolve().parents[1]
@@ -361,7 +362,7 @@ def test_eval_step_stats_equal_direct_apply(setup, eval_fns):
   logits, variables = model.apply({"params": state.params},
                                   preprocess(images), train=False,
                                   mutable=["activations"])
-  expected = flax_utils.reduce_stats_tree(flax_utils.linen_stats(variables))
+  expected = probe.reduce_stats_tree(ss_linen.linen_stats(variables))
   assert_trees_close(out["stats"], expected, rtol=1e-6, atol=0)
   s = out["stats"]["encoder_block_1"]["mlp"]["fc2"]["post_act"]
   assert s.total.shape == (32,) and s.total.dtype == jnp.float32

@@ -13,9 +13,11 @@ from typing import Any
 
 import flax.linen as nn
 
-from synstrip_jax.models.mlp import (ACTIVATION_FNS, MLP, gelu_exact,
+from synstrip_vit.models.mlp import (ACTIVATION_FNS, MLP, gelu_exact,
                                      get_activation)
-from synstrip_jax.models.vit import EncoderBlock, MlpBlock, ViT
+from synstrip_vit.models.outgoing import (OUTGOING_BUILDERS, mlp_outgoing,
+                                          outgoing_map, vit_outgoing)
+from synstrip_vit.models.vit import EncoderBlock, MlpBlock, ViT
 
 #: Model names understood by :func:`create_model`.
 MODELS: dict[str, type[nn.Module]] = {"vit": ViT, "mlp": MLP}
@@ -34,6 +36,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 __all__ = [
-    "ACTIVATION_FNS", "EncoderBlock", "MLP", "MODELS", "MlpBlock", "ViT",
-    "create_model", "gelu_exact", "get_activation",
+    "ACTIVATION_FNS", "EncoderBlock", "MLP", "MODELS", "MlpBlock",
+    "OUTGOING_BUILDERS", "ViT", "create_model", "gelu_exact", "get_activation",
+    "mlp_outgoing", "outgoing_map", "vit_outgoing",
 ]

@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run: save, resume, fall back, never lose work.
 
-A checkpoint holds two items: ``state`` (the :class:`~synstrip_jax.training.
+A checkpoint holds two items: ``state`` (the :class:`~synstrip_vit.steps.
 TrainState` pytree: step, params, optimizer state with the stripping masks,
 RNG) and ``meta`` (JSON: the epoch, the position of the data iterator inside
 the epoch and the partial sums of the epoch's training metrics). Together

@@ -184,7 +184,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 def model_kwargs(c: ml_collections.ConfigDict, num_classes: int
                  ) -> tuple[str, dict[str, Any]]:
-  """``(model name, kwargs)`` for :func:`synstrip_jax.models.create_model`."""
+  """``(model name, kwargs)`` for :func:`synstrip_vit.models.create_model`."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.dtype]
   if c.model == "vit":

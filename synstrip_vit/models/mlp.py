@@ -1,6 +1,6 @@
 """Plain MLP for the width/depth ablation, and the activation registry.
 
-Every hidden layer is an :class:`~synstrip_jax.flax_utils.ActDense` (Dense +
+Every hidden layer is an :class:`~synstrip_jax.ss_linen.ActDense` (Dense +
 activation that sows its post-activation statistics), so it is a stripping
 target; the classifier head is a plain ``nn.Dense`` and never stripped.
 """
@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from synstrip_jax.flax_utils import ActDense
+from synstrip_jax.linen import ActDense
 
 Activation = Callable[[jax.Array], jax.Array]
 

@@ -1,84 +1,40 @@
-"""Flax wiring: layers that expose their post-activation statistics.
+"""Align per-layer activation statistics with the kernels that feed them.
 
-A strippable layer is a Dense (Linen) or Linear (NNX) layer followed by its
-activation, which *sows the statistics of its own output under its own scope*:
-
-* Linen :class:`ActDense` sows ``('activations', <path>, 'post_act')`` beside
-  its ``('params', <path>, 'kernel')``;
-* NNX :class:`ActLinear` sows ``nnx.Intermediate`` ``<path>/post_act`` beside
-  its ``<path>/kernel`` param.
-
-So :func:`dead_tree` aligns the dead-neuron vectors with the kernels that feed
-them by construction (the original instead guesses the preceding layer by
-subtracting one from a ``Sequential`` index). Statistics are sown per example
-(``[B, n]``, see :func:`synstrip_jax.activations.example_stats`) and summed
-by the probe step, which can drop padding examples and sum across devices.
+A strippable layer sows the statistics of its post-activation output under its
+own scope as ``<layer>/post_act`` (see :mod:`synstrip_jax.linen` and
+:mod:`synstrip_jax.nnx`), beside its ``<layer>/kernel`` parameter. So
+:func:`dead_tree` and :func:`target_tree` pair statistics and kernels by path,
+by construction (the original guesses the preceding layer by subtracting one
+from a ``Sequential`` index). Statistics are sown per example (``[B, n]``, see
+:func:`synstrip_jax.activations.example_stats`) and summed by
+:func:`reduce_stats_tree`, which can drop padding examples and sum across
+devices.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 from flax import nnx
 
 from synstrip_jax import _trees
 from synstrip_jax.activations import (ActivationStats, dead_mask,
-                                      example_stats, merge_stats,
-                                      reduce_examples)
+                                      merge_stats, reduce_examples)
 
 PyTree = Any
 
-#: Linen collection that holds the sown statistics.
-ACTIVATIONS = "activations"
 #: Name of the sown statistics inside a layer's scope.
 POST_ACT = "post_act"
 
 
-def _accumulate(prev: Optional[ActivationStats], new: ActivationStats) -> ActivationStats:
+def accumulate_sown(prev: Optional[ActivationStats], new: ActivationStats) -> ActivationStats:
   # A layer applied several times in one call adds its statistics up.
   return new if prev is None else merge_stats(prev, new)
 
 
-def _no_stats() -> None:
+def no_stats() -> None:
   return None
-
-
-class ActDense(nn.Dense):
-  """``activation(Dense(x))`` that sows the per-example output statistics.
-
-  Attributes:
-    activation: elementwise activation applied after the affine map
-      (``nn.relu`` as in the paper).
-  """
-  activation: Callable[[jax.Array], jax.Array] = nn.relu
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = self.activation(super().__call__(inputs))
-    self.sow(ACTIVATIONS, POST_ACT, example_stats(y),
-             reduce_fn=_accumulate, init_fn=_no_stats)
-    return y
-
-
-class ActLinear(nnx.Linear):
-  """NNX ``activation(Linear(x))`` that sows ``nnx.Intermediate`` statistics.
-
-  Collect them with ``nnx.capture(model, nnx.Intermediate)(x)``.
-  """
-
-  def __init__(self, in_features: int, out_features: int, *,
-               activation: Callable[[jax.Array], jax.Array] = nnx.relu,
-               **kwargs: Any):
-    super().__init__(in_features, out_features, **kwargs)
-    self.activation = activation
-
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = self.activation(super().__call__(inputs))
-    self.sow(nnx.Intermediate, POST_ACT, example_stats(y),
-             reduce_fn=_accumulate, init_fn=_no_stats)
-    return y
 
 
 def _is_stats(x: Any) -> bool:
@@ -186,15 +142,7 @@ def target_tree(params: PyTree, stats_tree: PyTree) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, flags)
 
 
-def linen_stats(variables: Mapping[str, Any]) -> PyTree:
-  """The sown statistics of a Linen ``apply(..., mutable=[ACTIVATIONS])``."""
-  if ACTIVATIONS not in variables:
-    raise ValueError(f"no '{ACTIVATIONS}' collection: apply the model with "
-                     f"mutable=['{ACTIVATIONS}'] (got {sorted(variables)})")
-  return variables[ACTIVATIONS]
-
-
 __all__ = [
-    "ACTIVATIONS", "POST_ACT", "ActDense", "ActLinear", "dead_tree",
-    "linen_stats", "reduce_stats_tree", "stats_by_layer", "target_tree",
+    "POST_ACT", "accumulate_sown", "dead_tree", "no_stats", "reduce_stats_tree",
+    "stats_by_layer", "target_tree",
 ]

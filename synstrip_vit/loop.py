@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from synstrip_jax import checkpointing, data, flax_utils, metrics, models
-from synstrip_jax import redo, run_logging, training
-from synstrip_jax import config as config_lib
+from synstrip_jax import metrics, probe, redo
+from synstrip_vit import checkpointing, data, models, steps as training
+from synstrip_vit import writers as run_logging
+from synstrip_vit import config as config_lib
 from synstrip_jax.activations import check_finite
 from synstrip_jax.transform import get_masks, strip_event
 
@@ -140,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   """Train (or resume) the run in ``workdir``; return the per-epoch records.
 
   Args:
-    config: see :func:`synstrip_jax.config.base_config`.
+    config: see :func:`synstrip_vit.config.base_config`.
     workdir: run directory: ``config.json``, ``metrics.jsonl``, plots and
       ``checkpoints/``. If it holds a checkpoint the run resumes from it.
     interrupt_after_steps: testing hook; raise :class:`Interrupt` right after
@@ -182,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                                     stripping_factor=config.stripping_factor),
                   out_shardings=repl, donate_argnums=(0, 1))
   recycle = (jax.jit(functools.partial(
-      redo.recycle, outgoing=redo.outgoing_map(state.params, config.model)),
+      redo.recycle, outgoing=models.outgoing_map(state.params, config.model)),
                      out_shardings=repl, donate_argnums=(0, 1))
              if config.redo else None)
 
@@ -256,12 +257,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     probe_is_test = config.probe == "test"
     test = evaluate(state.params, run_data.x_test, run_data.y_test,
                     probe_step if probe_is_test else eval_step)
-    probe = test if probe_is_test else evaluate(
+    probe_res = test if probe_is_test else evaluate(
         state.params, run_data.x_probe, run_data.y_probe, probe_step)
     t_eval = time.perf_counter() - t1
-    check_finite(probe["stats"])
+    check_finite(probe_res["stats"])
     tau = None if config.tau < 0 else float(config.tau)
-    dead = flax_utils.dead_tree(state.params, probe["stats"], tau)
+    dead = probe.dead_tree(state.params, probe_res["stats"], tau)
 
     t2 = time.perf_counter()
     stripped_now = config.strip and (epoch + 1) % config.stripping_frequency == 0
@@ -290,8 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
         "train_acc": train["correct"] / train["count"],
         "test_loss": float(test["loss_sum"]) / float(test["count"]),
         "test_acc": float(test["correct"]) / float(test["count"]),
-        "probe_loss": float(probe["loss_sum"]) / float(probe["count"]),
-        "probe_acc": float(probe["correct"]) / float(probe["count"]),
+        "probe_loss": float(probe_res["loss_sum"]) / float(probe_res["count"]),
+        "probe_acc": float(probe_res["correct"]) / float(probe_res["count"]),
         "dead_neurons": int(summary.pop("dead_neurons")),
         "active_params": int(summary.pop("active_params")),
         "sparsity": float(summary.pop("sparsity")),
