@@ -1,6 +1,6 @@
 """Tables and figures from the study results (``experiments/study.py``).
 
-  PYTHONPATH=. python experiments/report.py
+  python -m experiments.report        (or: python experiments/report.py)
 
 Reads ``<results>/<study>/<run>.jsonl`` (+ ``.config.json``, and for
 ``cifar_vit`` ``.robustness.json``) and writes ``<out>/tables.md`` and PNGs

@@ -1,9 +1,14 @@
 """Does stripping work? The study of RESULTS.md, as named groups of runs.
 
-  python experiments/study.py --study=cifar_vit      # ViT, CIFAR-10 JPEG subset
-  python experiments/study.py --study=mnist_mlp      # MLP, MNIST
-  python experiments/study.py --study=ablation       # MLP depth/width, MNIST
-  python experiments/study.py --study=redo           # ReDo arm (MNIST MLP)
+  python -m experiments.study --study=cifar_vit      # ViT, CIFAR-10 JPEG subset
+  python -m experiments.study --study=mnist_mlp      # MLP, MNIST
+  python -m experiments.study --study=ablation       # MLP depth/width, MNIST
+  python -m experiments.study --study=redo           # ReDo arm (MNIST MLP)
+
+(from the repository root, with the package installed: ``pip install -e
+".[train]"``). The data sets are read from the shared folder
+(:func:`synstrip_vit.paths.shared_dir`: ``$SYNSTRIP_SHARED`` or
+``../shared``), under ``data/``.
 
 Runs execute one after the other in this process (``runs/study/<study>/
 <run>/``: checkpoints, resumable: rerun the same command after a kill); each
@@ -20,22 +25,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
 
+from experiments.corruptions import apply_corruption
+from synstrip_vit import loop as experiment, steps as training
+from synstrip_vit import writers as run_logging
+from synstrip_vit.config import base_config
+from synstrip_vit.paths import shared_dir
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-
-
-from synstrip_vit import data, loop as experiment, writers as run_logging, steps as training  # noqa: E402
-from synstrip_vit.config import base_config  # noqa: E402
-
-SHARED = REPO.parent / "shared" / "data"
+SHARED = shared_dir() / "data"
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast")
 SEVERITIES = (1, 3, 5)
 
@@ -142,7 +145,7 @@ def robustness(config, workdir) -> dict:
   for kind in CORRUPTIONS:
     for sev in SEVERITIES:
       out[f"{kind}_{sev}"] = accuracy(
-          data.apply_corruption(run_data.x_test, kind, sev, seed=0))
+          apply_corruption(run_data.x_test, kind, sev, seed=0))
   return out
 
 

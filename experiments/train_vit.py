@@ -18,12 +18,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from synstrip_vit import distributed, loop as experiment
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-  sys.path.insert(0, str(REPO))
-
-from synstrip_vit import distributed, loop as experiment  # noqa: E402
-
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
 
 try:  # ml_collections applies --config.<field> overrides already here

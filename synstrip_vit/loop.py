@@ -29,7 +29,9 @@ import ml_collections
 import numpy as np
 
 from synstrip_jax import metrics, probe, redo
-from synstrip_vit import checkpointing, data, models, steps as training
+from synstrip_vit import checkpointing, datasets, models, steps as training
+from synstrip_vit import input_pipeline as pipeline
+from synstrip_vit.augment import random_crop_flip
 from synstrip_vit import writers as run_logging
 from synstrip_vit import config as config_lib
 from synstrip_jax.activations import check_finite
@@ -56,7 +58,7 @@ class RunData:
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
-    ds = data.load_dataset(config.dataset, data_dir=config.data_dir or None)
+    ds = datasets.load_dataset(config.dataset, data_dir=config.data_dir or None)
     x_train, y_train = ds.x_train, ds.y_train
     x_test, y_test = ds.x_test, ds.y_test
     if config.train_limit:
@@ -66,7 +68,7 @@ class RunData:
     if len(x_train) == 0:
       raise ValueError(f"dataset {config.dataset!r} has no training images")
     if config.probe == "train_holdout":
-      x_train, y_train, x_probe, y_probe = data.split_holdout(
+      x_train, y_train, x_probe, y_probe = pipeline.split_holdout(
           x_train, y_train, fraction=config.probe_fraction, seed=config.seed)
     else:
       x_probe, y_probe = x_test, y_test
@@ -75,7 +77,7 @@ class RunData:
     self.x_test, self.y_test = x_test, y_test
     self.num_classes = ds.num_classes
     self.image_shape = ds.image_shape
-    self.mean, self.std = data.channel_stats(x_train)
+    self.mean, self.std = pipeline.channel_stats(x_train)
 
 
 def input_fns(config, run_data: RunData):
@@ -83,12 +85,12 @@ def input_fns(config, run_data: RunData):
   mean, std = jnp.asarray(run_data.mean), jnp.asarray(run_data.std)
 
   def preprocess(images):
-    return data.normalize(images, mean, std)
+    return pipeline.normalize(images, mean, std)
 
   def augment(key, images):
     if config.augment:
-      images = data.random_crop_flip(key, images, padding=config.crop_padding,
-                                     flip=config.flip)
+      images = random_crop_flip(key, images, padding=config.crop_padding,
+                                flip=config.flip)
     return preprocess(images)
 
   return augment, preprocess
@@ -224,9 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   for epoch in range(position.epoch, config.num_epochs):
     t0 = time.perf_counter()
-    order = data.batch_indices(n_train, config.batch_size, seed=config.seed,
-                               epoch=epoch, process_index=pidx,
-                               process_count=pcount)
+    order = pipeline.batch_indices(n_train, config.batch_size,
+                                   seed=config.seed, epoch=epoch,
+                                   process_index=pidx, process_count=pcount)
     start = position.batch if epoch == position.epoch else 0
     sums = (_sums_to_device(position.train_sums)
             if epoch == position.epoch else None)

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from synstrip_jax import linen as ss_linen, probe
-from synstrip_vit import data
+from synstrip_vit import input_pipeline
 from synstrip_jax.transform import with_stripping
 
 PyTree = Any
@@ -290,12 +290,13 @@ def evaluate(step_fn: Callable[..., dict], params: PyTree, x: np.ndarray,
              y: np.ndarray, *, batch_size: int, mesh: Mesh) -> dict[str, Any]:
   """Run a :func:`jit_eval_step` over every example of ``(x, y)`` once.
 
-  Fixed-shape padded batches (:func:`synstrip_vit.data.eval_batches`), each
-  process feeding its rows; returns the step's outputs summed over batches.
+  Fixed-shape padded batches
+  (:func:`synstrip_vit.input_pipeline.eval_batches`), each process feeding
+  its rows; returns the step's outputs summed over batches.
   """
-  batches = data.eval_batches(len(x), batch_size,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
+  batches = input_pipeline.eval_batches(len(x), batch_size,
+                                        process_index=jax.process_index(),
+                                        process_count=jax.process_count())
   total = None
   for idx, valid in zip(batches.indices, batches.valid):
     out = step_fn(params, *global_batch((x[idx], y[idx], valid), mesh))

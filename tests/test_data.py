@@ -1,9 +1,8 @@
-"""Tests for synstrip_vit.data (offline, fast)."""
+"""Tests of synstrip_vit.datasets, .input_pipeline and .augment (offline, fast)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import jax
@@ -11,19 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from synstrip_vit import data
-
-SHARED = Path(os.environ.get("SYNSTRIP_SHARED")
-              or Path(__file__).resolve().parents[2] / "shared")
-SHARED_DATA = SHARED / "data"
-
-
-def _shared_file(name: str) -> Path:
-  path = SHARED_DATA / name
-  if not path.is_file():
-    pytest.skip(f"shared data file {path} not available (set SYNSTRIP_SHARED "
-                f"to the folder holding data/{name})")
-  return path
+from _shared import shared_file_or_skip
+from synstrip_vit import augment, datasets
+from synstrip_vit import input_pipeline as pipeline
 
 
 def _good_arrays(n_train=12, n_test=5, shape=(6, 5, 3), num_classes=4):
@@ -49,11 +38,11 @@ def _write_npz(tmp_path: Path, fname="d.npz", **arrays) -> Path:
 
 def test_digits_shapes_values_and_split():
   from sklearn.datasets import load_digits
-  ds = data.load_dataset("digits")
+  ds = datasets.load_dataset("digits")
   assert ds.name == "digits" and ds.num_classes == 10
   assert ds.x_train.shape == (1438, 8, 8, 1)
   assert ds.x_test.shape == (359, 8, 8, 1)
-  assert ds.image_shape == (8, 8, 1) == data.image_shape(ds)
+  assert ds.image_shape == (8, 8, 1) == datasets.image_shape(ds)
   assert ds.num_train == 1438 and ds.num_test == 359
   assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32
   assert ds.x_train.max() == 255 and ds.x_train.min() == 0
@@ -68,7 +57,7 @@ def test_digits_shapes_values_and_split():
 
 
 def test_digits_deterministic():
-  a, b = data.load_dataset("digits"), data.load_dataset("digits")
+  a, b = datasets.load_dataset("digits"), datasets.load_dataset("digits")
   np.testing.assert_array_equal(a.x_train, b.x_train)
   np.testing.assert_array_equal(a.y_test, b.y_test)
 
@@ -77,13 +66,13 @@ def test_digits_deterministic():
                                   "", "DIGITS"])
 def test_unknown_dataset_lists_supported(name):
   with pytest.raises(ValueError, match="supported") as e:
-    data.load_dataset(name)
+    datasets.load_dataset(name)
   assert "digits" in str(e.value) and "cifar10" in str(e.value)
 
 
 def test_dataset_name_must_be_str():
   with pytest.raises(ValueError, match="str"):
-    data.load_dataset(3)  # type: ignore[arg-type]
+    datasets.load_dataset(3)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------
@@ -97,7 +86,7 @@ def _dataset(**overrides):
             x_test=a["x_test"], y_test=a["y_test"].astype(np.int32),
             num_classes=4, name="t")
   kw.update(overrides)
-  return data.ArrayDataset(**kw)
+  return datasets.ArrayDataset(**kw)
 
 
 def test_array_dataset_frozen_and_properties():
@@ -129,7 +118,7 @@ def test_array_dataset_validation(overrides, match):
 def test_npz_roundtrip_nhwc(tmp_path):
   arrays = _good_arrays()
   path = _write_npz(tmp_path, **arrays)
-  ds = data.load_dataset(f"npz:{path}")
+  ds = datasets.load_dataset(f"npz:{path}")
   assert ds.name == f"npz:{path}"
   np.testing.assert_array_equal(ds.x_train, arrays["x_train"])
   np.testing.assert_array_equal(ds.y_test, arrays["y_test"])
@@ -144,15 +133,15 @@ def test_npz_nhw_gets_channel_axis_and_class_names(tmp_path):
   path = _write_npz(tmp_path, **arrays,
                     class_names=np.array([f"c{i}" for i in range(9)]),
                     extra=np.arange(3))
-  ds = data.load_dataset(f"npz:{path}")
+  ds = datasets.load_dataset(f"npz:{path}")
   assert ds.x_train.shape == (12, 7, 7, 1) and ds.x_test.shape == (5, 7, 7, 1)
   assert ds.num_classes == 9  # From class_names, not max label + 1.
 
 
 def test_npz_missing_file(tmp_path):
   path = tmp_path / "nope.npz"
-  with pytest.raises(data.DataNotFoundError, match="nope.npz") as e:
-    data.load_dataset(f"npz:{path}")
+  with pytest.raises(datasets.DataNotFoundError, match="nope.npz") as e:
+    datasets.load_dataset(f"npz:{path}")
   assert isinstance(e.value, ValueError)
   assert isinstance(e.value, FileNotFoundError)
 
@@ -161,7 +150,7 @@ def test_npz_not_an_archive(tmp_path):
   path = tmp_path / "junk.npz"
   path.write_text("not a zip")
   with pytest.raises(ValueError, match="junk.npz"):
-    data.load_dataset(f"npz:{path}")
+    datasets.load_dataset(f"npz:{path}")
 
 
 def test_npz_missing_keys_are_listed(tmp_path):
@@ -169,7 +158,7 @@ def test_npz_missing_keys_are_listed(tmp_path):
   del arrays["y_test"], arrays["x_train"]
   path = _write_npz(tmp_path, **arrays)
   with pytest.raises(ValueError, match="missing keys") as e:
-    data.load_dataset(f"npz:{path}")
+    datasets.load_dataset(f"npz:{path}")
   msg = str(e.value)
   assert "'x_train'" in msg and "'y_test'" in msg and str(path) in msg
 
@@ -203,26 +192,26 @@ def test_npz_malformed(tmp_path, case):
   mutate(arrays)
   path = _write_npz(tmp_path, f"{case}.npz", **arrays)
   with pytest.raises(ValueError, match=match) as e:
-    data.load_dataset(f"npz:{path}")
+    datasets.load_dataset(f"npz:{path}")
   assert str(path) in str(e.value)
 
 
 def test_shared_mnist():
-  path = _shared_file("mnist.npz")
-  ds = data.load_dataset(f"npz:{path}")
+  path = shared_file_or_skip("data", "mnist.npz")
+  ds = datasets.load_dataset(f"npz:{path}")
   assert ds.x_train.shape == (60000, 28, 28, 1)
   assert ds.x_test.shape == (10000, 28, 28, 1)
   assert ds.num_classes == 10 and ds.y_train.dtype == np.int32
   np.testing.assert_array_equal(ds.y_train[:10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4])
   np.testing.assert_array_equal(ds.y_test[:10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
-  mean, std = data.channel_stats(ds.x_train)
+  mean, std = pipeline.channel_stats(ds.x_train)
   np.testing.assert_allclose(mean, [33.32], atol=0.01)
   np.testing.assert_allclose(std, [78.57], atol=0.01)
 
 
 def test_shared_cifar10_lossless():
-  path = _shared_file("cifar10_lossless_4k.npz")
-  ds = data.load_dataset(f"npz:{path}")
+  path = shared_file_or_skip("data", "cifar10_lossless_4k.npz")
+  ds = datasets.load_dataset(f"npz:{path}")
   assert ds.x_train.shape == (3200, 32, 32, 3)
   assert ds.x_test.shape == (800, 32, 32, 3)
   assert ds.num_classes == 10 and ds.image_shape == (32, 32, 3)
@@ -240,30 +229,30 @@ def test_shared_cifar10_lossless():
 def test_split_holdout_partition_and_determinism():
   x = np.arange(100)[:, None] * np.ones((1, 3), np.int64)
   y = np.arange(100)
-  xt, yt, xh, yh = data.split_holdout(x, y, fraction=0.1, seed=3)
+  xt, yt, xh, yh = pipeline.split_holdout(x, y, fraction=0.1, seed=3)
   assert len(yh) == 10 and len(yt) == 90
   assert sorted(np.concatenate([yt, yh]).tolist()) == list(range(100))
   np.testing.assert_array_equal(xt[:, 0], yt)  # Rows stay aligned.
   assert np.all(np.diff(yt) > 0) and np.all(np.diff(yh) > 0)  # Order kept.
-  again = data.split_holdout(x, y, fraction=0.1, seed=3)
+  again = pipeline.split_holdout(x, y, fraction=0.1, seed=3)
   np.testing.assert_array_equal(again[3], yh)
-  other = data.split_holdout(x, y, fraction=0.1, seed=4)
+  other = pipeline.split_holdout(x, y, fraction=0.1, seed=4)
   assert not np.array_equal(other[3], yh)
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, True, "0.1"])
 def test_split_holdout_bad_fraction(fraction):
   with pytest.raises(ValueError, match="fraction"):
-    data.split_holdout(np.zeros(10), np.zeros(10), fraction=fraction, seed=0)
+    pipeline.split_holdout(np.zeros(10), np.zeros(10), fraction=fraction, seed=0)
 
 
 def test_split_holdout_other_errors():
   with pytest.raises(ValueError, match="empty part"):
-    data.split_holdout(np.zeros(10), np.zeros(10), fraction=0.01, seed=0)
+    pipeline.split_holdout(np.zeros(10), np.zeros(10), fraction=0.01, seed=0)
   with pytest.raises(ValueError, match="rows"):
-    data.split_holdout(np.zeros(10), np.zeros(9), fraction=0.5, seed=0)
+    pipeline.split_holdout(np.zeros(10), np.zeros(9), fraction=0.5, seed=0)
   with pytest.raises(ValueError, match="seed"):
-    data.split_holdout(np.zeros(10), np.zeros(10), fraction=0.5, seed=-1)
+    pipeline.split_holdout(np.zeros(10), np.zeros(10), fraction=0.5, seed=-1)
 
 
 # --------------------------------------------------------------------------
@@ -272,11 +261,11 @@ def test_split_holdout_other_errors():
 
 
 def test_epoch_permutation():
-  p = data.epoch_permutation(50, seed=1, epoch=2)
+  p = pipeline.epoch_permutation(50, seed=1, epoch=2)
   assert sorted(p.tolist()) == list(range(50))
-  np.testing.assert_array_equal(p, data.epoch_permutation(50, seed=1, epoch=2))
-  assert not np.array_equal(p, data.epoch_permutation(50, seed=1, epoch=3))
-  assert not np.array_equal(p, data.epoch_permutation(50, seed=2, epoch=2))
+  np.testing.assert_array_equal(p, pipeline.epoch_permutation(50, seed=1, epoch=2))
+  assert not np.array_equal(p, pipeline.epoch_permutation(50, seed=1, epoch=3))
+  assert not np.array_equal(p, pipeline.epoch_permutation(50, seed=2, epoch=2))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -287,33 +276,33 @@ def test_epoch_permutation():
 ])
 def test_epoch_permutation_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    data.epoch_permutation(**kwargs)
+    pipeline.epoch_permutation(**kwargs)
 
 
 def test_batch_indices_drop_remainder():
-  idx = data.batch_indices(103, 10, seed=0, epoch=5)
+  idx = pipeline.batch_indices(103, 10, seed=0, epoch=5)
   assert idx.shape == (10, 10) and np.issubdtype(idx.dtype, np.integer)
   assert len(np.unique(idx)) == 100  # No repeats within an epoch.
-  perm = data.epoch_permutation(103, seed=0, epoch=5)
+  perm = pipeline.epoch_permutation(103, seed=0, epoch=5)
   np.testing.assert_array_equal(idx.reshape(-1), perm[:100])
-  np.testing.assert_array_equal(idx, data.batch_indices(103, 10, seed=0,
+  np.testing.assert_array_equal(idx, pipeline.batch_indices(103, 10, seed=0,
                                                         epoch=5))
-  plain = data.batch_indices(103, 10, seed=0, epoch=5, shuffle=False)
+  plain = pipeline.batch_indices(103, 10, seed=0, epoch=5, shuffle=False)
   np.testing.assert_array_equal(plain.reshape(-1), np.arange(100))
 
 
 def test_batch_indices_union_independent_of_process_count():
-  ref = data.batch_indices(1000, 64, seed=7, epoch=3)
+  ref = pipeline.batch_indices(1000, 64, seed=7, epoch=3)
   for count in (2, 4, 8, 16):
-    parts = [data.batch_indices(1000, 64, seed=7, epoch=3, process_index=p,
+    parts = [pipeline.batch_indices(1000, 64, seed=7, epoch=3, process_index=p,
                                 process_count=count) for p in range(count)]
     assert all(part.shape == (15, 64 // count) for part in parts)
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), ref)
 
 
 def test_batch_indices_padded_when_not_dropping():
-  idx = data.batch_indices(10, 4, seed=0, epoch=0, drop_remainder=False)
-  perm = data.epoch_permutation(10, seed=0, epoch=0)
+  idx = pipeline.batch_indices(10, 4, seed=0, epoch=0, drop_remainder=False)
+  perm = pipeline.epoch_permutation(10, seed=0, epoch=0)
   assert idx.shape == (3, 4)
   np.testing.assert_array_equal(idx.reshape(-1)[:10], perm)
   np.testing.assert_array_equal(idx.reshape(-1)[10:], [0, 0])
@@ -334,11 +323,11 @@ def test_batch_indices_errors(args, kwargs, match):
   kw = dict(seed=0, epoch=0)
   kw.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    data.batch_indices(*args, **kw)
+    pipeline.batch_indices(*args, **kw)
 
 
 def test_batch_larger_than_dataset_ok_without_drop():
-  ev = data.eval_batches(3, 8)
+  ev = pipeline.eval_batches(3, 8)
   assert ev.indices.shape == (1, 8)
   assert ev.valid.sum() == 3
 
@@ -349,7 +338,7 @@ def test_eval_batches_cover_each_example_once(n, gbs, count):
   counts = np.zeros(n, np.int64)
   parts = []
   for p in range(count):
-    ev = data.eval_batches(n, gbs, process_index=p, process_count=count)
+    ev = pipeline.eval_batches(n, gbs, process_index=p, process_count=count)
     assert ev.indices.shape == ev.valid.shape == (-(-n // gbs), gbs // count)
     assert ev.valid.dtype == np.bool_
     assert np.all(ev.indices[~ev.valid] == 0)  # Padding is a real row.
@@ -358,12 +347,12 @@ def test_eval_batches_cover_each_example_once(n, gbs, count):
   np.testing.assert_array_equal(counts, np.ones(n))
   # Same global batches whatever the process count.
   np.testing.assert_array_equal(np.concatenate(parts, axis=1),
-                                data.eval_batches(n, gbs).indices)
+                                pipeline.eval_batches(n, gbs).indices)
 
 
 def test_eval_batches_errors():
   with pytest.raises(ValueError, match="not divisible"):
-    data.eval_batches(10, 5, process_count=2)
+    pipeline.eval_batches(10, 5, process_count=2)
 
 
 # --------------------------------------------------------------------------
@@ -373,7 +362,7 @@ def test_eval_batches_errors():
 
 def test_channel_stats_matches_numpy():
   x = np.random.default_rng(0).integers(0, 256, (7, 5, 4, 3), dtype=np.uint8)
-  mean, std = data.channel_stats(x)
+  mean, std = pipeline.channel_stats(x)
   assert mean.shape == std.shape == (3,) and mean.dtype == np.float32
   np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2)), rtol=1e-6)
   np.testing.assert_allclose(std, x.std(axis=(0, 1, 2)), rtol=1e-6)
@@ -384,13 +373,13 @@ def test_channel_stats_matches_numpy():
                                np.zeros((0, 3, 3, 1), np.uint8)])
 def test_channel_stats_errors(x):
   with pytest.raises(ValueError, match="channel_stats"):
-    data.channel_stats(x)
+    pipeline.channel_stats(x)
 
 
 def test_normalize():
   x = np.array([[[[0, 255], [128, 64]]]], np.uint8)  # [1, 1, 2, 2]
   mean, std = np.array([10.0, 20.0]), np.array([2.0, 5.0])
-  out = jax.jit(data.normalize)(x, mean, std)
+  out = jax.jit(pipeline.normalize)(x, mean, std)
   assert out.dtype == jnp.float32 and out.shape == x.shape
   np.testing.assert_allclose(np.asarray(out),
                              (x.astype(np.float32) - mean) / std, rtol=1e-6)
@@ -404,28 +393,28 @@ def _batch(b=16, h=8, w=6, c=3, seed=0):
 def test_random_crop_flip_shape_dtype_determinism():
   x = _batch()
   key = jax.random.key(0)
-  a = data.random_crop_flip(key, x)
-  b = data.random_crop_flip(key, x)
+  a = augment.random_crop_flip(key, x)
+  b = augment.random_crop_flip(key, x)
   assert a.shape == x.shape and a.dtype == x.dtype
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  c = data.random_crop_flip(jax.random.key(1), x)
+  c = augment.random_crop_flip(jax.random.key(1), x)
   assert not np.array_equal(np.asarray(a), np.asarray(c))
   # Raw uint8 keys and uint8 images work too, and it composes under jit.
   u8 = jnp.asarray(np.asarray(x * 100).astype(np.uint8))
-  out = jax.jit(lambda k, im: data.random_crop_flip(k, im, padding=2))(
+  out = jax.jit(lambda k, im: augment.random_crop_flip(k, im, padding=2))(
       jax.random.PRNGKey(3), u8)
   assert out.dtype == jnp.uint8 and out.shape == u8.shape
 
 
 def test_random_crop_flip_identity_without_padding_and_flip():
   x = _batch()
-  out = data.random_crop_flip(jax.random.key(5), x, padding=0, flip=False)
+  out = augment.random_crop_flip(jax.random.key(5), x, padding=0, flip=False)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
 def test_random_flip_only_mirrors():
   x = np.asarray(_batch(b=64))
-  out = np.asarray(data.random_crop_flip(jax.random.key(2), jnp.asarray(x),
+  out = np.asarray(augment.random_crop_flip(jax.random.key(2), jnp.asarray(x),
                                          padding=0, flip=True))
   same = np.all(out == x, axis=(1, 2, 3))
   mirrored = np.all(out == x[:, :, ::-1, :], axis=(1, 2, 3))
@@ -436,7 +425,7 @@ def test_random_flip_only_mirrors():
 def test_random_crop_is_a_shift_of_the_zero_padded_image():
   pad = 2
   x = np.asarray(_batch(b=32))
-  out = np.asarray(data.random_crop_flip(jax.random.key(4), jnp.asarray(x),
+  out = np.asarray(augment.random_crop_flip(jax.random.key(4), jnp.asarray(x),
                                          padding=pad, flip=False))
   h, w = x.shape[1:3]
   padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
@@ -456,94 +445,7 @@ def test_random_crop_is_a_shift_of_the_zero_padded_image():
 ])
 def test_random_crop_flip_errors(kwargs, shape, match):
   with pytest.raises(ValueError, match=match):
-    data.random_crop_flip(jax.random.key(0), jnp.zeros(shape), **kwargs)
-
-
-# --------------------------------------------------------------------------
-# Corruptions
-# --------------------------------------------------------------------------
-
-
-def _gray_images(n=8, size=16):
-  return np.full((n, size, size, 3), 128, np.uint8)
-
-
-def _textured_images(n=8, size=16):
-  return np.random.default_rng(1).integers(40, 216, (n, size, size, 3),
-                                           dtype=np.uint8)
-
-
-def test_corruption_shape_dtype_determinism():
-  x = _textured_images()
-  for kind in data.CORRUPTION_PARAMS:
-    a = data.apply_corruption(x, kind, 3, seed=0)
-    b = data.apply_corruption(x, kind, 3, seed=0)
-    assert a.shape == x.shape and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, b)
-  noise = [data.apply_corruption(x, "gaussian_noise", 3, seed=s)
-           for s in (0, 1)]
-  assert not np.array_equal(*noise)
-
-
-def test_gaussian_noise_std_grows_with_severity():
-  x = _gray_images(n=16, size=32)
-  stds = [np.std(data.apply_corruption(x, "gaussian_noise", s, seed=0)
-                 .astype(np.float64) / 255.0) for s in range(1, 6)]
-  assert np.all(np.diff(stds) > 0)
-  np.testing.assert_allclose(stds, data.CORRUPTION_PARAMS["gaussian_noise"],
-                             rtol=0.05)
-
-
-def test_contrast_matches_formula_and_is_monotonic():
-  x = _textured_images()
-  out = data.apply_corruption(x, "contrast", 5, seed=0)
-  xf = x / 255.0
-  m = xf.mean(axis=(1, 2), keepdims=True)
-  ref = np.rint(np.clip((xf - m) * 0.15 + m, 0, 1) * 255)
-  assert np.max(np.abs(out - ref)) <= 1
-  stds = [data.apply_corruption(x, "contrast", s, seed=0).std()
-          for s in range(1, 6)]
-  assert np.all(np.diff(stds) < 0) and stds[0] < x.std()
-
-
-def test_gaussian_blur_is_monotonic_and_keeps_constants():
-  x = _textured_images()
-  tv = [np.abs(np.diff(data.apply_corruption(x, "gaussian_blur", s, seed=0)
-                       .astype(np.float64), axis=2)).mean()
-        for s in range(1, 6)]
-  assert np.all(np.diff(tv) < 0)
-  assert tv[0] < np.abs(np.diff(x.astype(np.float64), axis=2)).mean()
-  gray = _gray_images()
-  np.testing.assert_array_equal(
-      data.apply_corruption(gray, "gaussian_blur", 5, seed=0), gray)
-  # Channels are blurred independently.
-  one = np.zeros((1, 9, 9, 3), np.uint8)
-  one[0, 4, 4, 1] = 255
-  blurred = data.apply_corruption(one, "gaussian_blur", 5, seed=0)
-  assert blurred[..., 0].max() == 0 and blurred[..., 2].max() == 0
-  assert blurred[0, 4, 3, 1] > 0
-
-
-@pytest.mark.parametrize("kind,severity,match", [
-    ("fog", 1, "unknown corruption kind 'fog'"),
-    ("contrast", 0, "severity"),
-    ("contrast", 6, "severity"),
-    ("contrast", True, "severity"),
-    ("contrast", 2.0, "severity"),
-])
-def test_corruption_bad_kind_or_severity(kind, severity, match):
-  with pytest.raises(ValueError, match=match):
-    data.apply_corruption(_gray_images(), kind, severity, seed=0)
-
-
-def test_corruption_bad_images_or_seed():
-  with pytest.raises(ValueError, match="uint8"):
-    data.apply_corruption(np.zeros((2, 4, 4, 3), np.float32), "contrast", 1,
-                          seed=0)
-  with pytest.raises(ValueError, match="uint8"):
-    data.apply_corruption(np.zeros((4, 4, 3), np.uint8), "contrast", 1, seed=0)
-  with pytest.raises(ValueError, match="seed"):
-    data.apply_corruption(_gray_images(), "gaussian_noise", 1, seed=-1)
+    augment.random_crop_flip(jax.random.key(0), jnp.zeros(shape), **kwargs)
 
 
 # --------------------------------------------------------------------------
@@ -560,7 +462,7 @@ def test_corruption_bad_images_or_seed():
 def test_tfds_mock(name, num_classes, has_train, tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6):
-    ds = data.load_dataset(name, data_dir=str(tmp_path))
+    ds = datasets.load_dataset(name, data_dir=str(tmp_path))
   assert ds.name == name and ds.num_classes == num_classes
   assert ds.x_test.shape == (6, 32, 32, 3) and ds.x_test.dtype == np.uint8
   assert ds.y_test.shape == (6,) and ds.y_test.dtype == np.int32
@@ -572,8 +474,8 @@ def test_tfds_mock(name, num_classes, has_train, tmp_path):
 
 def test_tfds_not_prepared_raises_with_instructions(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(data.DataNotFoundError, match="tfds build cifar10") as e:
-    data.load_dataset("cifar10", data_dir=str(tmp_path))
+  with pytest.raises(datasets.DataNotFoundError, match="tfds build cifar10") as e:
+    datasets.load_dataset("cifar10", data_dir=str(tmp_path))
   assert str(tmp_path) in str(e.value)
   assert "array_record" in str(e.value)
   assert not any((tmp_path / "downloads").glob("*"))  # Nothing fetched.
@@ -582,7 +484,7 @@ def test_tfds_not_prepared_raises_with_instructions(tmp_path):
 def test_tfds_unknown_corruption_config():
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(ValueError, match="bogus_9"):
-    data.load_dataset("cifar10_corrupted/bogus_9")
+    datasets.load_dataset("cifar10_corrupted/bogus_9")
 
 
 def test_tfds_real_array_record_roundtrip(tmp_path):
@@ -616,7 +518,7 @@ def test_tfds_real_array_record_roundtrip(tmp_path):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False))
 
-  ds = data.load_dataset("cifar10", data_dir=str(tmp_path))
+  ds = datasets.load_dataset("cifar10", data_dir=str(tmp_path))
   assert ds.x_train.shape == (30, 32, 32, 3) and ds.x_test.shape == (10,
                                                                      32, 32, 3)
   assert ds.num_classes == 10 and ds.y_train.dtype == np.int32
@@ -645,7 +547,7 @@ def test_tfds_prepared_in_wrong_format_says_rebuild(monkeypatch, tmp_path):
 
   monkeypatch.setattr(tfds, "data_source", _fail)
   monkeypatch.setattr(tfds, "builder", lambda *a, **k: _Prepared())
-  with pytest.raises(data.DataNotFoundError, match="rebuild it") as e:
-    data.load_dataset("svhn_cropped", data_dir=str(tmp_path))
+  with pytest.raises(datasets.DataNotFoundError, match="rebuild it") as e:
+    datasets.load_dataset("svhn_cropped", data_dir=str(tmp_path))
   assert "TFRECORD" in str(e.value)
   assert "tfds build svhn_cropped" in str(e.value)

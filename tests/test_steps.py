@@ -24,7 +24,9 @@ import pytest
 from _shared import subprocess_env
 
 from synstrip_jax import linen as ss_linen, probe
-from synstrip_vit import data, steps as training
+from synstrip_vit import steps as training
+from synstrip_vit.augment import random_crop_flip
+from synstrip_vit.input_pipeline import normalize
 from synstrip_vit.models.mlp import MLP
 from synstrip_vit.models.vit import ViT
 from synstrip_jax.transform import get_masks, strip_event
@@ -54,7 +56,7 @@ def tx_factory(strip=True):
 
 
 def preprocess(images):
-  return data.normalize(images, MEAN, STD)
+  return normalize(images, MEAN, STD)
 
 
 def no_augment(key, images):
@@ -63,7 +65,7 @@ def no_augment(key, images):
 
 
 def crop_flip_augment(key, images):
-  return preprocess(data.random_crop_flip(key, images))
+  return preprocess(random_crop_flip(key, images))
 
 
 def make_batch(n=BATCH, seed=0):

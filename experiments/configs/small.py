@@ -1,19 +1,17 @@
 """A small ViT (4 blocks, hidden 128, 4 heads, MLP 512) that trains in minutes
 on a 2-core CPU: the original's 'small' benchmark model, on the 4,000-image
-lossless CIFAR-10 subset in ../shared/data (override ``dataset`` to use
+lossless CIFAR-10 subset in the shared folder's ``data/`` (``$SYNSTRIP_SHARED``
+or ../shared, see :mod:`synstrip_vit.paths`; override ``dataset`` to use
 another one, e.g. ``--config.dataset=cifar10`` with TFDS data prepared).
 """
 
-from pathlib import Path
-
 from synstrip_vit.config import base_config
-
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+from synstrip_vit.paths import shared_dir
 
 
 def get_config():
   c = base_config()
-  c.dataset = f"npz:{SHARED / 'cifar10_lossless_4k.npz'}"
+  c.dataset = f"npz:{shared_dir() / 'data' / 'cifar10_lossless_4k.npz'}"
   c.hidden_size = 128
   c.depth = 4
   c.num_heads = 4

@@ -1,0 +1,1 @@
+"""Scripts of the ViT application: the trainer, the study, its report."""
