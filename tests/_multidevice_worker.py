@@ -25,6 +25,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from _shared import assert_bitwise_equal
+
 from synstrip_jax import activations as acts
 from synstrip_jax.stripping import strip_params
 from synstrip_jax.transform import get_masks, strip_event, with_stripping
@@ -95,31 +97,6 @@ def make_tx():
 # Helpers
 # ----------------------------------------------------------------------------
 
-def bits(x):
-  x = np.asarray(x)
-  if x.dtype == np.bool_:
-    return x
-  return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
-def assert_bits_equal(a, b, what):
-  a, b = np.asarray(a), np.asarray(b)
-  if a.dtype != b.dtype or a.shape != b.shape:
-    raise AssertionError(f"{what}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
-  if not np.array_equal(bits(a), bits(b)):
-    raise AssertionError(f"{what}: differ at {np.argwhere(bits(a) != bits(b))[:5].tolist()}"
-                         f"\n{a}\nvs\n{b}")
-
-
-def assert_trees_bits_equal(a, b, what):
-  fa = jax.tree_util.tree_leaves_with_path(a)
-  fb = jax.tree_util.tree_leaves_with_path(b)
-  if [p for p, _ in fa] != [p for p, _ in fb]:
-    raise AssertionError(f"{what}: tree structures differ")
-  for (path, x), (_, y) in zip(fa, fb):
-    assert_bits_equal(x, y, f"{what}{jax.tree_util.keystr(path)}")
-
-
 def sharding_mismatches(tree, params, what):
   """Paths where a leaf of ``tree`` is not sharded like the aligned param."""
   bad = []
@@ -180,13 +157,16 @@ def pmap_batch_stats():
   assert expected_dead.tolist() == [i in (2, 7) for i in range(16)]
   for d in range(NDEV):
     take = lambda t: jax.tree_util.tree_map(lambda a: a[d], t)
-    assert_trees_bits_equal(take(s), full, f"device {d} batch_stats")
-    assert_trees_bits_equal(take(acc), ref_acc, f"device {d} update_stats")
-    assert_trees_bits_equal(take(per_ex), full, f"device {d} reduce_examples")
-    assert_trees_bits_equal(take(padded), ref_pad, f"device {d} where")
-    assert_bits_equal(dead[d], acts.dead_mask(full), f"device {d} dead_mask")
-    assert_bits_equal(dead[d], expected_dead, f"device {d} dead_mask (numpy)")
-    assert_bits_equal(dead_acc[d], acts.dead_mask(ref_acc), f"device {d} dead acc")
+    assert_bitwise_equal(take(s), full, f"device {d} batch_stats")
+    assert_bitwise_equal(take(acc), ref_acc, f"device {d} update_stats")
+    assert_bitwise_equal(take(per_ex), full, f"device {d} reduce_examples")
+    assert_bitwise_equal(take(padded), ref_pad, f"device {d} where")
+    assert_bitwise_equal(dead[d], acts.dead_mask(full),
+                         f"device {d} dead_mask")
+    assert_bitwise_equal(dead[d], expected_dead,
+                         f"device {d} dead_mask (numpy)")
+    assert_bitwise_equal(dead_acc[d], acts.dead_mask(ref_acc),
+                         f"device {d} dead acc")
 
 
 @check
@@ -208,10 +188,10 @@ def sharded_jit_batch_stats():
   stats, dead = probe(xs, xfs)
   ref_stats = {"mlp": {"fc1": acts.batch_stats(x)}, "fc2": acts.batch_stats(xf)}
   ref_dead = acts.dead_masks(ref_stats)
-  assert_trees_bits_equal(stats["mlp"], ref_stats["mlp"], "int batch_stats")
-  assert_trees_bits_equal(dead, ref_dead, "dead_masks")
+  assert_bitwise_equal(stats["mlp"], ref_stats["mlp"], "int batch_stats")
+  assert_bitwise_equal(dead, ref_dead, "dead_masks")
   np.testing.assert_allclose(stats["fc2"].total, ref_stats["fc2"].total, rtol=1e-6)
-  assert_bits_equal(stats["fc2"].count, ref_stats["fc2"].count, "count")
+  assert_bitwise_equal(stats["fc2"].count, ref_stats["fc2"].count, "count")
   assert np.flatnonzero(np.asarray(dead["fc2"])).tolist() == [0, 5]
 
 
@@ -229,8 +209,8 @@ def sharded_jit_strip_params_replicated():
   fn = jax.jit(strip_params, static_argnames="stripping_factor")
   got_p, got_m = fn(put(params), put(dead), stripping_factor=Q)
   got_p2, got_m2 = fn(got_p, put(make_dead(1)), got_m, stripping_factor=Q)
-  assert_trees_bits_equal((got_p, got_m), (ref_p, ref_m), "first strip")
-  assert_trees_bits_equal((got_p2, got_m2), (ref_p2, ref_m2), "second strip")
+  assert_bitwise_equal((got_p, got_m), (ref_p, ref_m), "first strip")
+  assert_bitwise_equal((got_p2, got_m2), (ref_p2, ref_m2), "second strip")
   assert np.asarray(ref_m["fc"]["kernel"]).sum() < ref_m["fc"]["kernel"].size
 
 
@@ -245,7 +225,7 @@ def sharded_jit_strip_params_sharded_kernel():
   sp = device_put_tree(params, mesh, param_specs())
   got_p, got_m = jax.jit(strip_params, static_argnames="stripping_factor")(
       sp, dead, stripping_factor=Q)
-  assert_trees_bits_equal((got_p, got_m), ref, "sharded kernels")
+  assert_bitwise_equal((got_p, got_m), ref, "sharded kernels")
   bad = sharding_mismatches(got_p, sp, "params") + sharding_mismatches(
       {"fc": {"kernel": got_m["fc"]["kernel"]}}, {"fc": {"kernel": sp["fc"]["kernel"]}},
       "masks")
@@ -263,8 +243,8 @@ def pmap_strip_params():
   got = jax.pmap(functools.partial(strip_params, stripping_factor=Q))(
       stack(params), stack(dead))
   for d in range(NDEV):
-    assert_trees_bits_equal(jax.tree_util.tree_map(lambda a: a[d], got), ref,
-                            f"device {d}")
+    assert_bitwise_equal(jax.tree_util.tree_map(lambda a: a[d], got), ref,
+                         f"device {d}")
 
 
 def _opt_sharding_errors(params, state, what):
@@ -360,8 +340,8 @@ def explicit_mesh_update_and_strip_event():
     params, state = jax.jit(strip_event, static_argnames="stripping_factor")(
         params, state, make_dead(), stripping_factor=Q)
     errors = _opt_sharding_errors(params, state, "after strip_event:")
-    assert_trees_bits_equal(get_masks(state), get_masks(ref_state), "masks")
-    assert_trees_bits_equal(params, ref_params, "params")
+    assert_bitwise_equal(get_masks(state), get_masks(ref_state), "masks")
+    assert_bitwise_equal(params, ref_params, "params")
 
     @jax.jit
     def step(params, state, grads):

@@ -7,15 +7,12 @@ already done. ~10 s per run on a 2-core CPU.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from _shared import subprocess_env
+from _shared import REPO, run_python
 
-REPO = Path(__file__).resolve().parents[1]
 PMAP_EXAMPLE = REPO / "docs" / "examples" / "pmap_and_shard_map.py"
 TIMEOUT_S = 300
 
@@ -36,13 +33,7 @@ EXPECTED_PREFIXES = [
 
 def run_example(path: Path, num_devices: int | None) -> list[str]:
   """Run ``path`` on ``num_devices`` fake CPU devices (None: no XLA_FLAGS)."""
-  env = subprocess_env(num_devices)
-  proc = subprocess.run([sys.executable, str(path)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
-  assert proc.returncode == 0, (
-      f"{path.name} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
-      f"stderr:\n{proc.stderr[-6000:]}")
-  return proc.stdout.splitlines()
+  return run_python([path], num_devices, timeout=TIMEOUT_S, what=path.name)
 
 
 def check_summary(lines: list[str], num_devices: int) -> None:

@@ -22,16 +22,12 @@ What is checked (details in each check's docstring in the worker):
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from _shared import subprocess_env
+from _shared import json_verdict, start_python
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_multidevice_worker.py")
 NUM_DEVICES = 8
 TIMEOUT_S = 180
@@ -40,17 +36,9 @@ TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def worker():
   """Run every check once on 8 fake CPU devices; ``{name: result}``."""
-  env = subprocess_env(NUM_DEVICES)
-  proc = subprocess.run([sys.executable, str(WORKER)], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=TIMEOUT_S)
-  lines = proc.stdout.strip().splitlines()
-  try:
-    out = json.loads(lines[-1])
-  except (IndexError, json.JSONDecodeError):
-    pytest.fail(f"the multi-device worker crashed (exit {proc.returncode}):\n"
-                f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}")
+  out = json_verdict(start_python([WORKER], NUM_DEVICES), TIMEOUT_S,
+                     "the multi-device worker")
   assert out["devices"] == NUM_DEVICES, out
-  out["stderr"] = proc.stderr
   return out
 
 

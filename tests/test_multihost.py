@@ -14,21 +14,18 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from _shared import subprocess_env
+from _shared import REPO, start_python
 
 from synstrip_vit import loop as experiment, writers as run_logging
 from synstrip_vit.config import base_config
 from synstrip_jax.transform import get_masks
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_vit.py"
 TIMEOUT = 240
 
@@ -54,24 +51,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def env_for(devices: int) -> dict:
-  return subprocess_env(devices)
-
-
 def argv(workdir, **kw):
   values = dict(CONFIG, **kw)
-  return [sys.executable, str(SCRIPT), f"--workdir={workdir}",
+  return [SCRIPT, f"--workdir={workdir}",
           *[f"--config.{k}={v}" for k, v in values.items()]]
 
 
-def run_group(cmds_envs, timeout=TIMEOUT):
-  """Start processes; kill all if one fails or the deadline passes.
+def run_group(cmds_devices, timeout=TIMEOUT):
+  """Start ``(args, device count)`` processes; kill all if one fails or the
+  deadline passes.
 
   Returns ``(returncodes, outputs)``.
   """
-  procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-           for c, e in cmds_envs]
+  procs = [start_python(c, d, stderr=subprocess.STDOUT)
+           for c, d in cmds_devices]
   deadline = time.time() + timeout
   try:
     while time.time() < deadline:
@@ -95,7 +88,7 @@ def two_process_cmds(workdir, devices_each=2, timeout_s=30, **kw):
   return [(argv(workdir, **kw) + [
       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
       f"--process_id={i}", f"--distributed_timeout={timeout_s}"],
-           env_for(devices_each)) for i in range(2)]
+           devices_each) for i in range(2)]
 
 
 def final(workdir, **kw):
@@ -114,7 +107,7 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("mh")
   codes, outs = run_group(two_process_cmds(root / "two"))
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
-  codes, outs = run_group([(argv(root / "one"), env_for(4))])
+  codes, outs = run_group([(argv(root / "one"), 4)])
   assert codes == [0], outs[0][-3000:]
   return root
 
@@ -152,14 +145,14 @@ def test_restore_on_another_device_count(tmp_path, written, restored):
   history, dead neurons and masks; params to float tolerance (different
   device counts reduce the gradient in a different order)."""
   ref = tmp_path / "ref"
-  codes, outs = run_group([(argv(ref), env_for(written))])
+  codes, outs = run_group([(argv(ref), written)])
   assert codes == [0], outs[0][-3000:]
   moved = tmp_path / "moved"
   shutil.copytree(ref, moved)
   ckpts = sorted((moved / "checkpoints").iterdir(), key=lambda p: int(p.name))
   assert len(ckpts) == 2
   shutil.rmtree(ckpts[-1])
-  codes, outs = run_group([(argv(moved), env_for(restored))])
+  codes, outs = run_group([(argv(moved), restored)])
   assert codes == [0], outs[0][-3000:]
   assert f"resuming from checkpoint {ckpts[0].name}" in outs[0]
   a = timeless(run_logging.read_jsonl(moved / "metrics.jsonl"))
@@ -180,12 +173,11 @@ def test_restore_on_another_device_count(tmp_path, written, restored):
 def test_a_failing_process_stops_the_other(tmp_path):
   """Process 1 is killed right after start-up: process 0 must end by itself
   (JAX's heartbeat timeout, here 10 s), not hang."""
-  (c0, e0), (c1, e1) = two_process_cmds(tmp_path / "wd", timeout_s=10,
+  (c0, d0), (c1, d1) = two_process_cmds(tmp_path / "wd", timeout_s=10,
                                         num_epochs=50)
-  p0 = subprocess.Popen(c0, env=e0, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True)
-  p1 = subprocess.Popen(c1, env=e1, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+  p0 = start_python(c0, d0, stderr=subprocess.STDOUT)
+  p1 = start_python(c1, d1, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
   try:
     # Wait until training has started (process 0 wrote its config).
     deadline = time.time() + 120

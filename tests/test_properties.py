@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from _shared import assert_bitwise_equal, bits
+
 from synstrip_jax import activations as acts
 from synstrip_jax.stripping import strip_kernel, strip_params
 from synstrip_jax.transform import (get_masks, set_masks, strip_event,
@@ -153,21 +155,6 @@ def numpy_tolerance(v: np.ndarray, q: float, t: float) -> float:
   return float(np.spacing(np.float32(abs(t)))) + 2.0**-23 * (s[hi] - s[lo])
 
 
-def bits(x):
-  """Bit pattern of an array (so that -0.0 != 0.0 and NaN == NaN)."""
-  x = np.asarray(x)
-  if x.dtype == np.bool_:
-    return x
-  return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
-
-
-def assert_bits_equal(a, b, msg=""):
-  a, b = np.asarray(a), np.asarray(b)
-  assert a.dtype == b.dtype, (msg, a.dtype, b.dtype)
-  assert a.shape == b.shape, (msg, a.shape, b.shape)
-  np.testing.assert_array_equal(bits(a), bits(b), err_msg=msg)
-
-
 def columns(x):
   """``[..., F, n] -> [F', n]`` (all fan-in axes flattened)."""
   x = np.asarray(x)
@@ -237,7 +224,7 @@ def check_strip_kernel(kernel, dead, mask, q):
   assert thr.dtype == np.float32 and thr.shape == dead.shape
   eff = np.where(mask, kernel, np.zeros((), kernel.dtype))
   # Pruned entries are exactly +0.0, the others are the input's bits.
-  assert_bits_equal(new_k, np.where(new_m, kernel, np.zeros((), kernel.dtype)))
+  assert_bitwise_equal(new_k, np.where(new_m, kernel, np.zeros((), kernel.dtype)))
   eff32, old_m, new_mc = (columns(eff).astype(np.float32), columns(mask),
                           columns(new_m))
   old_k, out_k = columns(kernel), columns(new_k)
@@ -337,7 +324,7 @@ def test_factor_zero_prunes_nothing(case):
   np.testing.assert_array_equal(np.asarray(new_k).astype(np.float32),
                                 eff.astype(np.float32))
   nonzero_in = eff.astype(np.float32) != 0
-  assert_bits_equal(np.asarray(new_k)[nonzero_in], eff[nonzero_in])
+  assert_bitwise_equal(np.asarray(new_k)[nonzero_in], eff[nonzero_in])
   eff32 = columns(eff).astype(np.float32)
   lost = columns(mask) & ~columns(np.asarray(new_m))
   assert not np.any(lost & (eff32 != 0)), "a non-zero weight was pruned"
@@ -391,12 +378,12 @@ def test_untouched_leaves_and_live_columns_are_bit_identical(dtype, data):
     for (p, a), (_, b) in zip(
         jax.tree_util.tree_leaves_with_path(params[name]),
         jax.tree_util.tree_leaves_with_path(new_params[name])):
-      assert_bits_equal(b, a, f"{name}{p}")
+      assert_bitwise_equal(b, a, f"{name}{p}")
   for name in ["dense", "conv"]:
-    assert_bits_equal(new_params[name]["bias"], params[name]["bias"], name)
+    assert_bitwise_equal(new_params[name]["bias"], params[name]["bias"], name)
     d = dead[name]["kernel"]
     a, b = columns(params[name]["kernel"]), columns(new_params[name]["kernel"])
-    assert_bits_equal(b[:, ~d], a[:, ~d], f"{name} live columns")
+    assert_bitwise_equal(b[:, ~d], a[:, ~d], f"{name} live columns")
     changed = bits(b) != bits(a)
     assert np.all(bits(b)[changed] == 0), f"{name}: a change that is not +0.0"
     m = np.asarray(masks[name]["kernel"])
@@ -464,7 +451,7 @@ def test_inputs_are_never_modified(data):
   assert len(flat_before) == len(flat_after)
   for b, a in zip(flat_before, flat_after):
     assert isinstance(a, np.ndarray) and a.flags.writeable
-    assert_bits_equal(a, b)
+    assert_bitwise_equal(a, b)
 
 
 # ----------------------------------------------------------------------------
@@ -600,7 +587,7 @@ class JitAgreementTest(chex.TestCase):
     ref_p2, ref_m2 = strip_params(ref_p, dead, ref_m, stripping_factor=q)
     for a, b in zip(jax.tree_util.tree_leaves((got_p, got_m, got_p2, got_m2)),
                     jax.tree_util.tree_leaves((ref_p, ref_m, ref_p2, ref_m2))):
-      assert_bits_equal(a, b)
+      assert_bitwise_equal(a, b)
 
   @chex.variants(with_jit=True, without_jit=True)
   @settings(max_examples=10, **SETTINGS)
@@ -619,7 +606,7 @@ class JitAgreementTest(chex.TestCase):
     ref = strip_event(params, state, dead, stripping_factor=q)
     chex.assert_trees_all_equal_structs(got, ref)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
-      assert_bits_equal(a, b)
+      assert_bitwise_equal(a, b)
 
   @chex.variants(with_jit=True, without_jit=True)
   @settings(max_examples=10, **SETTINGS)
@@ -663,19 +650,19 @@ class JitAgreementTest(chex.TestCase):
       if exact:
         for a, b in zip(jax.tree_util.tree_leaves((got_u, got_s)),
                         jax.tree_util.tree_leaves((ref_u, ref_s))):
-          assert_bits_equal(a, b, f"step {step}")
+          assert_bitwise_equal(a, b, f"step {step}")
       else:
         for a, b in zip(jax.tree_util.tree_leaves(got_u),
                         jax.tree_util.tree_leaves(ref_u)):
           np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         for a, b in zip(jax.tree_util.tree_leaves(get_masks(got_s)),
                         jax.tree_util.tree_leaves(get_masks(ref_s))):
-          assert_bits_equal(a, b)
+          assert_bitwise_equal(a, b)
       for layer in ("fc", "conv"):
         m = np.asarray(masks[layer]["kernel"])
         p = np.asarray(params[layer]["kernel"])
         for u in (got_u, ref_u):
-          assert_bits_equal(np.asarray(u[layer]["kernel"])[~m], -p[~m])
+          assert_bitwise_equal(np.asarray(u[layer]["kernel"])[~m], -p[~m])
       params = optax.apply_updates(params, ref_u)
       state = ref_s
       for layer in ("fc", "conv"):
@@ -740,9 +727,9 @@ def test_batch_stats_split_invariant_exact_for_integers(case, order):
   whole = acts.batch_stats(x)
   merged = accumulate(chunks, order)
   for a, b in zip(whole, merged):
-    assert_bits_equal(np.asarray(a), np.asarray(b))
+    assert_bitwise_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(whole, acts.reduce_examples(acts.example_stats(x))):
-    assert_bits_equal(np.asarray(a), np.asarray(b))
+    assert_bitwise_equal(np.asarray(a), np.asarray(b))
   keep = np.arange(x.shape[0]) % 2 == 0
   for a, b in zip(acts.batch_stats(x, where=keep), acts.batch_stats(x[keep])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

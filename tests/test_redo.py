@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from _shared import assert_bitwise_equal
+
 from synstrip_jax import _trees, probe, redo
 from synstrip_jax import linen as ss_linen
 from synstrip_vit import models
@@ -73,16 +75,6 @@ def make_dead():
       "head": {"kernel": None, "bias": None},
       "norm": {"scale": None},
   }
-
-
-def bits(x):
-  """float32 array as uint32 bits, for bit-for-bit comparisons."""
-  return np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32),
-                                                 jnp.uint32))
-
-
-def assert_bits_equal(a, b, msg=""):
-  np.testing.assert_array_equal(bits(a), bits(b), err_msg=msg)
 
 
 def init_params(model, seed: int, x):
@@ -181,23 +173,23 @@ class RecycleParamsTest(chex.TestCase):
     old_conv, old_fc, old_head = (np.asarray(params[k]["kernel"])
                                   for k in ("conv", "fc", "head"))
     # incoming columns
-    assert_bits_equal(conv[..., ~dc], old_conv[..., ~dc], "live conv columns")
+    assert_bitwise_equal(conv[..., ~dc], old_conv[..., ~dc], "live conv columns")
     self.assertTrue(np.all(conv[..., dc] != old_conv[..., dc]))
     # fc: rows of dead conv channels are 0 (also where they cross dead
     # columns), the other entries of dead columns are redrawn.
     np.testing.assert_array_equal(fc[dc, :], 0.0)
-    assert_bits_equal(fc[~dc][:, ~df], old_fc[~dc][:, ~df], "live fc entries")
+    assert_bitwise_equal(fc[~dc][:, ~df], old_fc[~dc][:, ~df], "live fc entries")
     self.assertTrue(np.all(fc[~dc][:, df] != old_fc[~dc][:, df]))
     # head: rows of dead fc neurons are 0, the rest untouched
     np.testing.assert_array_equal(head[df, :], 0.0)
-    assert_bits_equal(head[~df, :], old_head[~df, :], "live head rows")
+    assert_bitwise_equal(head[~df, :], old_head[~df, :], "live head rows")
     # biases
     for name, d in (("conv", dc), ("fc", df)):
       b, old_b = np.asarray(new[name]["bias"]), np.asarray(params[name]["bias"])
       np.testing.assert_array_equal(b[d], 0.0)
-      assert_bits_equal(b[~d], old_b[~d], f"{name} live bias")
-    assert_bits_equal(new["head"]["bias"], params["head"]["bias"])
-    assert_bits_equal(new["norm"]["scale"], params["norm"]["scale"])
+      assert_bitwise_equal(b[~d], old_b[~d], f"{name} live bias")
+    assert_bitwise_equal(new["head"]["bias"], params["head"]["bias"])
+    assert_bitwise_equal(new["norm"]["scale"], params["norm"]["scale"])
     chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -242,8 +234,8 @@ class RecycleParamsTest(chex.TestCase):
     got_fc = redo.recycle_params(params, only_fc, key, outgoing=OUTGOING)
     df = np.asarray(dead["fc"]["kernel"])
     dc = np.asarray(dead["conv"]["kernel"])
-    assert_bits_equal(np.asarray(got_fc["fc"]["kernel"])[~dc][:, df],
-                      np.asarray(ref["fc"]["kernel"])[~dc][:, df])
+    assert_bitwise_equal(np.asarray(got_fc["fc"]["kernel"])[~dc][:, df],
+                         np.asarray(ref["fc"]["kernel"])[~dc][:, df])
     typed = redo.recycle_params(params, dead, jax.random.key(11),
                                 outgoing=OUTGOING)
     conv = np.asarray(typed["conv"]["kernel"])[..., dc]
@@ -297,7 +289,7 @@ class RecycleParamsTest(chex.TestCase):
       m = np.asarray(masks[name]["kernel"])
       k = np.asarray(new[name]["kernel"])
       np.testing.assert_array_equal(k[~m], 0.0)
-      assert_bits_equal(k[m], np.asarray(ref[name]["kernel"])[m])
+      assert_bitwise_equal(k[m], np.asarray(ref[name]["kernel"])[m])
 
 
 # ----------------------------------------------------------------------------
@@ -432,7 +424,7 @@ def check_reset(test, old_state, new_state, params, rec, fields):
           test.assertIsInstance(nl, optax.MaskedNode)
           continue
         want = ol if r is None else jnp.where(r, 0.0, ol)
-        assert_bits_equal(nl, want, f"{field}/{path}")
+        assert_bitwise_equal(nl, want, f"{field}/{path}")
         if r is not None:
           test.assertTrue(np.all(np.asarray(ol)[np.asarray(r)] != 0))
           n_checked += 1
@@ -698,16 +690,16 @@ def test_property_chain_invariants(case):
       params, new, rec, moments, state.mu, state.nu)
   for path, o, nw, r, mo, mu, nu in zip(paths, olds, news, recs, moms, mus, nus):
     r = np.zeros(o.shape, bool) if r is None else r
-    assert_bits_equal(nw[~r], o[~r], path)
-    assert_bits_equal(mu, np.where(r, 0.0, mo), path)
-    assert_bits_equal(nu, np.where(r, 0.0, mo), path)
+    assert_bitwise_equal(nw[~r], o[~r], path)
+    assert_bitwise_equal(mu, np.where(r, 0.0, mo), path)
+    assert_bitwise_equal(nu, np.where(r, 0.0, mo), path)
   assert np.all(new["b"]["kernel"][..., da, :] == 0)
   assert np.all(new["c"]["kernel"][db, :] == 0)
   assert np.all(new["a"]["bias"][da] == 0)
   assert np.all(new["b"]["bias"][db] == 0)
-  assert_bits_equal(new["a"]["kernel"][..., da], fresh["a"]["kernel"][..., da])
-  assert_bits_equal(new["b"]["kernel"][..., ~da, :][..., db],
-                    fresh["b"]["kernel"][..., ~da, :][..., db])
+  assert_bitwise_equal(new["a"]["kernel"][..., da], fresh["a"]["kernel"][..., da])
+  assert_bitwise_equal(new["b"]["kernel"][..., ~da, :][..., db],
+                       fresh["b"]["kernel"][..., ~da, :][..., db])
   assert int(state.count) == 3
 
 

@@ -3,7 +3,7 @@
 Tiny models (a 2-block ViT of width 32 on 16x16x3 images) keep the module
 under a minute on a 2-core CPU; every compiled step is built once per module.
 The 8-device checks run this file as a script in a subprocess (``XLA_FLAGS``
-must be set before JAX starts): ``python tests/test_training.py --worker``
+must be set before JAX starts): ``python tests/test_steps.py --worker``
 prints one JSON line of results.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,8 @@ import numpy as np
 import optax
 import pytest
 
-from _shared import subprocess_env
+from _shared import (assert_bitwise_equal, bitwise_equal, json_verdict,
+                     start_python)
 
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_vit import steps as training
@@ -31,7 +31,6 @@ from synstrip_vit.models.mlp import MLP
 from synstrip_vit.models.vit import ViT
 from synstrip_jax.transform import get_masks, strip_event
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_SHAPE = (16, 16, 3)
 BATCH = 8
 MEAN = np.array([125.3, 123.0, 113.9], np.float32)
@@ -78,14 +77,6 @@ def make_batch(n=BATCH, seed=0):
 def copy_tree(tree):
   """A fresh copy (jit_train_step donates its state)."""
   return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
-
-
-def assert_trees_equal(a, b):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -233,7 +224,7 @@ def test_create_train_state_is_seeded():
   a, _ = training.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
   b, _ = training.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
   c, _ = training.create_train_state(model, tx_factory(), (8, 8, 1), seed=4)
-  assert_trees_equal(a, b)
+  assert_bitwise_equal(a, b)
   assert not np.array_equal(a.params["fc0"]["kernel"], c.params["fc0"]["kernel"])
   assert not np.array_equal(a.rng, c.rng)
   assert set(get_masks(a.opt_state)) == {"fc0", "fc1", "head"}
@@ -274,7 +265,7 @@ def test_train_step_is_deterministic(setup, train_fn):
     for _ in range(3):
       state, metrics = train_fn(state, images, labels)
     runs.append((state, metrics))
-  assert_trees_equal(runs[0], runs[1])
+  assert_bitwise_equal(runs[0], runs[1])
 
 
 def test_train_step_keeps_stripped_weights_at_zero(setup, train_fn):
@@ -503,11 +494,6 @@ def _max_diffs(a, b, rel_floor=1e-6):
   return abs_d, rel_d
 
 
-def _bit_identical(a, b) -> bool:
-  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
-                                                  jax.tree.leaves(b)))
-
-
 def _worker() -> dict:
   """Runs on 8 fake CPU devices (see the module docstring)."""
   import synstrip_jax  # pylint: disable=import-outside-toplevel
@@ -549,14 +535,14 @@ def _worker() -> dict:
   flat8 = jax.tree.leaves(many["state"].params)
   key_bias = [(a, b) for (p, a), b in zip(flat1, flat8) if _is_key_bias(p)]
   others = [(a, b) for (p, a), b in zip(flat1, flat8) if not _is_key_bias(p)]
-  results["params_bit_identical"] = _bit_identical(one["state"].params,
+  results["params_bit_identical"] = bitwise_equal(one["state"].params,
                                                    many["state"].params)
   results["params_max_abs_diff"], results["params_max_rel_diff"] = _max_diffs(
       [a for a, _ in others], [b for _, b in others])
   results["key_bias_max_abs_diff"] = _max_diffs(
       [a for a, _ in key_bias], [b for _, b in key_bias])[0]
   results["lr_sum"] = float(sum(schedule()(i) for i in range(steps)))
-  results["opt_state_bit_identical"] = _bit_identical(one["state"].opt_state,
+  results["opt_state_bit_identical"] = bitwise_equal(one["state"].opt_state,
                                                       many["state"].opt_state)
   results["opt_state_max_abs_diff"] = _max_diffs(one["state"].opt_state,
                                                  many["state"].opt_state)[0]
@@ -572,9 +558,9 @@ def _worker() -> dict:
   results["shardings_replicated"] = one["shardings_ok"] and many["shardings_ok"]
 
   s1, s8 = one["evals"][True]["stats"], many["evals"][True]["stats"]
-  results["eval_stats_bit_identical"] = _bit_identical(s1, s8)
+  results["eval_stats_bit_identical"] = bitwise_equal(s1, s8)
   results["eval_stats_max_rel_diff"] = _max_diffs(s1, s8)[1]
-  results["eval_dead_masks_equal"] = _bit_identical(
+  results["eval_dead_masks_equal"] = bitwise_equal(
       synstrip_jax.dead_masks(s1), synstrip_jax.dead_masks(s8))
   results["eval_count"] = [float(r["evals"][f]["count"])
                            for r in (one, many) for f in (True, False)]
@@ -606,10 +592,7 @@ def eight_device_worker(request):
   with the single-device tests (XLA compiles mostly on one thread)."""
   proc = None
   if _eight_device_test_selected(request.session):
-    env = subprocess_env(NUM_DEVICES)
-    proc = subprocess.Popen([sys.executable, __file__, "--worker"], env=env,
-                            cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = start_python([__file__, "--worker"], NUM_DEVICES)
   yield proc
   if proc is not None and proc.poll() is None:
     proc.kill()
@@ -626,19 +609,9 @@ def test_eight_devices_match_one_device(eight_device_worker):
   ignores), so both runs hold rounding noise there, which Adam normalises to
   steps of about ``lr``; those are only bounded by the sum of the rates.
   """
-  proc = eight_device_worker
-  try:
-    stdout, stderr = proc.communicate(timeout=WORKER_TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    stdout, stderr = proc.communicate()
-    pytest.fail(f"the 8-device worker timed out after {WORKER_TIMEOUT_S} s:\n"
-                f"{stderr[-3000:]}")
-  try:
-    out = json.loads(stdout.strip().splitlines()[-1])
-  except (IndexError, json.JSONDecodeError):
-    pytest.fail(f"the 8-device worker crashed (exit {proc.returncode}):\n"
-                f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}")
+  out = json_verdict(eight_device_worker, WORKER_TIMEOUT_S,
+                     "the 8-device worker")
+  del out["stderr"]
   print(json.dumps(out, indent=1))  # shown with -s: bit-identical or not
   assert out["devices"] == NUM_DEVICES, out
   assert out["params_max_abs_diff"] < 1e-5, out

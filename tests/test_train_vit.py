@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ import jax
 import numpy as np
 import pytest
 
-from _shared import subprocess_env
+from _shared import (assert_bitwise_equal, finish, start_python,
+                     subprocess_env)
 
 from synstrip_vit import checkpointing, loop as experiment, writers as run_logging
 from synstrip_vit.config import base_config
@@ -64,12 +64,15 @@ def script_env(devices=None):
                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
-def run_script(workdir, *args, devices=None, timeout=300, **overrides):
-  env = script_env(devices)
-  cmd = [sys.executable, str(SCRIPT), f"--workdir={workdir}",
+def run_script(workdir, *args, devices=None, timeout=300, env=None,
+               **overrides) -> subprocess.CompletedProcess:
+  """Runs the script to its end (``workdir=None``: no ``--workdir``)."""
+  cmd = [SCRIPT, *([f"--workdir={workdir}"] if workdir else []),
          *overrides_argv(**overrides), *args]
-  return subprocess.run(cmd, env=env, capture_output=True, text=True,
-                        timeout=timeout, check=False)
+  proc = start_python(cmd, env=env or script_env(devices))
+  stdout, stderr = finish(proc, timeout, "train_vit.py")
+  return subprocess.CompletedProcess(proc.args, proc.returncode, stdout,
+                                     stderr)
 
 
 def strip_times(records):
@@ -80,13 +83,6 @@ def strip_times(records):
 def final_params(config, workdir):
   state, position, _, _ = experiment.final_state(config, workdir)
   return jax.device_get(state.params), position
-
-
-def assert_trees_equal(a, b):
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -150,10 +146,7 @@ def test_stripped_weights_never_come_back(script_run):
 
 def test_without_workdir_a_fresh_named_one_is_used():
   """No --workdir (the quick start): the run goes to runs/default-<time>."""
-  env = subprocess_env(None)
-  cmd = [sys.executable, str(SCRIPT), *overrides_argv(num_epochs=1)]
-  res = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                       timeout=300, check=False)
+  res = run_script(None, num_epochs=1, env=subprocess_env(None))
   assert res.returncode == 0, res.stderr[-3000:]
   line = next(l for l in res.stdout.splitlines() if l.startswith("workdir: "))
   workdir = Path(line[len("workdir: "):])
@@ -247,11 +240,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   res = run_script(ref, **extra)
   assert res.returncode == 0, res.stderr[-3000:]
 
-  env = script_env()
-  cmd = [sys.executable, str(SCRIPT), f"--workdir={killed}",
-         *overrides_argv(**extra)]
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = start_python(
+      [SCRIPT, f"--workdir={killed}", *overrides_argv(**extra)],
+      env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   ckpts = killed / "checkpoints"
   try:  # kill once a mid-epoch checkpoint of epoch 2 exists
@@ -271,7 +262,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   config = tiny_config(**extra)
   p_ref, _ = final_params(config, ref)
   p_killed, _ = final_params(config, killed)
-  assert_trees_equal(p_ref, p_killed)
+  assert_bitwise_equal(p_ref, p_killed)
   assert strip_times(run_logging.read_jsonl(ref / "metrics.jsonl")) == \
       strip_times(run_logging.read_jsonl(killed / "metrics.jsonl"))
 
@@ -319,7 +310,7 @@ def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
   experiment.train_and_evaluate(config, workdir, log=lambda _: None)
   params, position = final_params(config, workdir)
   assert position.epoch == 2 and position.epoch_done
-  assert_trees_equal(ref_params, params)
+  assert_bitwise_equal(ref_params, params)
   assert strip_times(run_logging.read_jsonl(workdir / "metrics.jsonl")) == \
       strip_times(ref_records)
 

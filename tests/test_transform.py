@@ -30,7 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from _shared import load_fixtures
+from _shared import assert_bitwise_equal, load_fixtures
 
 from synstrip_jax import stripping
 from synstrip_jax.transform import (StrippingState, get_masks, init_masks,
@@ -127,20 +127,6 @@ def kept_values(params, masks):
   inverted = jax.tree_util.tree_map(
       lambda m: None if m is None else ~m, masks, is_leaf=lambda v: v is None)
   return stripped_values(params, inverted)
-
-
-def assert_bitwise_equal(a, b, msg=""):
-  """Same structure, and every leaf equal bit for bit (also NaN / signed 0)."""
-  la, ta = jax.tree_util.tree_flatten(a)
-  lb, tb = jax.tree_util.tree_flatten(b)
-  assert ta == tb, f"{msg}: structures differ:\n{ta}\n{tb}"
-  for i, (x, y) in enumerate(zip(la, lb)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (msg, i, x.dtype, y.dtype)
-    if x.dtype.kind == "f":
-      x = x.view(f"u{x.dtype.itemsize}")
-      y = y.view(f"u{y.dtype.itemsize}")
-    np.testing.assert_array_equal(x, y, err_msg=f"{msg}: leaf {i}")
 
 
 def wrapped_step(opt, params, state, grads):
