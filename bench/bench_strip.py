@@ -20,20 +20,14 @@ fused multiply-add rounds once, so a threshold may differ by an ulp), counts
 the XLA compilations over a run of strip events with changing dead sets,
 prints a markdown table and appends one JSON line per row to ``--out``.
 
-Run from the repository root::
+With the package installed (``pip install -e ".[test]"``)::
 
-  PYTHONPATH=. python bench/bench_strip.py [--quick] [--out bench/results/strip.jsonl]
+  python bench/bench_strip.py [--quick] [--out bench/results/strip.jsonl]
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -41,9 +35,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from synstrip_jax.stripping import strip_kernel, strip_params  # noqa: E402
+from _common import append_jsonl, machine_info, make_parser
+from synstrip_jax.stripping import strip_kernel, strip_params
 
 D, HIDDEN, BLOCKS = 384, 1536, 7
 FACTOR = 0.05
@@ -182,32 +175,11 @@ def timed(fn):
   return (time.perf_counter() - t0) * 1e3, out
 
 
-def machine_info():
-  return {
-      "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": __import__("jaxlib").__version__,
-      "numpy": np.__version__,
-      "backend": jax.default_backend(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec="seconds"),
-  }
-
-
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="fewer repetitions (smoke test, < 60 s)")
-  parser.add_argument("--reps", type=int, default=None,
-                      help="timed repetitions per method (default 9, quick 3; "
-                           "the 1 s full sort gets a third of them)")
-  parser.add_argument("--out",
-                      default=os.path.join(REPO, "bench", "results", "strip.jsonl"),
-                      help="JSON-lines file to append results to ('' = none; "
-                           "default bench/results/strip.jsonl in the repo)")
+  parser = make_parser(
+      __doc__, "strip.jsonl", quick="fewer repetitions (smoke test, < 60 s)",
+      reps="timed repetitions per method (default 9, quick 3; the 1 s full "
+      "sort gets a third of them)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   reps = args.reps or (3 if args.quick else 9)
@@ -349,14 +321,11 @@ def _run(args, reps, sort_every, sample, q, counter):
         f"jit cache size {cache}")
 
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as fh:
-      for r in rows:
-        r = dict(r, compiles_first_call=compiles_first,
-                 compiles_over_events=compiles_run, strip_events=events,
-                 jit_cache_size=cache)
-        fh.write(json.dumps(r) + "\n")
-    print(f"appended {len(rows)} rows to {args.out}")
+    n = append_jsonl(args.out, (
+        dict(r, compiles_first_call=compiles_first,
+             compiles_over_events=compiles_run, strip_events=events,
+             jit_cache_size=cache) for r in rows))
+    print(f"appended {n} rows to {args.out}")
 
   by_pct = {r["dead_percent"]: r for r in rows}
   for pct, target in ((50, 4.0), (10, 1.0)):

@@ -1,8 +1,8 @@
 """Train/eval step throughput of ``synstrip_vit.steps``, stripping on vs off.
 
-Usage (from the repository root)::
+Usage, with the package installed (``pip install -e ".[test]"``)::
 
-    PYTHONPATH=. python bench/bench_train.py [--quick] [--reps N]
+    python bench/bench_train.py [--quick] [--reps N]
         [--models small,default] [--out bench/results/train.jsonl]
 
 For each ViT ('small': depth 4, hidden 128, 4 heads, MLP 512; 'default': the
@@ -36,17 +36,12 @@ model only, fewer repetitions (< 2 min on a 2-core CPU).
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
-import json
 import os
-import platform
 import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import flax
 import jax
@@ -54,9 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from synstrip_vit import data, steps as training
-from synstrip_vit.models.vit import ViT
+from _common import append_jsonl, machine_info, make_parser
 from synstrip_jax.transform import get_masks, set_masks, strip_event
+from synstrip_vit import steps as training
+from synstrip_vit.augment import random_crop_flip
+from synstrip_vit.input_pipeline import normalize
+from synstrip_vit.models.vit import ViT
 
 MODELS = {
     "small": dict(depth=4, hidden_size=128, num_heads=4, mlp_dim=512),
@@ -73,72 +71,14 @@ CIFAR_MEAN = np.array([125.3, 123.0, 113.9], np.float32)
 CIFAR_STD = np.array([63.0, 62.1, 66.7], np.float32)
 
 
-def proposed_example_stats(x, *, nonnegative: bool = False):
-  """Prototype of a cheaper ``activations.example_stats`` (same results).
-
-  The library's version materialises ``where(isfinite(x), x, 0)`` and
-  ``~isfinite(x)`` at the activation's full size and reduces each (XLA:CPU
-  splits the reductions into reduce-window trees, so none fuses with its
-  producer). Here the common case is two plain sums; a finite
-  ``sum(|x|)`` proves that every summed element is finite, so ``total`` and
-  ``abs_total`` are then exactly the library's and ``nonfinite`` is 0; any
-  non-finite (or overflowing) row falls back to the exact library code in the
-  other branch of a ``lax.cond`` (compiled, run only when needed). With
-  ``nonnegative`` (ReLU outputs) ``abs_total`` is ``total`` and one sum is
-  left: ActDense knows its activation and could pass it.
-  """
-  from synstrip_jax.activations import ActivationStats, example_stats
-  x = jnp.asarray(x)
-  x32 = x.astype(jnp.float32)
-  axes = tuple(range(1, x.ndim - 1))
-  total = jnp.sum(x32, axis=axes)
-  abs_total = total if nonnegative else jnp.sum(jnp.abs(x32), axis=axes)
-  per_neuron = float(np.prod(x.shape[1:-1], dtype=np.int64))
-
-  def fast(_):
-    return ActivationStats(total, abs_total,
-                           jnp.zeros(total.shape, jnp.int32),
-                           jnp.full(x.shape[:1], per_neuron, jnp.float32))
-
-  def exact(_):
-    return example_stats(x)
-
-  if nonnegative:  # a negative total means a non-ReLU input: stay exact
-    ok = jnp.all(jnp.isfinite(total) & (total >= 0))
-  else:
-    ok = jnp.all(jnp.isfinite(abs_total))
-  return jax.lax.cond(ok, fast, exact, None)
-
-
-def use_stats_impl(name: str) -> None:
-  """Make ActDense sow with the named statistics function (bench only)."""
-  from synstrip_jax import activations, flax_utils
-  flax_utils.example_stats = {
-      "current": activations.example_stats,
-      "proposed": proposed_example_stats,
-      "proposed_relu": functools.partial(proposed_example_stats,
-                                         nonnegative=True),
-  }[name]
-
-
 def preprocess(images):
-  return data.normalize(images, CIFAR_MEAN, CIFAR_STD)
+  """CIFAR-normalised float32 images."""
+  return normalize(images, CIFAR_MEAN, CIFAR_STD)
 
 
 def augment(key, images):
-  return preprocess(data.random_crop_flip(key, images))
-
-
-def machine_info() -> dict:
-  dev = jax.devices()[0]
-  return {
-      "platform": dev.platform, "device_kind": dev.device_kind,
-      "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-      "jax": jax.__version__, "flax": flax.__version__,
-      "optax": optax.__version__, "python": platform.python_version(),
-      "machine": platform.machine(), "node": platform.node(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
+  """Random crop + flip, then :func:`preprocess`."""
+  return preprocess(random_crop_flip(key, images))
 
 
 def stat_isfinite_ops(compiled_text: str, widths: set[int]) -> int:
@@ -366,22 +306,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="small model only, 3 repetitions")
-  parser.add_argument("--reps", type=int, default=None,
-                      help="interleaved repetitions (default: 15 small, 7 "
-                      "default; quick: 5, 3)")
+  parser = make_parser(
+      __doc__, "train.jsonl", quick="small model only, fewer repetitions",
+      reps="interleaved repetitions (default: 15 small, 7 default; quick: 5, "
+      "3)")
   parser.add_argument("--models", default=None,
                       help="comma-separated subset of " + ",".join(MODELS))
   parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument(
-      "--stats-impl", default="current",
-      choices=("current", "proposed", "proposed_relu"),
-      help="statistics ActDense sows: the library's, or the prototype "
-      "proposed_example_stats (generic, or for ReLU outputs); bench only")
-  parser.add_argument("--out", default="bench/results/train.jsonl",
-                      help="append one JSON line per row ('' for none)")
   args = parser.parse_args(argv)
   models = (args.models.split(",") if args.models
             else ["small"] if args.quick else list(MODELS))
@@ -396,13 +327,11 @@ def main(argv=None) -> int:
   def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
-  use_stats_impl(args.stats_impl)
   mesh = training.make_mesh()
   training.check_batch_size(args.batch, mesh)
-  info = machine_info()
-  info["stats_impl"] = args.stats_impl
+  info = dict(machine_info(), flax=flax.__version__, optax=optax.__version__)
   load_start = os.getloadavg()
-  log(f"bench_train: {info['platform']} ({info['device_kind']}), "
+  log(f"bench_train: {info['backend']} ({info['device_kind']}), "
       f"{info['cpu_count']} CPUs, jax {info['jax']}, load {load_start}, "
       f"XLA_FLAGS={info['xla_flags']!r}")
   t0 = time.perf_counter()
@@ -417,7 +346,7 @@ def main(argv=None) -> int:
         f"~{TORCH_IMAGES_PER_S['small']:.0f} images/s (small), "
         f"~{TORCH_IMAGES_PER_S['default']:.0f} images/s (default).")
   print(f"Load average at start {load_start}, end {load_end}; {wall:.0f} s; "
-        f"XLA_FLAGS={info['xla_flags']!r}; statistics: {args.stats_impl}.")
+        f"XLA_FLAGS={info['xla_flags']!r}.")
   for r in rows:
     if r["row"] == "train_strip_on":
       ok = r["paired_overhead_pct"] <= 3
@@ -438,16 +367,11 @@ def main(argv=None) -> int:
             "survived in the compiled step")
 
   if args.out:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec="seconds")
-    with out.open("a") as f:
-      for r in rows:
-        f.write(json.dumps(dict(bench="train", time=stamp, quick=args.quick,
-                                load_start=load_start, load_end=load_end,
-                                **info, **r)) + "\n")
-    log(f"appended {len(rows)} rows to {out}")
+    n = append_jsonl(args.out, (
+        dict(bench="train", time=info["date"], quick=args.quick,
+             load_start=load_start, load_end=load_end, **info, **r)
+        for r in rows))
+    log(f"appended {n} rows to {args.out}")
   return 0
 
 

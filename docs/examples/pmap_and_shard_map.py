@@ -26,7 +26,7 @@ the padding is dropped with ``where=``, so the result does not depend on the
 number of devices. Run it on 8 fake CPU devices with::
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
-        PYTHONPATH=. python docs/examples/pmap_and_shard_map.py
+        python docs/examples/pmap_and_shard_map.py
 
 (or without ``XLA_FLAGS`` on however many devices you have).
 """
