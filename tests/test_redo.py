@@ -250,7 +250,7 @@ class RecycleParamsTest(chex.TestCase):
     params = make_params()
     dead = jax.tree_util.tree_map(lambda d: jnp.zeros_like(d), make_dead())
     new = self.variant(RECYCLE)(params, dead, jax.random.PRNGKey(0))
-    jax.tree_util.tree_map(assert_bits_equal, new, params)
+    assert_bitwise_equal(new, params)
 
   def test_custom_initializer_and_mapping(self):
     """``init_fn`` is used for the fresh weights; a mapping gives one per
