@@ -259,12 +259,18 @@ def strip_kernel(kernel: Array, dead: Array, mask: Array, *,
   return new_kernel, new_mask, thr
 
 
+def _check_bool_leaf(name: str, path: str, leaf: Any) -> None:
+  """``TypeError`` unless ``leaf`` (at ``name[path]``) is a bool array."""
+  if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+    raise TypeError(f"{name}[{path}] must be a bool array or None, got "
+                    f"{type(leaf).__name__}: {leaf!r}")
+  if leaf.dtype != jnp.bool_:
+    raise TypeError(f"{name}[{path}] must have dtype bool, got {leaf.dtype}")
+
+
 def _check_dead_leaf(path: str, kernel: Any, dead: Any) -> None:
-  if not hasattr(dead, "shape") or not hasattr(dead, "dtype"):
-    raise TypeError(f"dead[{path}] must be a bool array or None, got "
-                    f"{type(dead).__name__}: {dead!r}")
-  if dead.dtype != jnp.bool_:
-    raise TypeError(f"dead[{path}] must have dtype bool, got {dead.dtype}")
+  """``dead[path]``: a bool vector over the neurons of a rank >= 2 kernel."""
+  _check_bool_leaf("dead", path, dead)
   if kernel.ndim < 2:
     raise ValueError(f"params[{path}] has shape {kernel.shape}: only kernels "
                      "of rank >= 2 ([..., fan_in, neurons]) can be stripped")
@@ -275,11 +281,8 @@ def _check_dead_leaf(path: str, kernel: Any, dead: Any) -> None:
 
 
 def _check_mask_leaf(path: str, kernel: Any, mask: Any) -> None:
-  if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
-    raise TypeError(f"masks[{path}] must be a bool array or None, got "
-                    f"{type(mask).__name__}: {mask!r}")
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"masks[{path}] must have dtype bool, got {mask.dtype}")
+  """``masks[path]``: a bool array of the kernel's shape."""
+  _check_bool_leaf("masks", path, mask)
   if tuple(mask.shape) != tuple(kernel.shape):
     raise ValueError(f"masks[{path}] has shape {tuple(mask.shape)}, the "
                      f"kernel has shape {tuple(kernel.shape)}")
