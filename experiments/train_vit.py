@@ -1,8 +1,9 @@
 """Train a ViT (or MLP) with synaptic stripping.
 
   python experiments/train_vit.py                       # offline default
+  python experiments/train_vit.py --config=experiments/configs/default.py:mlp
   python experiments/train_vit.py --config=experiments/configs/vit_cifar10.py \
-      --workdir=runs/c10 [--config.num_epochs=50 ...]
+      --workdir=runs/c10 [--config.run.num_epochs=50 ...]
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 Every visible device (of every process) is used, data-parallel. On several
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
   sys.path.insert(0, str(REPO))
 
-from synstrip_vit import distributed, loop as experiment  # noqa: E402
+from synstrip_vit import checkpointing, distributed, loop  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
 
@@ -63,9 +64,9 @@ def main(argv):
     workdir = str(REPO / "runs" / f"{stem}-{stamp}")
   print(f"workdir: {workdir}", flush=True)
   try:
-    experiment.train_and_evaluate(_CONFIG.value, workdir)
-  except (ValueError, experiment.RunError, FloatingPointError,
-          experiment.checkpointing.CheckpointError) as e:
+    loop.train_and_evaluate(_CONFIG.value, workdir)
+  except (ValueError, loop.RunError, FloatingPointError,
+          checkpointing.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   print(f"done: metrics in {workdir}/metrics.jsonl, plots "

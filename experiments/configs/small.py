@@ -1,7 +1,7 @@
 """A small ViT (4 blocks, hidden 128, 4 heads, MLP 512) that trains in minutes
 on a 2-core CPU: the original's 'small' benchmark model, on the 4,000-image
-lossless CIFAR-10 subset in ../shared/data (override ``dataset`` to use
-another one, e.g. ``--config.dataset=cifar10`` with TFDS data prepared).
+lossless CIFAR-10 subset in ../shared/data (override the dataset to use
+another one, e.g. ``--config.data.dataset=cifar10`` with TFDS data prepared).
 """
 
 from pathlib import Path
@@ -13,11 +13,8 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 def get_config():
   c = base_config()
-  c.dataset = f"npz:{SHARED / 'cifar10_lossless_4k.npz'}"
-  c.hidden_size = 128
-  c.depth = 4
-  c.num_heads = 4
-  c.mlp_dim = 512
-  c.num_epochs = 10
-  c.warmup_epochs = 1
+  c.data.dataset = f"npz:{SHARED / 'cifar10_lossless_4k.npz'}"
+  c.model.update(hidden_size=128, depth=4, num_heads=4, mlp_dim=512)
+  c.optimizer.warmup_epochs = 1
+  c.run.num_epochs = 10
   return c
