@@ -27,13 +27,25 @@ from synstrip_vit import checkpointing, distributed, loop  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
 
+def _unknown_field(error: Exception) -> str:
+  """The one-line error for an unknown ``--config.<field>`` (full path)."""
+  message = str(error.args[0]) if error.args else str(error)
+  key = message.split("\n")[0].strip("\"' ")
+  for arg in sys.argv[1:]:
+    if arg.startswith("--config."):
+      path = arg[len("--config."):].split("=")[0]
+      if key in path.split("."):
+        key = path
+        break
+  return f"error: unknown config field {key!r} on the command line"
+
+
 try:  # ml_collections applies --config.<field> overrides already here
   _CONFIG = config_flags.DEFINE_config_file(
       "config", str(DEFAULT_CONFIG), "Config file (ml_collections).",
       lock_config=True)
 except (AttributeError, KeyError) as _e:
-  sys.exit(f"error: unknown config field {str(_e).strip(chr(34) + chr(39))!r}"
-           " on the command line")
+  sys.exit(_unknown_field(_e))
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: a fresh runs/<config>-<time>).")
 distributed.define_flags()
@@ -44,9 +56,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:  # ml_collections: an unknown --config.<field>
-    field = str(e).strip("\"'")
-    print(f"error: unknown config field {field!r} on the command line",
-          file=sys.stderr)
+    print(_unknown_field(e), file=sys.stderr)
   except (flags.Error, KeyError, TypeError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
   sys.exit(2)
