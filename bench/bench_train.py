@@ -51,7 +51,7 @@ import optax
 
 from _common import append_jsonl, machine_info, make_parser
 from synstrip_jax.transform import get_masks, set_masks, strip_event
-from synstrip_vit import steps as training
+from synstrip_vit import steps
 from synstrip_vit.augment import random_crop_flip
 from synstrip_vit.input_pipeline import normalize
 from synstrip_vit.models.vit import ViT
@@ -158,31 +158,31 @@ def bench_model(name: str, args, mesh, log) -> list[dict]:
   model = ViT(num_classes=NUM_CLASSES, patch_size=4, **cfg)
   widths = {cfg["hidden_size"], cfg["mlp_dim"]}
   batch = args.batch
-  schedule = training.make_schedule(learning_rate=1e-3, min_learning_rate=1e-5,
+  schedule = steps.make_schedule(learning_rate=1e-3, min_learning_rate=1e-5,
                                     warmup_steps=100, total_steps=10_000)
   seen = {}
 
   def factory(strip):
     def make(targets):
       seen["targets"] = targets
-      return training.make_optimizer(schedule, weight_decay=0.05,
+      return steps.make_optimizer(schedule, weight_decay=0.05,
                                      targets=targets, strip=strip)
     return make
 
-  states, steps, hlo, updates, costs = {}, {}, {}, {}, {}
+  states, step_fns, hlo, updates, costs = {}, {}, {}, {}, {}
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch,) + IMAGE_SHAPE, dtype=np.uint8)
   labels = rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32)
   valid = np.ones((batch,), bool)
-  gx, gy, gv = training.global_batch((images, labels, valid), mesh)
+  gx, gy, gv = steps.global_batch((images, labels, valid), mesh)
   for arm, strip in (("strip_off", False), ("strip_on", True)):
-    state, tx = training.create_train_state(model, factory(strip), IMAGE_SHAPE,
+    state, tx = steps.create_train_state(model, factory(strip), IMAGE_SHAPE,
                                             seed=0)
     if strip:
       state = stripped_state(state, seen["targets"], seed=1)
-    states[arm] = training.replicate(
+    states[arm] = steps.replicate(
         jax.tree.map(lambda a: jnp.array(a, copy=True), state), mesh)
-    steps[arm] = training.jit_train_step(model, tx, augment, mesh)
+    step_fns[arm] = steps.jit_train_step(model, tx, augment, mesh)
     # The optimizer update alone (the only code stripping changes), on
     # gradient-like values: a low-noise measure of the stripping overhead.
     grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
@@ -192,7 +192,7 @@ def bench_model(name: str, args, mesh, log) -> list[dict]:
             p, tx.update(g, o, p)[0])),
         jax.tree.map(lambda a: jnp.array(a, copy=True), state), grads)
     t0 = time.perf_counter()
-    compiled = steps[arm].lower(states[arm], gx, gy).compile()
+    compiled = step_fns[arm].lower(states[arm], gx, gy).compile()
     log(f"  {name} {arm}: compiled in {time.perf_counter() - t0:.1f} s")
     hlo[arm] = stat_isfinite_ops(compiled.as_text(), widths)
     costs[arm] = cost(compiled)
@@ -200,7 +200,7 @@ def bench_model(name: str, args, mesh, log) -> list[dict]:
 
   def train_arm(arm):
     def call():
-      states[arm], metrics = steps[arm](states[arm], gx, gy)
+      states[arm], metrics = step_fns[arm](states[arm], gx, gy)
       return metrics
     return call
 
@@ -210,7 +210,7 @@ def bench_model(name: str, args, mesh, log) -> list[dict]:
 
   evals = {}
   for arm, flag in (("eval", False), ("eval_probe", True)):
-    fn = training.jit_eval_step(model, preprocess, mesh, collect_stats=flag)
+    fn = steps.jit_eval_step(model, preprocess, mesh, collect_stats=flag)
     compiled = fn.lower(states["strip_on"].params, gx, gy, gv).compile()
     hlo[arm] = stat_isfinite_ops(compiled.as_text(), widths)
     costs[arm] = cost(compiled)
@@ -327,8 +327,8 @@ def main(argv=None) -> int:
   def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
-  mesh = training.make_mesh()
-  training.check_batch_size(args.batch, mesh)
+  mesh = steps.make_mesh()
+  steps.check_batch_size(args.batch, mesh)
   info = dict(machine_info(), flax=flax.__version__, optax=optax.__version__)
   load_start = os.getloadavg()
   log(f"bench_train: {info['backend']} ({info['device_kind']}), "

@@ -180,8 +180,11 @@ def curve(runs: list[Run], key: str):
 
 
 def hidden_neurons(run: Run, depth: int, width: int) -> int:
-  return int(run.config.get("depth", depth)) * int(run.config.get("width",
-                                                                  width))
+  """Hidden neurons of an MLP run (config with a ``model`` section, or the
+  flat configs of runs made before the config had sections)."""
+  model = run.config.get("model")
+  model = model if isinstance(model, dict) else run.config
+  return int(model.get("depth", depth)) * int(model.get("width", width))
 
 
 def dead_fraction(run: Run, depth: int, width: int, final=True) -> float:

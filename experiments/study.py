@@ -5,17 +5,12 @@
   python -m experiments.study --study=ablation       # MLP depth/width, MNIST
   python -m experiments.study --study=redo           # ReDo arm (MNIST MLP)
 
-(from the repository root, with the package installed: ``pip install -e
-".[train]"``). The data sets are read from the shared folder
-(:func:`synstrip_vit.paths.shared_dir`: ``$SYNSTRIP_SHARED`` or
-``../shared``), under ``data/``.
-
 Runs execute one after the other in this process (``runs/study/<study>/
 <run>/``: checkpoints, resumable: rerun the same command after a kill); each
 finished run's per-epoch metrics are copied to ``experiments/results/
 <study>/<run>.jsonl`` (committed), and for ``cifar_vit`` the final model's
 accuracy under corruptions to ``<run>.robustness.json``. A finished run is
-skipped. ``experiments/report.py`` turns the results into tables/figures.
+skipped. ``python -m experiments.report`` turns the results into tables/figures.
 
 Scale (chosen to fit a 2-core CPU in a few hours, see RESULTS.md): far
 fewer epochs and a smaller ViT than the paper.
@@ -32,8 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from experiments.corruptions import apply_corruption
-from synstrip_vit import loop as experiment, steps as training
-from synstrip_vit import writers as run_logging
+from synstrip_vit import loop, steps, writers
 from synstrip_vit.config import base_config
 from synstrip_vit.paths import shared_dir
 
@@ -59,38 +53,30 @@ _ONLY = flags.DEFINE_string("only", "", "run only runs whose name contains "
 def cifar_vit_base():
   """A small ViT on the 20k-image CIFAR-10 JPEG subset (full test set)."""
   c = base_config()
-  c.dataset = f"npz:{SHARED / 'cifar10_jpeg_q75.npz'}"
-  c.patch_size = 8          # 4x4 patch grid: 4x fewer tokens than the paper
-  c.hidden_size = 128
-  c.depth = 4
-  c.num_heads = 4
-  c.mlp_dim = 512
-  c.num_epochs = 15
-  c.warmup_epochs = 2
-  c.eval_batch_size = 500
-  c.progress_bar = False
+  c.data.dataset = f"npz:{SHARED / 'cifar10_jpeg_q75.npz'}"
+  # 8x8 patches: a 4x4 patch grid, 4x fewer tokens than the paper.
+  c.model.update(patch_size=8, hidden_size=128, depth=4, num_heads=4,
+                 mlp_dim=512)
+  c.optimizer.warmup_epochs = 2
+  c.run.update(num_epochs=15, eval_batch_size=500, progress_bar=False)
   return c
 
 
 def mnist_mlp_base():
   """The plain MLP (3 x 256) on MNIST, no augmentation."""
-  c = base_config()
-  c.dataset = f"npz:{SHARED / 'mnist.npz'}"
-  c.model = "mlp"
-  c.width = 256
-  c.depth = 3
-  c.augment = False
-  c.num_epochs = 10
-  c.warmup_epochs = 1
-  c.eval_batch_size = 1000
-  c.progress_bar = False
+  c = base_config("mlp")
+  c.data.update(dataset=f"npz:{SHARED / 'mnist.npz'}", augment=False)
+  c.model.update(width=256, depth=3)
+  c.optimizer.warmup_epochs = 1
+  c.run.update(num_epochs=10, eval_batch_size=1000, progress_bar=False)
   return c
 
 
+#: Dotted field overrides of each arm.
 ARMS = {
-    "relu": dict(activation="relu", strip=False),
-    "relu_strip": dict(activation="relu", strip=True),
-    "gelu": dict(activation="gelu", strip=False),
+    "relu": {"model.activation": "relu", "stripping.enabled": False},
+    "relu_strip": {"model.activation": "relu", "stripping.enabled": True},
+    "gelu": {"model.activation": "gelu", "stripping.enabled": False},
 }
 
 
@@ -102,8 +88,8 @@ def runs_for(study: str, seeds: list[int]):
     for arm, fields in ARMS.items():
       for seed in seeds:
         c = base()
-        c.update(fields)
-        c.seed = seed
+        c.update_from_flattened_dict(fields)
+        c.run.seed = seed
         out.append((f"{arm}_s{seed}", c))
   elif study == "ablation":
     shapes = [(d, 128) for d in (1, 2, 4, 8)] + [(4, w) for w in (32, 512)]
@@ -111,15 +97,18 @@ def runs_for(study: str, seeds: list[int]):
       for strip in (False, True):
         for seed in seeds:
           c = mnist_mlp_base()
-          c.train_limit = 10000
-          c.depth, c.width, c.strip, c.seed = depth, width, strip, seed
+          c.data.train_limit = 10000
+          c.model.update(depth=depth, width=width)
+          c.stripping.enabled, c.run.seed = strip, seed
           arm = "strip" if strip else "relu"
           out.append((f"d{depth}_w{width}_{arm}_s{seed}", c))
   elif study == "redo":
     for seed in seeds:
       c = mnist_mlp_base()
-      c.update(dict(activation="relu", strip=False, redo=True))
-      c.seed = seed
+      c.update_from_flattened_dict({"model.activation": "relu",
+                                    "stripping.enabled": False,
+                                    "stripping.redo": True})
+      c.run.seed = seed
       out.append((f"relu_redo_s{seed}", c))
   else:
     raise ValueError(f"unknown study {study!r}")
@@ -130,15 +119,15 @@ def runs_for(study: str, seeds: list[int]):
 
 def robustness(config, workdir) -> dict:
   """Test accuracy of the run's final model on corrupted test images."""
-  state, _, model, run_data = experiment.final_state(config, workdir)
-  mesh = training.make_mesh()
-  _, preprocess = experiment.input_fns(config, run_data)
-  step = training.jit_eval_step(model, preprocess, mesh, collect_stats=False)
+  state, model, run_data = loop.final_state(config, workdir)
+  mesh = steps.make_mesh()
+  _, preprocess = loop.input_fns(config, run_data)
+  step = steps.jit_eval_step(model, preprocess, mesh, collect_stats=False)
   out = {}
 
   def accuracy(images):
-    r = training.evaluate(step, state.params, images, run_data.y_test,
-                          batch_size=config.eval_batch_size, mesh=mesh)
+    r = steps.evaluate(step, state.params, images, run_data.y_test,
+                       batch_size=config.run.eval_batch_size, mesh=mesh)
     return float(r["correct"]) / float(r["count"])
 
   out["clean"] = accuracy(run_data.x_test)
@@ -166,7 +155,7 @@ def main(argv):
     result = out_dir / f"{name}.jsonl"
     rob = out_dir / f"{name}.robustness.json"
     need_rob = study == "cifar_vit"
-    done = (len(run_logging.read_jsonl(result)) == config.num_epochs
+    done = (len(writers.read_jsonl(result)) == config.run.num_epochs
             and (not need_rob or rob.exists()))
     if done:
       print(f"[{study}] {name}: done, skipped", flush=True)
@@ -174,11 +163,11 @@ def main(argv):
     workdir = Path(_RUNS_DIR.value) / study / name
     t0 = time.time()
     print(f"[{study}] {name}: training in {workdir}", flush=True)
-    experiment.train_and_evaluate(config, workdir,
-                                  log=lambda m: print(f"  {m}", flush=True))
-    shutil.copyfile(workdir / run_logging.METRICS_FILE, result)
+    loop.train_and_evaluate(config, workdir,
+                            log=lambda m: print(f"  {m}", flush=True))
+    shutil.copyfile(workdir / writers.METRICS_FILE, result)
     (out_dir / f"{name}.config.json").write_text(
-        (workdir / experiment.CONFIG_FILE).read_text())
+        (workdir / loop.CONFIG_FILE).read_text())
     if need_rob:
       rob.write_text(json.dumps(robustness(config, workdir), indent=1))
     print(f"[{study}] {name}: finished in {time.time() - t0:.0f} s",

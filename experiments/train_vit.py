@@ -1,8 +1,9 @@
 """Train a ViT (or MLP) with synaptic stripping.
 
   python experiments/train_vit.py                       # offline default
+  python experiments/train_vit.py --config=experiments/configs/default.py:mlp
   python experiments/train_vit.py --config=experiments/configs/vit_cifar10.py \
-      --workdir=runs/c10 [--config.num_epochs=50 ...]
+      --workdir=runs/c10 [--config.run.num_epochs=50 ...]
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 Every visible device (of every process) is used, data-parallel. On several
@@ -18,18 +19,31 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from synstrip_vit import distributed, loop as experiment
+from synstrip_vit import checkpointing, distributed, loop
 
 REPO = Path(__file__).resolve().parents[1]
+
 DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
+
+def _unknown_field(error: Exception) -> str:
+  """The one-line error for an unknown ``--config.<field>`` (full path)."""
+  message = str(error.args[0]) if error.args else str(error)
+  key = message.split("\n")[0].strip("\"' ")
+  for arg in sys.argv[1:]:
+    if arg.startswith("--config."):
+      path = arg[len("--config."):].split("=")[0]
+      if key in path.split("."):
+        key = path
+        break
+  return f"error: unknown config field {key!r} on the command line"
+
 
 try:  # ml_collections applies --config.<field> overrides already here
   _CONFIG = config_flags.DEFINE_config_file(
       "config", str(DEFAULT_CONFIG), "Config file (ml_collections).",
       lock_config=True)
 except (AttributeError, KeyError) as _e:
-  sys.exit(f"error: unknown config field {str(_e).strip(chr(34) + chr(39))!r}"
-           " on the command line")
+  sys.exit(_unknown_field(_e))
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: a fresh runs/<config>-<time>).")
 distributed.define_flags()
@@ -40,9 +54,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except AttributeError as e:  # ml_collections: an unknown --config.<field>
-    field = str(e).strip("\"'")
-    print(f"error: unknown config field {field!r} on the command line",
-          file=sys.stderr)
+    print(_unknown_field(e), file=sys.stderr)
   except (flags.Error, KeyError, TypeError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
   sys.exit(2)
@@ -60,9 +72,9 @@ def main(argv):
     workdir = str(REPO / "runs" / f"{stem}-{stamp}")
   print(f"workdir: {workdir}", flush=True)
   try:
-    experiment.train_and_evaluate(_CONFIG.value, workdir)
-  except (ValueError, experiment.RunError, FloatingPointError,
-          experiment.checkpointing.CheckpointError) as e:
+    loop.train_and_evaluate(_CONFIG.value, workdir)
+  except (ValueError, loop.RunError, FloatingPointError,
+          checkpointing.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   print(f"done: metrics in {workdir}/metrics.jsonl, plots "

@@ -1,10 +1,10 @@
 """Orbax checkpoints of a training run: save, resume, fall back, never lose work.
 
-A checkpoint holds two items: ``state`` (the :class:`~synstrip_vit.steps.
-TrainState` pytree: step, params, optimizer state with the stripping masks,
-RNG) and ``meta`` (JSON: the epoch, the position of the data iterator inside
-the epoch and the partial sums of the epoch's training metrics). Together
-they make a resumed run compute exactly what an uninterrupted one computes.
+A checkpoint holds one item, ``state``: the :class:`~synstrip_vit.steps.
+TrainState` pytree (step, params, optimizer state with the stripping masks,
+RNG, the running sums of the epoch's training metrics). The loop derives its
+position from ``state.step`` alone, so the state is all a resumed run needs
+to compute exactly what an uninterrupted one computes.
 
 Checkpoints are numbered by the global optimizer step. Saving is collective:
 every process calls :func:`save`; orbax writes array shards from the
@@ -13,7 +13,6 @@ processes that own them and the JSON from process 0.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -30,37 +29,6 @@ class CheckpointError(RuntimeError):
   """No checkpoint of a run can be restored (all candidates failed)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Position:
-  """Where a run stands: the data iterator position and partial metrics.
-
-  Attributes:
-    epoch: the epoch in progress (0-based).
-    batch: the number of batches of ``epoch`` already trained on; equal to
-      the number of batches per epoch once the epoch's training is done.
-    epoch_done: True once the epoch's evaluation, probe, strip event and
-      logging are done (the next run starts at ``epoch + 1``, batch 0).
-    train_sums: partial sums of the epoch's training metrics
-      (``loss_sum``, ``correct``, ``count``) over the batches done.
-  """
-  epoch: int
-  batch: int
-  epoch_done: bool
-  train_sums: dict[str, float]
-
-  def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_json(cls, d: dict[str, Any]) -> "Position":
-    try:
-      return cls(epoch=int(d["epoch"]), batch=int(d["batch"]),
-                 epoch_done=bool(d["epoch_done"]),
-                 train_sums={k: float(v) for k, v in d["train_sums"].items()})
-    except (KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f"malformed checkpoint metadata {d!r}: {e!r}") from e
-
-
 def make_manager(workdir: str | Path, *, max_to_keep: int = 2
                  ) -> ocp.CheckpointManager:
   """A ``CheckpointManager`` at ``<workdir>/checkpoints`` (created if absent).
@@ -74,15 +42,13 @@ def make_manager(workdir: str | Path, *, max_to_keep: int = 2
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager(directory, options=options,
-                               item_names=("state", "meta"))
+                               item_names=("state",))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: PyTree,
-         position: Position) -> None:
-  """Save ``state`` and ``position`` as checkpoint ``step`` (blocking)."""
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:
+  """Save ``state`` as checkpoint ``step`` (blocking, every process)."""
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave(position.to_json())), force=True)
+      state=ocp.args.StandardSave(state)), force=True)
   manager.wait_until_finished()
 
 
@@ -96,7 +62,7 @@ def _abstract(target: PyTree) -> PyTree:
 
 def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
                    quarantine_dir: Optional[str | Path] = None
-                   ) -> Optional[tuple[int, PyTree, Position]]:
+                   ) -> Optional[tuple[int, PyTree]]:
   """Restore the newest readable checkpoint, falling back to older ones.
 
   Newer checkpoints that failed to restore are moved (by process 0) into
@@ -111,7 +77,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
       arrays take ``target``'s shardings.
 
   Returns:
-    ``(step, state, position)``, or ``None`` if the directory holds no
+    ``(step, state)``, or ``None`` if the directory holds no
     checkpoint at all.
 
   Raises:
@@ -127,15 +93,13 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
   for step in steps:
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          meta=ocp.args.JsonRestore()))
-      position = Position.from_json(restored["meta"])
+          state=ocp.args.StandardRestore(abstract)))
       if errors:
         logging.warning("restored checkpoint %d after newer ones failed: %s",
                         step, "; ".join(errors))
         if quarantine_dir is not None:
           _quarantine(manager, [s for s in steps if s > step], quarantine_dir)
-      return step, restored["state"], position
+      return step, restored["state"]
     except Exception as e:  # pylint: disable=broad-except
       errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
   raise CheckpointError(
@@ -165,5 +129,5 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
   manager.reload()
 
 
-__all__ = ["CHECKPOINT_DIR", "CheckpointError", "Position", "make_manager",
+__all__ = ["CHECKPOINT_DIR", "CheckpointError", "make_manager",
            "restore_latest", "save"]

@@ -1,96 +1,99 @@
 """The one place a training run's configuration is defined and checked.
 
-``base_config()`` lists every field with its default (the original's set-up
-where it has one); the files in ``experiments/configs/`` start from it and
-override what differs. :func:`validate` checks a config before anything is
-loaded or trained and raises ``ValueError`` naming the offending field and
-value.
+A config has five sections; ``base_config()`` gives every field its default
+(the original's set-up where it has one) and the files in
+``experiments/configs/`` start from it and override what differs::
+
+  data       dataset, data_dir, train_limit, test_limit, augment,
+             crop_padding, flip
+  model      name + the constructor fields of models.MODELS[name] (passed to
+             it as keyword arguments; see synstrip_vit/models/)
+  optimizer  learning_rate, min_learning_rate, warmup_epochs, weight_decay
+  stripping  enabled, factor, frequency, probe, probe_fraction, tau, redo
+  run        num_epochs, batch_size, eval_batch_size, seed,
+             checkpoint_every_steps, max_checkpoints, progress_bar
+
+On the command line: ``--config.stripping.factor=0.1``,
+``--config.model.depth=4``. :func:`validate` checks a config before
+anything is loaded or trained and raises ``ValueError`` naming the field and
+value; the model's own fields are checked by the model class (once, there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable, Optional
 
+import jax.numpy as jnp
 import ml_collections
+from ml_collections.config_dict import placeholder
 
+from synstrip_jax import DEFAULT_STRIPPING_FACTOR
 from synstrip_jax.stripping import validate_stripping_factor
+from synstrip_vit import models
 
 PROBES = ("train_holdout", "test")
-DTYPES = ("float32", "bfloat16")
-MODELS = ("vit", "mlp")
-ACTIVATIONS = ("relu", "gelu")
+SECTIONS = ("data", "model", "optimizer", "stripping", "run")
+
+#: Fields that may differ between a run and its resumption.
+RESUMABLE_CHANGES = ("run.progress_bar", "data.data_dir",
+                     "run.checkpoint_every_steps", "run.max_checkpoints")
+
+#: Model constructor fields that the config never sets.
+_NOT_CONFIGURED = ("num_classes", "parent", "name")
 
 
-def base_config() -> ml_collections.ConfigDict:
+def model_config(name: str = "vit") -> ml_collections.ConfigDict:
+  """The ``model`` section of ``models.MODELS[name]``.
+
+  ``name`` plus every constructor field of the model class that has a plain
+  default (str, int, float, bool; ``dtype`` by its name), with that default:
+  a field added to the model is configurable without being listed here.
+
+  Raises:
+    ValueError: unknown model name.
+  """
+  cls = models.MODELS.get(name)
+  if cls is None:
+    raise ValueError(f"unknown model {name!r}; known: {sorted(models.MODELS)}")
+  section = {"name": name}
+  for field in dataclasses.fields(cls):
+    default = field.default
+    if field.name == "dtype":
+      default = jnp.dtype(default).name
+    if field.name not in _NOT_CONFIGURED and isinstance(
+        default, (bool, int, float, str)):
+      section[field.name] = default
+  return ml_collections.ConfigDict(section)
+
+
+def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   """Every field of a run, with the original's defaults (ViT on CIFAR-10).
 
-  Field reference (also in README.md):
+  Args:
+    model: the model whose fields fill the ``model`` section (``vit`` or
+      ``mlp``; see :func:`model_config`).
 
-  * data: ``dataset`` (``digits``, ``npz:<path>``, ``cifar10``,
-    ``cifar100``, ``svhn_cropped``), ``data_dir`` (TFDS data dir, ``''`` for
-    the default), ``train_limit`` / ``test_limit`` (use only the first N
-    examples; 0 = all), ``augment`` (random crop + flip on train batches),
-    ``crop_padding``, ``flip``.
-  * model: ``model`` (``vit``/``mlp``), ``activation`` (``relu``/``gelu``),
-    ``patch_size``, ``hidden_size``, ``depth``, ``num_heads``, ``mlp_dim``,
-    ``dropout`` (ViT), ``width`` (MLP; ``depth`` is its hidden layer count),
-    ``dtype`` (computation: ``float32``/``bfloat16``; params stay float32).
-  * optimisation: ``num_epochs``, ``batch_size`` (global, over all devices),
-    ``eval_batch_size``, ``learning_rate``, ``weight_decay``,
-    ``warmup_epochs``, ``min_learning_rate``, ``seed``.
-  * stripping: ``strip``, ``stripping_factor``, ``stripping_frequency``
-    (epochs), ``probe`` (``train_holdout``: a held-out part of the training
-    data, or ``test``: the test set as the original does), ``probe_fraction``
-    (held-out share), ``tau`` (< 0: exact rule ``total == 0``; else ReDo
-    dormancy threshold), ``redo`` (the ReDo baseline: at the same events,
-    recycle the dead neurons instead of / besides stripping them:
-    re-initialise their incoming weights, zero their outgoing weights and
-    the optimizer moments of both; see :mod:`synstrip_jax.redo`).
-  * run: ``checkpoint_every_steps`` (0: only at epoch ends),
-    ``max_checkpoints``, ``progress_bar``.
+  ``stripping.probe`` is ``train_holdout`` (a held-out ``probe_fraction`` of
+  the training data) or ``test`` (the test set, as the original);
+  ``stripping.tau`` unset is the exact rule ``total == 0``, a number the
+  ReDo dormancy threshold; ``stripping.redo`` recycles the dead neurons at
+  the same events (see :mod:`synstrip_jax.redo`);
+  ``run.checkpoint_every_steps`` 0 checkpoints at epoch ends only.
   """
   c = ml_collections.ConfigDict()
-  # Data.
-  c.dataset = "cifar10"
-  c.data_dir = ""
-  c.train_limit = 0
-  c.test_limit = 0
-  c.augment = True
-  c.crop_padding = 4
-  c.flip = True
-  # Model.
-  c.model = "vit"
-  c.activation = "relu"
-  c.patch_size = 4
-  c.hidden_size = 384
-  c.depth = 7
-  c.num_heads = 8
-  c.mlp_dim = 1536
-  c.dropout = 0.0
-  c.width = 256
-  c.dtype = "float32"
-  # Optimisation.
-  c.num_epochs = 200
-  c.batch_size = 128
-  c.eval_batch_size = 256
-  c.learning_rate = 1e-3
-  c.weight_decay = 5e-5
-  c.warmup_epochs = 5
-  c.min_learning_rate = 1e-5
-  c.seed = 0
-  # Stripping.
-  c.strip = True
-  c.stripping_factor = 0.05
-  c.stripping_frequency = 1
-  c.probe = "train_holdout"
-  c.probe_fraction = 0.1
-  c.tau = -1.0
-  c.redo = False
-  # Run.
-  c.checkpoint_every_steps = 0
-  c.max_checkpoints = 2
-  c.progress_bar = True
+  c.data = dict(dataset="cifar10", data_dir="", train_limit=0, test_limit=0,
+                augment=True, crop_padding=4, flip=True)
+  c.model = model_config(model)
+  c.optimizer = dict(learning_rate=1e-3, min_learning_rate=1e-5,
+                     warmup_epochs=5, weight_decay=5e-5)
+  c.stripping = dict(enabled=True, factor=DEFAULT_STRIPPING_FACTOR,
+                     frequency=1, probe="train_holdout", probe_fraction=0.1,
+                     tau=placeholder(float), redo=False)
+  c.run = dict(num_epochs=200, batch_size=128, eval_batch_size=256, seed=0,
+               checkpoint_every_steps=0, max_checkpoints=2,
+               progress_bar=True)
   return c
 
 
@@ -98,112 +101,157 @@ def original_config(dataset: str) -> ml_collections.ConfigDict:
   """The original's set-up (REFERENCE.md) on a TFDS ``dataset``.
 
   ViT 7 blocks, hidden 384, 8 heads, MLP 1536; AdamW 1e-3 / 5e-5; 5 warm-up
-  epochs then cosine to 1e-5; 200 epochs; batch 128; stripping factor 0.05
-  every epoch. Probe: a held-out 10% of the training set (``probe='test'``
-  reproduces the original, which probes on the test set). SVHN is not
-  flipped (digits are not mirror-symmetric).
+  epochs then cosine to 1e-5; 200 epochs; batch 128; the library's default
+  stripping factor every epoch. Probe: a held-out 10% of the training set
+  (``stripping.probe='test'`` reproduces the original, which probes on the
+  test set). SVHN is not flipped (digits are not mirror-symmetric).
   """
   c = base_config()
-  c.dataset = dataset
-  c.flip = not dataset.startswith("svhn")
+  c.data.dataset = dataset
+  c.data.flip = not dataset.startswith("svhn")
   return c
 
 
-#: Fields that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("progress_bar", "data_dir", "checkpoint_every_steps",
-                     "max_checkpoints")
+# ------------------------------------------------------------------ checks
+
+Check = Callable[[Any], Optional[str]]
 
 
-def _int(c, name: str, minimum: int) -> None:
-  v = c[name]
-  if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-    raise ValueError(f"config.{name} must be an int >= {minimum}, got {v!r}")
+def _int(minimum: int) -> Check:
+  def check(v):
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+    return None if ok else f"must be an int >= {minimum}"
+  return check
 
 
-def _choice(c, name: str, choices: tuple[str, ...]) -> None:
-  if c[name] not in choices:
-    raise ValueError(f"config.{name}={c[name]!r} is not one of {choices}")
-
-
-def _float(c, name: str, lo: float, hi: float, *, open_lo: bool = False,
-           open_hi: bool = False) -> None:
-  v = c[name]
-  ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
-        and math.isfinite(v) and (v > lo if open_lo else v >= lo)
-        and (v < hi if open_hi else v <= hi))
-  if not ok:
+def _float(lo: float, hi: float, *, open_lo: bool = False,
+           open_hi: bool = False) -> Check:
+  def check(v):
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v) and (v > lo if open_lo else v >= lo)
+          and (v < hi if open_hi else v <= hi))
     lb, rb = "(" if open_lo else "[", ")" if open_hi else "]"
-    raise ValueError(f"config.{name} must be a number in {lb}{lo}, {hi}{rb}, "
-                     f"got {v!r}")
+    return None if ok else f"must be a number in {lb}{lo}, {hi}{rb}"
+  return check
+
+
+def _choice(choices: tuple[str, ...]) -> Check:
+  return lambda v: None if v in choices else f"is not one of {choices}"
+
+
+def _bool(v: Any) -> Optional[str]:
+  return None if isinstance(v, bool) else "must be True or False"
+
+
+def _str(*, empty: bool) -> Check:
+  def check(v):
+    ok = isinstance(v, str) and (empty or v)
+    return None if ok else f"must be a{'' if empty else ' non-empty'} str"
+  return check
+
+
+def _stripping_factor(v: Any) -> Optional[str]:
+  try:
+    validate_stripping_factor(v)
+  except (TypeError, ValueError) as e:
+    return f"invalid: {e}"
+  return None
+
+
+def _tau(v: Any) -> Optional[str]:
+  if v is None or _float(0.0, math.inf, open_hi=True)(v) is None:
+    return None
+  return "must be unset (exact rule) or a finite number >= 0"
+
+
+#: Every field outside the ``model`` section and its check.
+CHECKS: dict[str, Check] = {
+    "data.dataset": _str(empty=False), "data.data_dir": _str(empty=True),
+    "data.train_limit": _int(0), "data.test_limit": _int(0),
+    "data.augment": _bool, "data.crop_padding": _int(0), "data.flip": _bool,
+    "optimizer.learning_rate": _float(0.0, math.inf, open_lo=True,
+                                      open_hi=True),
+    "optimizer.min_learning_rate": _float(0.0, math.inf, open_hi=True),
+    "optimizer.warmup_epochs": _int(0),
+    "optimizer.weight_decay": _float(0.0, math.inf, open_hi=True),
+    "stripping.enabled": _bool, "stripping.factor": _stripping_factor,
+    "stripping.frequency": _int(1), "stripping.probe": _choice(PROBES),
+    "stripping.probe_fraction": _float(0.0, 1.0, open_lo=True, open_hi=True),
+    "stripping.tau": _tau, "stripping.redo": _bool,
+    "run.num_epochs": _int(1), "run.batch_size": _int(1),
+    "run.eval_batch_size": _int(1), "run.seed": _int(0),
+    "run.checkpoint_every_steps": _int(0), "run.max_checkpoints": _int(1),
+    "run.progress_bar": _bool,
+}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{'a': {'b': 1}} -> {'a.b': 1}`` (a config as plain nested dicts)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ``ValueError`` naming the first invalid field of ``c``.
 
-  Checks types and ranges only; the dataset itself is checked when loaded
-  (still before training starts).
+  Checks the fields of :data:`CHECKS` and builds the model once (its class
+  checks its own fields); the dataset itself is checked when loaded (still
+  before training starts).
   """
-  known = set(base_config().keys())
-  unknown = sorted(set(c.keys()) - known)
-  if unknown:
-    raise ValueError(f"unknown config field(s) {unknown}; known: "
-                     f"{sorted(known)}")
-  if not isinstance(c.dataset, str) or not c.dataset:
-    raise ValueError(f"config.dataset must be a non-empty str, got "
-                     f"{c.dataset!r}")
+  sections = sorted(c.keys())
+  if sections != sorted(SECTIONS):
+    raise ValueError(f"config sections {sections} must be {list(SECTIONS)}")
+  fields = flatten({k: v for k, v in c.to_dict().items() if k != "model"})
+  unknown = sorted(set(fields) - set(CHECKS))
+  missing = sorted(set(CHECKS) - set(fields))
+  if unknown or missing:
+    raise ValueError(f"unknown config field(s) {unknown}, missing {missing}")
+  for name, check in CHECKS.items():
+    problem = check(fields[name])
+    if problem:
+      raise ValueError(f"config.{name}={fields[name]!r} {problem}")
   try:
-    validate_stripping_factor(c.stripping_factor)
+    create_model(c.model, num_classes=2)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"config.stripping_factor: {e}") from None
-  _choice(c, "model", MODELS)
-  _choice(c, "activation", ACTIVATIONS)
-  _choice(c, "dtype", DTYPES)
-  _choice(c, "probe", PROBES)
-  for name in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim",
-               "width", "num_epochs", "batch_size", "eval_batch_size",
-               "stripping_frequency", "max_checkpoints"):
-    _int(c, name, 1)
-  for name in ("train_limit", "test_limit", "crop_padding", "seed",
-               "warmup_epochs", "checkpoint_every_steps"):
-    _int(c, name, 0)
-  _float(c, "dropout", 0.0, 1.0, open_hi=True)
-  _float(c, "learning_rate", 0.0, math.inf, open_lo=True, open_hi=True)
-  _float(c, "min_learning_rate", 0.0, math.inf, open_hi=True)
-  _float(c, "weight_decay", 0.0, math.inf, open_hi=True)
-  _float(c, "probe_fraction", 0.0, 1.0, open_lo=True, open_hi=True)
-  if not isinstance(c.tau, (int, float)) or not math.isfinite(c.tau):
-    raise ValueError(f"config.tau must be a finite number, got {c.tau!r}")
-  if c.hidden_size % c.num_heads:
-    raise ValueError(f"config.num_heads={c.num_heads} does not divide "
-                     f"config.hidden_size={c.hidden_size}")
-  for name in ("strip", "redo", "augment", "flip", "progress_bar"):
-    if not isinstance(c[name], bool):
-      raise ValueError(f"config.{name} must be True or False, got "
-                       f"{c[name]!r}")
+    raise ValueError(f"config.model: {e}") from None
 
 
-def model_kwargs(c: ml_collections.ConfigDict, num_classes: int
-                 ) -> tuple[str, dict[str, Any]]:
-  """``(model name, kwargs)`` for :func:`synstrip_vit.models.create_model`."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[c.dtype]
-  if c.model == "vit":
-    return "vit", dict(num_classes=num_classes, patch_size=c.patch_size,
-                       hidden_size=c.hidden_size, depth=c.depth,
-                       num_heads=c.num_heads, mlp_dim=c.mlp_dim,
-                       activation=c.activation, dropout=c.dropout,
-                       dtype=dtype)
-  return "mlp", dict(num_classes=num_classes, width=c.width, depth=c.depth,
-                     activation=c.activation, dtype=dtype)
+def create_model(section: ml_collections.ConfigDict, num_classes: int):
+  """The model of a ``model`` section: ``create_model(name, **fields)``."""
+  return models.create_model(**section, num_classes=num_classes)
+
+
+def warmup_epochs(c: ml_collections.ConfigDict) -> tuple[int, Optional[str]]:
+  """The warm-up length a run uses, and a one-line notice if it was clamped.
+
+  A warm-up as long as the run or longer would never reach the peak
+  learning rate; it is clamped to half the run (rounded down).
+  """
+  warmup, epochs = c.optimizer.warmup_epochs, c.run.num_epochs
+  if warmup < epochs:
+    return warmup, None
+  clamped = epochs // 2
+  return clamped, (f"notice: optimizer.warmup_epochs={warmup} >= "
+                   f"run.num_epochs={epochs}; warming up for {clamped} "
+                   "epoch(s) instead so the learning rate reaches its peak")
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
-  """Fields whose values differ (ignoring :data:`RESUMABLE_CHANGES`)."""
+  """Dotted fields whose values differ (ignoring :data:`RESUMABLE_CHANGES`).
+
+  ``old`` and ``new`` are configs as nested dicts (e.g. two ``config.json``).
+  """
+  old, new = flatten(old), flatten(new)
   keys = (set(old) | set(new)) - set(RESUMABLE_CHANGES)
   return {k: (old.get(k), new.get(k)) for k in sorted(keys)
           if old.get(k) != new.get(k)}
 
 
-__all__ = ["ACTIVATIONS", "DTYPES", "MODELS", "PROBES", "RESUMABLE_CHANGES",
-           "base_config", "config_diff", "model_kwargs", "original_config",
-           "validate"]
+__all__ = ["CHECKS", "PROBES", "RESUMABLE_CHANGES", "SECTIONS", "base_config",
+           "config_diff", "create_model", "flatten", "model_config",
+           "original_config", "validate", "warmup_epochs"]

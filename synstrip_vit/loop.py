@@ -1,43 +1,56 @@
 """The training loop of ``experiments/train_vit.py``: train, probe, strip, log.
 
-One epoch (see ``DESIGN.md``)::
+:func:`train_and_evaluate` is a sequence of named phases (see ``DESIGN.md``)::
 
-  train batches -> train_step (jit, data-parallel) -> state, train sums
-  test batches  -> eval_step  -> test loss/acc (+ activation stats if probe=test)
-  probe batches -> eval_step(collect_stats) -> stats -> dead tree
-  every `stripping_frequency` epochs: strip_event(params, opt_state, dead)
-  metrics -> metrics.jsonl (process 0) -> checkpoint (all processes)
+  prepare            data, mesh, model, optimizer, compiled steps (all errors)
+  restore_or_start   config.json check, latest readable checkpoint or step 0
+  per epoch:
+    train_epoch        train batches -> train_step -> state (+ running sums)
+    evaluate_and_probe test batches -> eval_step; probe batches ->
+                       eval_step(collect_stats) -> stats -> dead tree
+    strip_or_recycle   at an event epoch (is_event_epoch): strip_event and/or
+                       the ReDo baseline
+    make_record        one typed EpochRecord -> writers (process 0)
+    save               checkpoint (all processes)
 
-Everything a resumed run needs is in the checkpoint (state, epoch, batch
-position, partial training sums), and the data order is a pure function of
-``(seed, epoch)``, so a run killed anywhere and resumed ends with the same
+Everything a resumed run needs is in the checkpointed
+:class:`~synstrip_vit.steps.TrainState`: its step gives the position
+(``epoch, batch = divmod(step, steps_per_epoch)``; checkpoints inside an epoch
+are never taken at its last batch, so ``batch == 0`` means the previous
+epoch is finished, event and record included) and it carries the epoch's
+running training sums. The data order is a pure function of ``(seed,
+epoch)``, so a run killed anywhere and resumed ends with the same
 parameters, bit for bit, as one that never stopped (on the same devices).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
 
 from synstrip_jax import metrics, probe, redo
-from synstrip_vit import checkpointing, datasets, models, steps as training
-from synstrip_vit import input_pipeline as pipeline
-from synstrip_vit.augment import random_crop_flip
-from synstrip_vit import writers as run_logging
-from synstrip_vit import config as config_lib
 from synstrip_jax.activations import check_finite
 from synstrip_jax.transform import get_masks, strip_event
+from synstrip_vit import checkpointing, config as config_lib, datasets
+from synstrip_vit import input_pipeline, models, steps, writers
+from synstrip_vit.augment import random_crop_flip
 
 PyTree = Any
+StepCallback = Callable[[int], None]
 CONFIG_FILE = "config.json"
 
 
@@ -54,22 +67,25 @@ class RunData:
     x_train, y_train, x_probe, y_probe, x_test, y_test: NumPy arrays (every
       process holds them; each reads only its rows of every batch).
     num_classes: number of classes.
+    image_shape: ``(H, W, C)``.
     mean, std: per-channel statistics of the training part (normalisation).
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
-    ds = datasets.load_dataset(config.dataset, data_dir=config.data_dir or None)
+    c = config.data
+    ds = datasets.load_dataset(c.dataset, data_dir=c.data_dir or None)
     x_train, y_train = ds.x_train, ds.y_train
     x_test, y_test = ds.x_test, ds.y_test
-    if config.train_limit:
-      x_train, y_train = x_train[:config.train_limit], y_train[:config.train_limit]
-    if config.test_limit:
-      x_test, y_test = x_test[:config.test_limit], y_test[:config.test_limit]
+    if c.train_limit:
+      x_train, y_train = x_train[:c.train_limit], y_train[:c.train_limit]
+    if c.test_limit:
+      x_test, y_test = x_test[:c.test_limit], y_test[:c.test_limit]
     if len(x_train) == 0:
-      raise ValueError(f"dataset {config.dataset!r} has no training images")
-    if config.probe == "train_holdout":
-      x_train, y_train, x_probe, y_probe = pipeline.split_holdout(
-          x_train, y_train, fraction=config.probe_fraction, seed=config.seed)
+      raise ValueError(f"dataset {c.dataset!r} has no training images")
+    if config.stripping.probe == "train_holdout":
+      x_train, y_train, x_probe, y_probe = input_pipeline.split_holdout(
+          x_train, y_train, fraction=config.stripping.probe_fraction,
+          seed=config.run.seed)
     else:
       x_probe, y_probe = x_test, y_test
     self.x_train, self.y_train = x_train, y_train
@@ -77,78 +93,112 @@ class RunData:
     self.x_test, self.y_test = x_test, y_test
     self.num_classes = ds.num_classes
     self.image_shape = ds.image_shape
-    self.mean, self.std = pipeline.channel_stats(x_train)
+    self.mean, self.std = input_pipeline.channel_stats(x_train)
 
 
-def input_fns(config, run_data: RunData):
+def input_fns(config: ml_collections.ConfigDict, run_data: RunData
+              ) -> tuple[Callable, Callable]:
   """``augment(key, uint8) -> float`` and ``preprocess(uint8) -> float``."""
   mean, std = jnp.asarray(run_data.mean), jnp.asarray(run_data.std)
 
   def preprocess(images):
-    return pipeline.normalize(images, mean, std)
+    return input_pipeline.normalize(images, mean, std)
 
   def augment(key, images):
-    if config.augment:
-      images = random_crop_flip(key, images, padding=config.crop_padding,
-                                flip=config.flip)
+    if config.data.augment:
+      images = random_crop_flip(key, images, padding=config.data.crop_padding,
+                                flip=config.data.flip)
     return preprocess(images)
 
   return augment, preprocess
 
 
-# ------------------------------------------------------------ the workdir
+# ------------------------------------------------------------- the run
 
-def _check_config_file(workdir: Path, config: ml_collections.ConfigDict,
-                       is_main: bool) -> None:
-  """Write ``config.json``; on resume refuse a config that changed."""
-  path = workdir / CONFIG_FILE
-  new = json.loads(config.to_json())
-  if path.exists():
-    old = json.loads(path.read_text())
-    diff = config_lib.config_diff(old, new)
-    if diff:
-      raise RunError(
-          f"{workdir} holds a run with a different config "
-          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-          + "; use another --workdir")
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=2, sort_keys=True))
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """The fixed parts of a run, built once by :func:`prepare`.
 
+  ``strip`` and ``recycle`` are ``(params, opt_state, dead[, key]) ->
+  (params, opt_state)``, compiled for the mesh (``recycle`` is None without
+  ReDo); ``log`` prints on process 0 only.
+  """
+  config: ml_collections.ConfigDict
+  workdir: Path
+  data: RunData
+  mesh: Mesh
+  model: nn.Module
+  schedule: optax.Schedule
+  steps_per_epoch: int
+  train_step: Callable
+  eval_step: Callable
+  probe_step: Callable
+  strip: Callable
+  recycle: Optional[Callable]
+  log: Callable[[str], None]
 
-def _sums_to_host(sums: Optional[dict]) -> dict[str, float]:
-  if sums is None:
-    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  return {k: float(np.asarray(v)) for k, v in sums.items()}
-
-
-def _sums_to_device(sums: dict[str, float]) -> Optional[dict]:
-  if not sums or sums.get("count", 0.0) == 0.0:
-    return None
-  return {"loss_sum": jnp.asarray(sums["loss_sum"], jnp.float32),
-          "correct": jnp.asarray(int(sums["correct"]), jnp.int32),
-          "count": jnp.asarray(sums["count"], jnp.float32)}
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
 
 
-class Interrupt(Exception):
-  """Raised by the test hook ``interrupt_after_steps`` (simulates a kill)."""
+@dataclasses.dataclass(frozen=True)
+class EpochRecord:
+  """One line of ``metrics.jsonl``: the metrics of an epoch, typed.
 
+  ``per_layer`` holds ``dead/<kernel>``, ``active/<kernel>`` and
+  ``sparsity/<kernel>``; :meth:`as_dict` flattens it after the other fields
+  (the file's keys and their order).
+  """
+  epoch: int
+  step: int
+  train_loss: float
+  train_acc: float
+  test_loss: float
+  test_acc: float
+  probe_loss: float
+  probe_acc: float
+  dead_neurons: int
+  active_params: int
+  sparsity: float
+  stripped_weights: int
+  stripped_now: bool
+  recycled_now: bool
+  learning_rate: float
+  train_time_s: float
+  eval_time_s: float
+  strip_time_s: float
+  per_layer: dict[str, float | int]
 
-# ------------------------------------------------------------------ the run
+  def as_dict(self) -> dict[str, Any]:
+    """The record as written: every field, then the per-layer values."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+           if f.name != "per_layer"}
+    out.update(self.per_layer)
+    return out
+
+  def summary(self, num_epochs: int) -> str:
+    """The one-line progress message of the epoch."""
+    return (f"epoch {self.epoch + 1}/{num_epochs}: "
+            f"train_loss {self.train_loss:.4f} train_acc {self.train_acc:.4f} "
+            f"test_acc {self.test_acc:.4f} dead {self.dead_neurons} "
+            f"active {self.active_params} sparsity {self.sparsity:.4f}")
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
-                       *, interrupt_after_steps: Optional[int] = None,
+                       *, on_step: Optional[StepCallback] = None,
                        log: Callable[[str], None] = print
                        ) -> list[dict[str, Any]]:
   """Train (or resume) the run in ``workdir``; return the per-epoch records.
 
   Args:
     config: see :func:`synstrip_vit.config.base_config`.
-    workdir: run directory: ``config.json``, ``metrics.jsonl``, plots and
-      ``checkpoints/``. If it holds a checkpoint the run resumes from it.
-    interrupt_after_steps: testing hook; raise :class:`Interrupt` right after
-      this many optimizer steps of this invocation (like a kill: nothing is
-      saved at that moment).
+    workdir: run directory: ``config.json``, ``metrics.jsonl``,
+      ``tensorboard/``, plots and ``checkpoints/``. If it holds a checkpoint
+      the run resumes from it.
+    on_step: called with the global step after every optimizer step (and
+      after a checkpoint taken at that step); an exception it raises stops
+      the run there, as a kill would.
     log: where one-line progress messages go (process 0 only).
 
   Raises:
@@ -159,218 +209,324 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       checkpoint is kept).
   """
   config_lib.validate(config)
-  workdir = Path(workdir).absolute()
   is_main = jax.process_index() == 0
-  log = log if is_main else (lambda _: None)
-
-  # ---- data, mesh, model: every error here comes before any training.
-  run_data = RunData(config)
-  mesh = training.make_mesh()
-  training.check_batch_size(config.batch_size, mesh, "batch_size")
-  training.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  n_train = len(run_data.x_train)
-  if config.batch_size > n_train:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the "
-                     f"{n_train} training images")
-  steps_per_epoch = n_train // config.batch_size
-  model, schedule, state, tx = _build(config, run_data, mesh)
-  augment, preprocess = input_fns(config, run_data)
-  train_step = training.jit_train_step(model, tx, augment, mesh)
-  eval_step = training.jit_eval_step(model, preprocess, mesh,
-                                     collect_stats=False)
-  probe_step = training.jit_eval_step(model, preprocess, mesh,
-                                      collect_stats=True)
-  repl = training.replicated(mesh)
-  strip = jax.jit(functools.partial(strip_event,
-                                    stripping_factor=config.stripping_factor),
-                  out_shardings=repl, donate_argnums=(0, 1))
-  recycle = (jax.jit(functools.partial(
-      redo.recycle, outgoing=models.outgoing_map(state.params, config.model)),
-                     out_shardings=repl, donate_argnums=(0, 1))
-             if config.redo else None)
-
-  # ---- workdir: resume or start; never overwrite another run's work.
-  _check_config_file(workdir, config, is_main)
-  metrics_path = workdir / run_logging.METRICS_FILE
-  manager = checkpointing.make_manager(workdir,
-                                       max_to_keep=config.max_checkpoints)
-  restored = checkpointing.restore_latest(
-      manager, state, quarantine_dir=workdir / "unreadable_checkpoints")
-  if restored is None:
-    if run_logging.read_jsonl(metrics_path):
-      raise RunError(f"{metrics_path} has records but {manager.directory} "
-                     "holds no checkpoint: refusing to start over and "
-                     "overwrite them; use another --workdir")
-    position = checkpointing.Position(0, 0, False, {})
-  else:
-    step, state, position = restored
-    log(f"resuming from checkpoint {step} (epoch {position.epoch + 1}, "
-        f"batch {position.batch})")
-  if position.epoch_done:
-    position = checkpointing.Position(position.epoch + 1, 0, False, {})
-  records = (run_logging.keep_epochs_before(metrics_path, position.epoch)
-             if is_main else [])
-
-  pidx, pcount = jax.process_index(), jax.process_count()
-  steps_this_call = 0
-  progress = None
-  if config.progress_bar and is_main:
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    progress = tqdm(total=config.num_epochs * steps_per_epoch,
-                    initial=position.epoch * steps_per_epoch + position.batch,
-                    unit="step", dynamic_ncols=True, leave=False)
-
-  def evaluate(params, x, y, step_fn):
-    return training.evaluate(step_fn, params, x, y,
-                             batch_size=config.eval_batch_size, mesh=mesh)
-
-  for epoch in range(position.epoch, config.num_epochs):
-    t0 = time.perf_counter()
-    order = pipeline.batch_indices(n_train, config.batch_size,
-                                   seed=config.seed, epoch=epoch,
-                                   process_index=pidx, process_count=pcount)
-    start = position.batch if epoch == position.epoch else 0
-    sums = (_sums_to_device(position.train_sums)
-            if epoch == position.epoch else None)
-    for b in range(start, steps_per_epoch):
-      idx = order[b]
-      images, labels = training.global_batch(
-          (run_data.x_train[idx], run_data.y_train[idx]), mesh)
-      state, m = train_step(state, images, labels)
-      sums = training.accumulate(sums, m)
-      steps_this_call += 1
-      if progress is not None:
-        progress.update(1)
-      if (config.checkpoint_every_steps and b + 1 < steps_per_epoch
-          and int(state.step) % config.checkpoint_every_steps == 0):
-        host = _sums_to_host(sums)
-        _check_loss(host, epoch, manager)
-        checkpointing.save(manager, int(state.step), state,
-                           checkpointing.Position(epoch, b + 1, False, host))
-      if (interrupt_after_steps is not None
-          and steps_this_call >= interrupt_after_steps):
-        raise Interrupt(f"interrupted after {steps_this_call} steps")
-    train = _sums_to_host(sums)
-    _check_loss(train, epoch, manager)
-    t_train = time.perf_counter() - t0
-
-    # Evaluation; with probe='test' the same pass collects the statistics.
-    t1 = time.perf_counter()
-    probe_is_test = config.probe == "test"
-    test = evaluate(state.params, run_data.x_test, run_data.y_test,
-                    probe_step if probe_is_test else eval_step)
-    probe_res = test if probe_is_test else evaluate(
-        state.params, run_data.x_probe, run_data.y_probe, probe_step)
-    t_eval = time.perf_counter() - t1
-    check_finite(probe_res["stats"])
-    tau = None if config.tau < 0 else float(config.tau)
-    dead = probe.dead_tree(state.params, probe_res["stats"], tau)
-
-    t2 = time.perf_counter()
-    stripped_now = config.strip and (epoch + 1) % config.stripping_frequency == 0
-    if stripped_now:
-      params, opt_state = strip(state.params, state.opt_state, dead)
-      state = state.replace(params=params, opt_state=opt_state)
-      jax.block_until_ready(state.params)
-    t_strip = time.perf_counter() - t2
-    recycled_now = config.redo and (epoch + 1) % config.stripping_frequency == 0
-    if recycled_now:
-      # A host value, identical on every process (raw uint32[2] key).
-      key = np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.seed),
-                                          epoch))
-      params, opt_state = recycle(state.params, state.opt_state, dead, key)
-      state = state.replace(params=params, opt_state=opt_state)
-
-    masks = get_masks(state.opt_state) if config.strip else None
-    summary = jax.device_get(metrics.summary(state.params, dead, masks))
-    stripped_weights = (sum(int(np.sum(~np.asarray(m)))
-                            for m in jax.tree.leaves(masks))
-                        if masks is not None else 0)
-    record = {
-        "epoch": epoch,
-        "step": int(state.step),
-        "train_loss": train["loss_sum"] / train["count"],
-        "train_acc": train["correct"] / train["count"],
-        "test_loss": float(test["loss_sum"]) / float(test["count"]),
-        "test_acc": float(test["correct"]) / float(test["count"]),
-        "probe_loss": float(probe_res["loss_sum"]) / float(probe_res["count"]),
-        "probe_acc": float(probe_res["correct"]) / float(probe_res["count"]),
-        "dead_neurons": int(summary.pop("dead_neurons")),
-        "active_params": int(summary.pop("active_params")),
-        "sparsity": float(summary.pop("sparsity")),
-        "stripped_weights": stripped_weights,
-        "stripped_now": bool(stripped_now),
-        "recycled_now": bool(recycled_now),
-        "learning_rate": float(schedule(int(state.step))),
-        "train_time_s": t_train,
-        "eval_time_s": t_eval,
-        "strip_time_s": t_strip,
-    }
-    record.update({k: (float(v) if "sparsity" in k else int(v))
-                   for k, v in summary.items()})
-    if is_main:
-      run_logging.append_jsonl(metrics_path, record)
-      records.append(record)
-    log(f"epoch {epoch + 1}/{config.num_epochs}: "
-        f"train_loss {record['train_loss']:.4f} "
-        f"train_acc {record['train_acc']:.4f} "
-        f"test_acc {record['test_acc']:.4f} "
-        f"dead {record['dead_neurons']} "
-        f"active {record['active_params']} "
-        f"sparsity {record['sparsity']:.4f}")
-    checkpointing.save(manager, int(state.step), state,
-                       checkpointing.Position(epoch, steps_per_epoch, True, {}))
-
-  if progress is not None:
-    progress.close()
+  run, state = prepare(config, Path(workdir).absolute(),
+                       log if is_main else (lambda _: None))
+  state, manager, records = restore_or_start(run, state)
+  first_epoch = int(state.step) // run.steps_per_epoch
+  writer = writers.make_writer(
+      run.workdir, is_main=is_main,
+      purge_step=first_epoch * run.steps_per_epoch + 1)
+  with contextlib.ExitStack() as stack:
+    stack.callback(manager.close)
+    stack.callback(writer.close)
+    callbacks = [cb for cb in (stack.enter_context(progress_bar(run, state)),
+                               on_step) if cb is not None]
+    for epoch in range(first_epoch, config.run.num_epochs):
+      t0 = time.perf_counter()
+      state = train_epoch(run, state, epoch, manager, callbacks)
+      t1 = time.perf_counter()
+      evals, dead = evaluate_and_probe(run, state.params)
+      t2 = time.perf_counter()
+      state, event = strip_or_recycle(run, state, dead, epoch)
+      timings = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+      record = make_record(run, state, epoch, evals, dead, event, timings)
+      writer.write(record.step, record.as_dict())
+      records.append(record.as_dict())
+      run.log(record.summary(config.run.num_epochs))
+      checkpointing.save(manager, record.step, state)
   if is_main and records:
-    run_logging.plot_metrics(records, workdir,
-                             title=f"{config.model} {config.activation} "
-                             f"strip={config.strip} on {config.dataset}")
-  manager.close()
+    writers.plot_metrics(records, run.workdir, title=_title(config))
   return records
 
 
-def _check_loss(train: dict[str, float], epoch: int, manager) -> None:
-  if not math.isfinite(train["loss_sum"]):
-    latest = manager.latest_step()
+# ------------------------------------------------------------- the phases
+
+def prepare(config: ml_collections.ConfigDict, workdir: Path,
+            log: Callable[[str], None]) -> tuple[Run, steps.TrainState]:
+  """Load the data and build the mesh, model, optimizer and compiled steps.
+
+  Every error of the config or the data is raised here, before anything is
+  trained or written. Returns the run and its initial (replicated) state.
+  """
+  run_data = RunData(config)
+  mesh = steps.make_mesh()
+  steps.check_batch_size(config.run.batch_size, mesh, "run.batch_size")
+  steps.check_batch_size(config.run.eval_batch_size, mesh,
+                         "run.eval_batch_size")
+  n_train = len(run_data.x_train)
+  if config.run.batch_size > n_train:
+    raise ValueError(f"config.run.batch_size={config.run.batch_size} exceeds "
+                     f"the {n_train} training images")
+  _, notice = config_lib.warmup_epochs(config)
+  if notice:
+    log(notice)
+  model, schedule, state, tx = _build(config, run_data, mesh)
+  augment, preprocess = input_fns(config, run_data)
+  repl = steps.replicated(mesh)
+  strip = jax.jit(functools.partial(
+      strip_event, stripping_factor=config.stripping.factor),
+                  out_shardings=repl, donate_argnums=(0, 1))
+  recycle = (jax.jit(functools.partial(
+      redo.recycle, outgoing=models.outgoing_map(state.params,
+                                                 config.model.name)),
+                     out_shardings=repl, donate_argnums=(0, 1))
+             if config.stripping.redo else None)
+  run = Run(config=config, workdir=workdir, data=run_data, mesh=mesh,
+            model=model, schedule=schedule,
+            steps_per_epoch=n_train // config.run.batch_size,
+            train_step=steps.jit_train_step(model, tx, augment, mesh),
+            eval_step=steps.jit_eval_step(model, preprocess, mesh,
+                                          collect_stats=False),
+            probe_step=steps.jit_eval_step(model, preprocess, mesh,
+                                           collect_stats=True),
+            strip=strip, recycle=recycle, log=log)
+  return run, state
+
+
+def restore_or_start(run: Run, state: steps.TrainState
+                     ) -> tuple[steps.TrainState, Any, list[dict[str, Any]]]:
+  """Resume from the workdir's newest readable checkpoint, or start at 0.
+
+  Writes (or on resume checks) ``config.json``, refuses to overwrite the
+  metrics of a run whose checkpoints are gone, and drops the records of the
+  epochs that will be trained again. Returns ``(state, checkpoint manager,
+  records kept)``.
+  """
+  _check_config_file(run.workdir, run.config, run.is_main)
+  metrics_path = run.workdir / writers.METRICS_FILE
+  manager = checkpointing.make_manager(
+      run.workdir, max_to_keep=run.config.run.max_checkpoints)
+  restored = checkpointing.restore_latest(
+      manager, state, quarantine_dir=run.workdir / "unreadable_checkpoints")
+  if restored is None:
+    if writers.read_jsonl(metrics_path):
+      manager.close()
+      raise RunError(f"{metrics_path} has records but {manager.directory} "
+                     "holds no checkpoint: refusing to start over and "
+                     "overwrite them; use another --workdir")
+  else:
+    step, state = restored
+    epoch, batch = divmod(step, run.steps_per_epoch)
+    run.log(f"resuming from checkpoint {step} (epoch {epoch + 1}, "
+            f"batch {batch})")
+  epoch = int(state.step) // run.steps_per_epoch
+  records = (writers.keep_epochs_before(metrics_path, epoch)
+             if run.is_main else [])
+  return state, manager, records
+
+
+def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
+                callbacks: Sequence[StepCallback]) -> steps.TrainState:
+  """Train on ``epoch`` from the batch ``state.step`` points at.
+
+  At batch 0 the running sums restart from zero. Inside the epoch (never at
+  its last batch) a checkpoint is taken every
+  ``run.checkpoint_every_steps`` steps; ``callbacks`` get each new step.
+
+  Raises:
+    FloatingPointError: the training loss became NaN/inf.
+  """
+  c, spe = run.config, run.steps_per_epoch
+  start = int(state.step) - epoch * spe
+  if start == 0:
+    state = state.replace(train_sums=steps.replicate(steps.zero_sums(),
+                                                     run.mesh))
+  order = input_pipeline.batch_indices(len(run.data.x_train), c.run.batch_size,
+                             seed=c.run.seed, epoch=epoch,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  every = c.run.checkpoint_every_steps
+  for b in range(start, spe):
+    idx = order[b]
+    batch = steps.global_batch((run.data.x_train[idx],
+                                run.data.y_train[idx]), run.mesh)
+    state, _ = run.train_step(state, *batch)
+    step = epoch * spe + b + 1  # == state.step, without waiting for it
+    if every and b + 1 < spe and step % every == 0:
+      _check_loss(state, epoch, manager)
+      checkpointing.save(manager, step, state)
+    for callback in callbacks:
+      callback(step)
+  _check_loss(state, epoch, manager)
+  return state
+
+
+def evaluate_and_probe(run: Run, params: PyTree
+                       ) -> tuple[tuple[dict, dict], PyTree]:
+  """``((test sums, probe sums), dead tree)`` of ``params``.
+
+  With ``stripping.probe='test'`` one pass over the test set gives both.
+
+  Raises:
+    FloatingPointError: a probed activation is NaN/inf (names the layer).
+  """
+  c, d = run.config, run.data
+
+  def evaluate(x, y, step_fn):
+    return steps.evaluate(step_fn, params, x, y,
+                          batch_size=c.run.eval_batch_size, mesh=run.mesh)
+
+  if c.stripping.probe == "test":
+    test = probed = evaluate(d.x_test, d.y_test, run.probe_step)
+  else:
+    test = evaluate(d.x_test, d.y_test, run.eval_step)
+    probed = evaluate(d.x_probe, d.y_probe, run.probe_step)
+  check_finite(probed["stats"])
+  dead = probe.dead_tree(params, probed["stats"], c.stripping.tau)
+  return (test, probed), dead
+
+
+def is_event_epoch(epoch: int, frequency: int) -> bool:
+  """Whether a strip (or ReDo) event follows ``epoch`` (0-based): every
+  ``frequency`` epochs, the first after epoch ``frequency - 1``."""
+  return (epoch + 1) % frequency == 0
+
+
+def strip_or_recycle(run: Run, state: steps.TrainState, dead: PyTree,
+                     epoch: int) -> tuple[steps.TrainState, tuple[bool, bool]]:
+  """At an event epoch, strip and/or recycle (ReDo) the dead neurons.
+
+  Returns the new state and ``(stripped, recycled)``.
+  """
+  c = run.config.stripping
+  if not is_event_epoch(epoch, c.frequency):
+    return state, (False, False)
+  if c.enabled:
+    params, opt_state = run.strip(state.params, state.opt_state, dead)
+    state = state.replace(params=params, opt_state=opt_state)
+  if c.redo:
+    # A host value, identical on every process (raw uint32[2] key).
+    key = np.asarray(jax.random.fold_in(
+        jax.random.PRNGKey(run.config.run.seed), epoch))
+    params, opt_state = run.recycle(state.params, state.opt_state, dead, key)
+    state = state.replace(params=params, opt_state=opt_state)
+  jax.block_until_ready(state.params)
+  return state, (c.enabled, c.redo)
+
+
+def make_record(run: Run, state: steps.TrainState, epoch: int,
+                evals: tuple[dict, dict], dead: PyTree,
+                event: tuple[bool, bool], timings: tuple[float, float, float]
+                ) -> EpochRecord:
+  """The :class:`EpochRecord` of an epoch, after its event.
+
+  ``timings`` are the seconds spent training, evaluating and stripping.
+  """
+  masks = get_masks(state.opt_state) if run.config.stripping.enabled else None
+  summary = jax.device_get(metrics.summary(state.params, dead, masks))
+  stripped = sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(masks))
+  test, probed = evals
+  train = jax.device_get(state.train_sums)
+  step = int(state.step)
+  return EpochRecord(
+      epoch=epoch, step=step,
+      train_loss=_mean(train, "loss_sum"), train_acc=_mean(train, "correct"),
+      test_loss=_mean(test, "loss_sum"), test_acc=_mean(test, "correct"),
+      probe_loss=_mean(probed, "loss_sum"),
+      probe_acc=_mean(probed, "correct"),
+      dead_neurons=int(summary.pop("dead_neurons")),
+      active_params=int(summary.pop("active_params")),
+      sparsity=float(summary.pop("sparsity")),
+      stripped_weights=stripped, stripped_now=event[0], recycled_now=event[1],
+      learning_rate=float(run.schedule(step)),
+      train_time_s=timings[0], eval_time_s=timings[1],
+      strip_time_s=timings[2],
+      per_layer={k: (float(v) if "sparsity" in k else int(v))
+                 for k, v in summary.items()})
+
+
+@contextlib.contextmanager
+def progress_bar(run: Run, state: steps.TrainState
+                 ) -> Iterator[Optional[StepCallback]]:
+  """A tqdm bar over the run's steps as a step callback (None when off)."""
+  if not (run.config.run.progress_bar and run.is_main):
+    yield None
+    return
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  bar = tqdm(total=run.config.run.num_epochs * run.steps_per_epoch,
+             initial=int(state.step), unit="step", dynamic_ncols=True,
+             leave=False)
+  try:
+    yield lambda _: bar.update(1)
+  finally:
+    bar.close()
+
+
+# ------------------------------------------------------------- helpers
+
+def _mean(sums: dict[str, Any], key: str) -> float:
+  return float(sums[key]) / float(sums["count"])
+
+
+def _title(config: ml_collections.ConfigDict) -> str:
+  return (f"{config.model.name} {config.model.get('activation', '')} "
+          f"strip={config.stripping.enabled} on {config.data.dataset}")
+
+
+def _check_config_file(workdir: Path, config: ml_collections.ConfigDict,
+                       is_main: bool) -> None:
+  """Write ``config.json``; on resume refuse a config that changed."""
+  path = workdir / CONFIG_FILE
+  new = json.loads(config.to_json())
+  if path.exists():
+    diff = config_lib.config_diff(json.loads(path.read_text()), new)
+    if diff:
+      raise RunError(
+          f"{workdir} holds a run with a different config "
+          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+          + "; use another --workdir")
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(new, indent=2, sort_keys=True))
+
+
+def _check_loss(state: steps.TrainState, epoch: int, manager) -> None:
+  """Raise ``FloatingPointError`` if the epoch's training loss is not finite."""
+  loss = float(np.asarray(state.train_sums["loss_sum"]))
+  if not math.isfinite(loss):
     raise FloatingPointError(
-        f"training loss became {train['loss_sum']} in epoch {epoch + 1}; "
-        f"stopping. The last good checkpoint (step {latest}) in "
-        f"{manager.directory} is kept; lower learning_rate or check the data")
+        f"training loss became {loss} in epoch {epoch + 1}; stopping. The "
+        f"last good checkpoint (step {manager.latest_step()}) in "
+        f"{manager.directory} is kept; lower optimizer.learning_rate or "
+        "check the data")
 
 
-def _build(config, run_data: RunData, mesh):
+def _build(config: ml_collections.ConfigDict, run_data: RunData, mesh: Mesh):
   """``(model, schedule, replicated initial state, optimizer)`` of a run."""
-  steps_per_epoch = max(len(run_data.x_train) // config.batch_size, 1)
-  name, kwargs = config_lib.model_kwargs(config, run_data.num_classes)
-  model = models.create_model(name, **kwargs)
-  schedule = training.make_schedule(
-      learning_rate=config.learning_rate,
-      min_learning_rate=config.min_learning_rate,
-      warmup_steps=config.warmup_epochs * steps_per_epoch,
-      total_steps=config.num_epochs * steps_per_epoch)
+  steps_per_epoch = max(len(run_data.x_train) // config.run.batch_size, 1)
+  model = config_lib.create_model(config.model, run_data.num_classes)
+  warmup, _ = config_lib.warmup_epochs(config)
+  schedule = steps.make_schedule(
+      learning_rate=config.optimizer.learning_rate,
+      min_learning_rate=config.optimizer.min_learning_rate,
+      warmup_steps=warmup * steps_per_epoch,
+      total_steps=config.run.num_epochs * steps_per_epoch)
 
   def tx_factory(targets):
-    return training.make_optimizer(schedule, weight_decay=config.weight_decay,
-                                   targets=targets, strip=config.strip)
+    return steps.make_optimizer(
+        schedule, weight_decay=config.optimizer.weight_decay,
+        targets=targets, strip=config.stripping.enabled)
 
-  state, tx = training.create_train_state(model, tx_factory,
-                                          run_data.image_shape, config.seed)
-  return model, schedule, training.replicate(state, mesh), tx
+  state, tx = steps.create_train_state(model, tx_factory,
+                                       run_data.image_shape, config.run.seed)
+  return model, schedule, steps.replicate(state, mesh), tx
 
 
-def final_state(config: ml_collections.ConfigDict, workdir: str | Path):
-  """``(state, position, model, run_data)`` of a run's latest checkpoint."""
+def final_state(config: ml_collections.ConfigDict, workdir: str | Path
+                ) -> tuple[steps.TrainState, nn.Module, RunData]:
+  """``(state, model, run_data)`` of a run's latest checkpoint."""
   run_data = RunData(config)
-  model, _, state, _ = _build(config, run_data, training.make_mesh())
+  model, _, state, _ = _build(config, run_data, steps.make_mesh())
   manager = checkpointing.make_manager(workdir)
   restored = checkpointing.restore_latest(manager, state)
   manager.close()
   if restored is None:
     raise checkpointing.CheckpointError(f"no checkpoint in {workdir}")
-  return restored[1], restored[2], model, run_data
+  return restored[1], model, run_data
 
 
-__all__ = ["Interrupt", "RunData", "RunError", "final_state",
-           "train_and_evaluate"]
+__all__ = ["EpochRecord", "Run", "RunData", "RunError", "evaluate_and_probe",
+           "final_state", "input_fns", "is_event_epoch", "make_record",
+           "prepare", "progress_bar", "restore_or_start", "strip_or_recycle",
+           "train_and_evaluate", "train_epoch"]

@@ -1,6 +1,6 @@
 """Reusable pieces of a training run: state, optimizer, steps, sharding.
 
-The loop itself lives in ``experiments/train_vit.py``; everything here is a
+The loop itself lives in :mod:`synstrip_vit.loop`; everything here is a
 pure function (or a jit-compiled one) of explicit arguments. Data parallelism
 is plain ``jax.jit`` over a 1-D mesh ``('data',)`` spanning every device of
 every process: batches are sharded over ``'data'``, the train state is
@@ -39,11 +39,24 @@ class TrainState:
     opt_state: the optimizer state; holds the stripping masks.
     rng: ``uint32[2]`` raw PRNG key (dropout, augmentation), folded with
       ``step`` at every step, so a resumed run draws the same numbers.
+    train_sums: running sums of the current epoch's training metrics
+      (``loss_sum``, ``correct``, ``count``; see :func:`zero_sums`), added
+      to by every :func:`train_step` and reset at each epoch start; a
+      checkpoint taken inside an epoch carries them, so a resumed epoch
+      reports what an uninterrupted one does.
   """
   step: jax.Array
   params: PyTree
   opt_state: PyTree
   rng: jax.Array
+  train_sums: dict[str, jax.Array]
+
+
+def zero_sums() -> dict[str, jax.Array]:
+  """Empty training sums: ``loss_sum`` (f32), ``correct`` (i32), ``count``."""
+  return {"loss_sum": jnp.zeros((), jnp.float32),
+          "correct": jnp.zeros((), jnp.int32),
+          "count": jnp.zeros((), jnp.float32)}
 
 
 # ------------------------------------------------------------------ devices
@@ -172,7 +185,8 @@ def create_train_state(model: nn.Module, tx_factory: Callable[[PyTree], optax.Gr
   targets = probe.target_tree(params, variables[ss_linen.ACTIVATIONS])
   tx = tx_factory(targets)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=jax.jit(tx.init)(params), rng=state_rng)
+                     opt_state=jax.jit(tx.init)(params), rng=state_rng,
+                     train_sums=zero_sums())
   return state, tx
 
 
@@ -198,8 +212,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
     augment: ``(key, uint8 images) -> float32 normalised images``.
 
   Returns:
-    ``(state, metrics)`` with ``loss_sum``, ``correct`` and ``count`` (sums
-    over the batch, so epochs aggregate exactly).
+    ``(state, metrics)``: ``metrics`` holds ``loss_sum``, ``correct`` and
+    ``count`` (sums over the batch, so epochs aggregate exactly); the new
+    state's ``train_sums`` are the old ones plus ``metrics``.
   """
   rng = jax.random.fold_in(state.rng, state.step)
   aug_rng, dropout_rng = jax.random.split(rng)
@@ -224,7 +239,9 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
       "count": jnp.asarray(labels.shape[0], jnp.float32),
   }
   return state.replace(step=state.step + 1, params=params,
-                       opt_state=opt_state), metrics
+                       opt_state=opt_state,
+                       train_sums=accumulate(state.train_sums, metrics)
+                       ), metrics
 
 
 def eval_step(params: PyTree, images: jax.Array, labels: jax.Array,

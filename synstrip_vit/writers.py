@@ -1,17 +1,23 @@
-"""Per-epoch metric records: JSONL files and the standard plots.
+"""Per-epoch metric records: writers (JSONL, TensorBoard) and the plots.
 
-Only process 0 of a multi-process run should call the writers.
+A :class:`MetricWriter` takes ``write(step, record)`` / ``close()``;
+:func:`make_writer` gives a run's writer: ``metrics.jsonl`` always and
+TensorBoard event files (``tensorboard --logdir <workdir>``) when
+tensorboardX is installed, on process 0 only (a writer that drops
+everything elsewhere).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _jsonable(v: Any) -> Any:
@@ -116,5 +122,103 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | Path,
   return paths
 
 
-__all__ = ["METRICS_FILE", "append_jsonl",
-           "keep_epochs_before", "plot_metrics", "read_jsonl"]
+# ------------------------------------------------------------------ writers
+
+class MetricWriter(Protocol):
+  """Where per-epoch records go."""
+
+  def write(self, step: int, record: Mapping[str, Any]) -> None:
+    """Write ``record`` (a flat mapping of scalars) at optimizer ``step``."""
+
+  def close(self) -> None:
+    """Flush and release whatever the writer holds."""
+
+
+class JsonlWriter:
+  """Appends each record, unchanged, as one line of a JSONL file."""
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+
+  def write(self, step: int, record: Mapping[str, Any]) -> None:
+    del step  # the record holds its own step
+    append_jsonl(self.path, record)
+
+  def close(self) -> None:
+    pass
+
+
+class TensorBoardWriter:
+  """Writes each numeric field of a record as a TensorBoard scalar.
+
+  Args:
+    logdir: the event files' directory.
+    purge_step: on resume, the first step written again: events at this
+      step and later (from the interrupted run) are dropped, as the
+      records of ``metrics.jsonl`` are.
+  """
+
+  def __init__(self, logdir: str | Path, *, purge_step: int | None = None):
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    self._writer = tensorboardX.SummaryWriter(str(logdir),
+                                              purge_step=purge_step)
+
+  def write(self, step: int, record: Mapping[str, Any]) -> None:
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (bool, int, float)):
+        self._writer.add_scalar(key, float(value), global_step=step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class MultiWriter:
+  """Writes every record to each of ``writers`` (none: drops them)."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self.writers = list(writers)
+
+  def write(self, step: int, record: Mapping[str, Any]) -> None:
+    for w in self.writers:
+      w.write(step, record)
+
+  def close(self) -> None:
+    for w in self.writers:
+      w.close()
+
+
+def tensorboard_available() -> bool:
+  """Whether tensorboardX can be imported."""
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def make_writer(workdir: str | Path, *, is_main: bool,
+                purge_step: int | None = None) -> MultiWriter:
+  """A run's writer: ``metrics.jsonl`` + TensorBoard (if importable).
+
+  Args:
+    workdir: the run directory (``metrics.jsonl`` and ``tensorboard/``).
+    is_main: False on processes other than 0, which write nothing.
+    purge_step: see :class:`TensorBoardWriter`.
+  """
+  if not is_main:
+    return MultiWriter([])
+  workdir = Path(workdir)
+  writers: list[MetricWriter] = [JsonlWriter(workdir / METRICS_FILE)]
+  if tensorboard_available():
+    writers.append(TensorBoardWriter(workdir / TENSORBOARD_DIR,
+                                     purge_step=purge_step))
+  else:
+    logging.info("tensorboardX not installed: no TensorBoard event files")
+  return MultiWriter(writers)
+
+
+__all__ = ["JsonlWriter", "METRICS_FILE", "MetricWriter", "MultiWriter",
+           "TENSORBOARD_DIR", "TensorBoardWriter", "append_jsonl",
+           "keep_epochs_before", "make_writer", "plot_metrics", "read_jsonl",
+           "tensorboard_available"]

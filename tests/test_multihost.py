@@ -22,7 +22,7 @@ import pytest
 
 from _shared import REPO, start_python
 
-from synstrip_vit import loop as experiment, writers as run_logging
+from synstrip_vit import loop, writers
 from synstrip_vit.config import base_config
 from synstrip_jax.transform import get_masks
 
@@ -30,18 +30,23 @@ SCRIPT = REPO / "experiments" / "train_vit.py"
 TIMEOUT = 240
 
 # A small MLP at a high learning rate: neurons die, stripping happens.
+# The model section is the MLP's: ``default.py:mlp`` on the command line.
+CONFIG_FILE = f"{REPO / 'experiments' / 'configs' / 'default.py'}:mlp"
 CONFIG = {
-    "dataset": "digits", "train_limit": 320, "test_limit": 96,
-    "batch_size": 32, "eval_batch_size": 64, "model": "mlp", "width": 32,
-    "depth": 4, "augment": False, "learning_rate": 0.03, "warmup_epochs": 0,
-    "num_epochs": 3, "progress_bar": False,
+    "data.dataset": "digits", "data.train_limit": 320, "data.test_limit": 96,
+    "run.batch_size": 32, "run.eval_batch_size": 64, "model.width": 32,
+    "model.depth": 4, "data.augment": False, "data.crop_padding": 1,
+    "data.flip": False, "optimizer.learning_rate": 0.03,
+    "optimizer.warmup_epochs": 0, "run.num_epochs": 3,
+    "run.progress_bar": False,
 }
+NUM_EPOCHS = CONFIG["run.num_epochs"]
 
 
 def config(**kw):
-  c = base_config()
-  c.update(CONFIG)
-  c.update(kw)
+  """The runs' config (as ``CONFIG_FILE`` + ``CONFIG``); ``kw``: dotted."""
+  c = base_config("mlp")
+  c.update_from_flattened_dict({**CONFIG, **kw})
   return c
 
 
@@ -52,8 +57,9 @@ def free_port() -> int:
 
 
 def argv(workdir, **kw):
-  values = dict(CONFIG, **kw)
+  values = {**CONFIG, **kw}
   return [SCRIPT, f"--workdir={workdir}",
+          f"--config={CONFIG_FILE}",
           *[f"--config.{k}={v}" for k, v in values.items()]]
 
 
@@ -92,9 +98,9 @@ def two_process_cmds(workdir, devices_each=2, timeout_s=30, **kw):
 
 
 def final(workdir, **kw):
-  state, position, _, _ = experiment.final_state(config(**kw), workdir)
+  state, _, _ = loop.final_state(config(**kw), workdir)
   return jax.device_get(state.params), jax.device_get(get_masks(
-      state.opt_state)), position
+      state.opt_state)), int(state.step)
 
 
 def timeless(records):
@@ -113,9 +119,9 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_match_one_process(runs):
-  two = timeless(run_logging.read_jsonl(runs / "two" / "metrics.jsonl"))
-  one = timeless(run_logging.read_jsonl(runs / "one" / "metrics.jsonl"))
-  assert len(two) == len(one) == CONFIG["num_epochs"]
+  two = timeless(writers.read_jsonl(runs / "two" / "metrics.jsonl"))
+  one = timeless(writers.read_jsonl(runs / "one" / "metrics.jsonl"))
+  assert len(two) == len(one) == NUM_EPOCHS
   assert any(r["dead_neurons"] > 0 for r in one), "no dead neuron: weak test"
   assert one[-1]["stripped_weights"] > 0
   for a, b in zip(one, two):
@@ -134,7 +140,7 @@ def test_two_processes_match_one_process(runs):
 
 def test_only_process_zero_writes_logs(runs):
   out = (runs / "two" / "metrics.jsonl").read_text().splitlines()
-  assert len(out) == CONFIG["num_epochs"]  # not written twice
+  assert len(out) == NUM_EPOCHS  # not written twice
 
 
 @pytest.mark.parametrize("written, restored", [(8, 1), (1, 8)])
@@ -155,9 +161,9 @@ def test_restore_on_another_device_count(tmp_path, written, restored):
   codes, outs = run_group([(argv(moved), restored)])
   assert codes == [0], outs[0][-3000:]
   assert f"resuming from checkpoint {ckpts[0].name}" in outs[0]
-  a = timeless(run_logging.read_jsonl(moved / "metrics.jsonl"))
-  b = timeless(run_logging.read_jsonl(ref / "metrics.jsonl"))
-  assert len(a) == len(b) == CONFIG["num_epochs"]
+  a = timeless(writers.read_jsonl(moved / "metrics.jsonl"))
+  b = timeless(writers.read_jsonl(ref / "metrics.jsonl"))
+  assert len(a) == len(b) == NUM_EPOCHS
   assert a[:2] == b[:2]
   for key in ("dead_neurons", "stripped_weights", "active_params"):
     assert a[2][key] == b[2][key], key
@@ -174,7 +180,7 @@ def test_a_failing_process_stops_the_other(tmp_path):
   """Process 1 is killed right after start-up: process 0 must end by itself
   (JAX's heartbeat timeout, here 10 s), not hang."""
   (c0, d0), (c1, d1) = two_process_cmds(tmp_path / "wd", timeout_s=10,
-                                        num_epochs=50)
+                                        **{"run.num_epochs": 50})
   p0 = start_python(c0, d0, stderr=subprocess.STDOUT)
   p1 = start_python(c1, d1, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL)

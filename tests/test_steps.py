@@ -24,7 +24,7 @@ from _shared import (assert_bitwise_equal, bitwise_equal, json_verdict,
                      start_python)
 
 from synstrip_jax import linen as ss_linen, probe
-from synstrip_vit import steps as training
+from synstrip_vit import steps
 from synstrip_vit.augment import random_crop_flip
 from synstrip_vit.input_pipeline import normalize
 from synstrip_vit.models.mlp import MLP
@@ -45,12 +45,12 @@ def tiny_vit(dtype=jnp.float32, depth=2) -> ViT:
 
 
 def schedule():
-  return training.make_schedule(learning_rate=3e-3, min_learning_rate=1e-5,
+  return steps.make_schedule(learning_rate=3e-3, min_learning_rate=1e-5,
                                 warmup_steps=2, total_steps=40)
 
 
 def tx_factory(strip=True):
-  return lambda targets: training.make_optimizer(
+  return lambda targets: steps.make_optimizer(
       schedule(), weight_decay=0.05, targets=targets, strip=strip)
 
 
@@ -98,7 +98,7 @@ def setup():
     seen["targets"] = targets
     return tx_factory(True)(targets)
 
-  state, tx = training.create_train_state(model, factory, IMAGE_SHAPE, seed=0)
+  state, tx = steps.create_train_state(model, factory, IMAGE_SHAPE, seed=0)
   return model, state, tx, seen["targets"]
 
 
@@ -106,7 +106,7 @@ def setup():
 def train_fn(setup):
   """``train_step`` jitted without shardings (donates nothing)."""
   model, _, tx, _ = setup
-  return jax.jit(functools.partial(training.train_step, model=model, tx=tx,
+  return jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    augment=no_augment))
 
 
@@ -114,7 +114,7 @@ def train_fn(setup):
 
 def test_make_schedule_warmup_then_cosine_to_minimum():
   peak, low, warmup, total = 1e-3, 1e-5, 10, 110
-  s = training.make_schedule(learning_rate=peak, min_learning_rate=low,
+  s = steps.make_schedule(learning_rate=peak, min_learning_rate=low,
                              warmup_steps=warmup, total_steps=total)
   assert float(s(0)) == 0.0
   np.testing.assert_allclose(float(s(5)), peak / 2, rtol=1e-6)
@@ -130,7 +130,7 @@ def test_make_schedule_warmup_then_cosine_to_minimum():
 
 
 def test_make_schedule_without_warmup_starts_at_peak():
-  s = training.make_schedule(learning_rate=0.1, min_learning_rate=0.0,
+  s = steps.make_schedule(learning_rate=0.1, min_learning_rate=0.0,
                              warmup_steps=0, total_steps=4)
   np.testing.assert_allclose([float(s(i)) for i in range(5)],
                              [0.1, 0.1 * (1 + np.cos(np.pi / 4)) / 2, 0.05,
@@ -152,7 +152,7 @@ _TARGETS = {"fc": {"kernel": True, "bias": False},
 @pytest.mark.parametrize("targets", [_TARGETS, lambda p: _TARGETS],
                          ids=["tree", "callable"])
 def test_make_optimizer_strip_on_holds_masks(targets):
-  tx = training.make_optimizer(schedule(), weight_decay=0.1, targets=targets,
+  tx = steps.make_optimizer(schedule(), weight_decay=0.1, targets=targets,
                                strip=True)
   masks = get_masks(tx.init(_params()))
   assert masks["fc"]["kernel"].shape == (3, 4)
@@ -164,7 +164,7 @@ def test_make_optimizer_strip_on_holds_masks(targets):
 @pytest.mark.parametrize("targets", [_TARGETS, lambda p: _TARGETS],
                          ids=["tree", "callable"])
 def test_make_optimizer_strip_off_holds_no_mask(targets):
-  tx = training.make_optimizer(schedule(), weight_decay=0.1, targets=targets,
+  tx = steps.make_optimizer(schedule(), weight_decay=0.1, targets=targets,
                                strip=False)
   params = _params()
   opt_state = tx.init(params)
@@ -178,10 +178,10 @@ def test_make_optimizer_strip_off_holds_no_mask(targets):
 def test_make_optimizer_is_adamw_with_scheduled_learning_rate():
   params = _params()
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-  sched = training.make_schedule(learning_rate=1e-2, min_learning_rate=0.0,
+  sched = steps.make_schedule(learning_rate=1e-2, min_learning_rate=0.0,
                                  warmup_steps=0, total_steps=10)
   for strip in (True, False):
-    tx = training.make_optimizer(sched, weight_decay=0.1, targets=_TARGETS,
+    tx = steps.make_optimizer(sched, weight_decay=0.1, targets=_TARGETS,
                                  strip=strip)
     ref = optax.adamw(sched, weight_decay=0.1)
     u, _ = tx.update(grads, tx.init(params), params)
@@ -221,9 +221,9 @@ def test_create_train_state_vit(setup):
 
 def test_create_train_state_is_seeded():
   model = MLP(num_classes=10, width=16, depth=2)
-  a, _ = training.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
-  b, _ = training.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
-  c, _ = training.create_train_state(model, tx_factory(), (8, 8, 1), seed=4)
+  a, _ = steps.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
+  b, _ = steps.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
+  c, _ = steps.create_train_state(model, tx_factory(), (8, 8, 1), seed=4)
   assert_bitwise_equal(a, b)
   assert not np.array_equal(a.params["fc0"]["kernel"], c.params["fc0"]["kernel"])
   assert not np.array_equal(a.rng, c.rng)
@@ -290,7 +290,7 @@ def test_train_step_keeps_stripped_weights_at_zero(setup, train_fn):
 def test_train_step_draws_new_augmentation_each_step():
   """The augmentation key is a pure function of ``(rng, step)``."""
   model = MLP(num_classes=10, width=8, depth=1)
-  state, tx = training.create_train_state(model, tx_factory(), IMAGE_SHAPE,
+  state, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
                                           seed=0)
   seen = []
 
@@ -298,7 +298,7 @@ def test_train_step_draws_new_augmentation_each_step():
     jax.debug.callback(lambda k: seen.append(np.asarray(k)), key)
     return preprocess(images)
 
-  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    augment=augment))
   images, labels = make_batch(seed=3)
   s1, _ = step(state, images, labels)
@@ -316,7 +316,7 @@ def test_train_step_draws_new_augmentation_each_step():
 def eval_fns(setup):
   model = setup[0]
   return {flag: jax.jit(functools.partial(
-      training.eval_step, model=model, preprocess=preprocess,
+      steps.eval_step, model=model, preprocess=preprocess,
       collect_stats=flag)) for flag in (True, False)}
 
 
@@ -371,7 +371,7 @@ def test_eval_step_rejects_misshaped_valid(setup):
   model, state, _, _ = setup
   images, labels = make_batch(4)
   with pytest.raises(ValueError, match="valid has shape"):
-    training.eval_step(state.params, images, labels, np.ones(3, bool),
+    steps.eval_step(state.params, images, labels, np.ones(3, bool),
                        model=model, preprocess=preprocess,
                        collect_stats=False)
 
@@ -380,7 +380,7 @@ def test_accumulate_sums_trees(setup, eval_fns):
   _, state, _, _ = setup
   a = eval_fns[True](state.params, *make_batch(4, seed=7), np.ones(4, bool))
   b = eval_fns[True](state.params, *make_batch(4, seed=8), np.ones(4, bool))
-  total = training.accumulate(training.accumulate(None, a), b)
+  total = steps.accumulate(steps.accumulate(None, a), b)
   assert float(total["count"]) == 8.0
   assert_trees_close(total["stats"],
                      jax.tree.map(jnp.add, a["stats"], b["stats"]))
@@ -389,25 +389,25 @@ def test_accumulate_sums_trees(setup, eval_fns):
 # ---------------------------------------------------------------------- mesh
 
 def test_check_batch_size_messages():
-  mesh = training.make_mesh(jax.devices()[:1])
-  training.check_batch_size(5, mesh)
+  mesh = steps.make_mesh(jax.devices()[:1])
+  steps.check_batch_size(5, mesh)
   for bad in (0, -4):
     with pytest.raises(ValueError, match=rf"batch_size={bad} .*device count 1"):
-      training.check_batch_size(bad, mesh)
+      steps.check_batch_size(bad, mesh)
   with pytest.raises(ValueError, match=r"eval_batch_size=0 "):
-    training.check_batch_size(0, mesh, what="eval_batch_size")
+    steps.check_batch_size(0, mesh, what="eval_batch_size")
 
 
 def test_jitted_steps_on_one_device_mesh_match_plain_jit(setup, train_fn,
                                                        eval_fns):
   """The sharded, donating jit_* steps = ``jax.jit`` of the plain functions."""
   model, state0, tx, _ = setup
-  mesh = training.make_mesh(jax.devices()[:1])
+  mesh = steps.make_mesh(jax.devices()[:1])
   images, labels = make_batch(seed=9)
   ref_state, ref_metrics = train_fn(state0, images, labels)
-  step = training.jit_train_step(model, tx, no_augment, mesh)
-  fresh = training.replicate(copy_tree(state0), mesh)
-  state, metrics = step(fresh, *training.global_batch((images, labels), mesh))
+  step = steps.jit_train_step(model, tx, no_augment, mesh)
+  fresh = steps.replicate(copy_tree(state0), mesh)
+  state, metrics = step(fresh, *steps.global_batch((images, labels), mesh))
   assert jax.tree.leaves(fresh.params)[0].is_deleted()  # donated in place
   assert_trees_close(state, ref_state, rtol=1e-5, atol=1e-7)
   assert_trees_close(metrics, ref_metrics, rtol=1e-6)
@@ -415,8 +415,8 @@ def test_jitted_steps_on_one_device_mesh_match_plain_jit(setup, train_fn,
 
   valid = np.arange(BATCH) < 5
   for flag in (True, False):
-    ev = training.jit_eval_step(model, preprocess, mesh, collect_stats=flag)
-    out = ev(state.params, *training.global_batch((images, labels, valid),
+    ev = steps.jit_eval_step(model, preprocess, mesh, collect_stats=flag)
+    out = ev(state.params, *steps.global_batch((images, labels, valid),
                                                   mesh))
     ref = eval_fns[flag](ref_state.params, images, labels, valid)
     assert_trees_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -428,21 +428,21 @@ def test_jitted_steps_match_eager_mlp():
   On an MLP: eager dispatch of a ViT step costs ~20 s of per-op compiles.
   """
   model = MLP(num_classes=10, width=16, depth=1)
-  state0, tx = training.create_train_state(model, tx_factory(), IMAGE_SHAPE,
+  state0, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
                                            seed=2)
-  mesh = training.make_mesh(jax.devices()[:1])
+  mesh = steps.make_mesh(jax.devices()[:1])
   images, labels = make_batch(seed=12)
-  eager_state, eager_metrics = training.train_step(
+  eager_state, eager_metrics = steps.train_step(
       state0, images, labels, model=model, tx=tx, augment=crop_flip_augment)
-  step = training.jit_train_step(model, tx, crop_flip_augment, mesh)
+  step = steps.jit_train_step(model, tx, crop_flip_augment, mesh)
   state, metrics = step(copy_tree(state0),
-                        *training.global_batch((images, labels), mesh))
+                        *steps.global_batch((images, labels), mesh))
   assert_trees_close(state, eager_state, rtol=1e-5, atol=1e-7)
   assert_trees_close(metrics, eager_metrics, rtol=1e-6)
   valid = np.arange(BATCH) < 5
-  ev = training.jit_eval_step(model, preprocess, mesh, collect_stats=True)
+  ev = steps.jit_eval_step(model, preprocess, mesh, collect_stats=True)
   out = ev(state.params, images, labels, valid)
-  ref = training.eval_step(eager_state.params, images, labels, valid,
+  ref = steps.eval_step(eager_state.params, images, labels, valid,
                            model=model, preprocess=preprocess,
                            collect_stats=True)
   assert_trees_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -451,9 +451,9 @@ def test_jitted_steps_match_eager_mlp():
 
 def test_mixed_precision_bfloat16_model():
   model = tiny_vit(jnp.bfloat16, depth=1)
-  state, tx = training.create_train_state(model, tx_factory(), IMAGE_SHAPE,
+  state, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
                                           seed=1)
-  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx,
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
                                    augment=crop_flip_augment))
   images, labels = make_batch(seed=10)
   losses = []
@@ -466,7 +466,7 @@ def test_mixed_precision_bfloat16_model():
       assert leaf.dtype == jnp.float32, leaf.dtype
   mu = state.opt_state.inner_state.inner_state[0].mu
   assert all(m.dtype == jnp.float32 for m in jax.tree.leaves(mu))
-  out = training.jit_eval_step(model, preprocess, training.make_mesh(
+  out = steps.jit_eval_step(model, preprocess, steps.make_mesh(
       jax.devices()[:1]), collect_stats=True)(
           state.params, images, labels, np.ones(BATCH, bool))
   assert np.isfinite(float(out["loss_sum"]))
@@ -499,33 +499,33 @@ def _worker() -> dict:
   import synstrip_jax  # pylint: disable=import-outside-toplevel
   results = {"devices": jax.device_count()}
   model = tiny_vit()
-  state0, tx = training.create_train_state(model, tx_factory(), IMAGE_SHAPE,
+  state0, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
                                            seed=0)
-  batch, steps = 16, 3
+  batch, num_steps = 16, 3
   rng = np.random.default_rng(11)
-  images = rng.integers(0, 256, (steps, batch) + IMAGE_SHAPE, dtype=np.uint8)
-  labels = rng.integers(0, 10, (steps, batch)).astype(np.int32)
+  images = rng.integers(0, 256, (num_steps, batch) + IMAGE_SHAPE, dtype=np.uint8)
+  labels = rng.integers(0, 10, (num_steps, batch)).astype(np.int32)
   valid = np.arange(batch) < 13
 
   runs = {}
   for n in (1, NUM_DEVICES):
-    mesh = training.make_mesh(jax.devices()[:n])
-    step = training.jit_train_step(model, tx, crop_flip_augment, mesh)
+    mesh = steps.make_mesh(jax.devices()[:n])
+    step = steps.jit_train_step(model, tx, crop_flip_augment, mesh)
     # 8 devices: the host-built (uncommitted) state goes in as it is.
-    state = (training.replicate(copy_tree(state0), mesh) if n == 1
+    state = (steps.replicate(copy_tree(state0), mesh) if n == 1
              else copy_tree(state0))
     metrics = []
-    for i in range(steps):
-      state, m = step(state, *training.global_batch((images[i], labels[i]),
+    for i in range(num_steps):
+      state, m = step(state, *steps.global_batch((images[i], labels[i]),
                                                     mesh))
       metrics.append(m)
     shardings_ok = all(
-        leaf.sharding.is_equivalent_to(training.replicated(mesh), leaf.ndim)
+        leaf.sharding.is_equivalent_to(steps.replicated(mesh), leaf.ndim)
         for leaf in jax.tree.leaves((state, metrics)))
     evals = {}
     for flag in (True, False):
-      ev = training.jit_eval_step(model, preprocess, mesh, collect_stats=flag)
-      evals[flag] = ev(state.params, *training.global_batch(
+      ev = steps.jit_eval_step(model, preprocess, mesh, collect_stats=flag)
+      evals[flag] = ev(state.params, *steps.global_batch(
           (images[0], labels[0], valid), mesh))
     runs[n] = dict(state=jax.device_get(state), metrics=jax.device_get(metrics),
                    evals=jax.device_get(evals), shardings_ok=shardings_ok)
@@ -541,12 +541,12 @@ def _worker() -> dict:
       [a for a, _ in others], [b for _, b in others])
   results["key_bias_max_abs_diff"] = _max_diffs(
       [a for a, _ in key_bias], [b for _, b in key_bias])[0]
-  results["lr_sum"] = float(sum(schedule()(i) for i in range(steps)))
+  results["lr_sum"] = float(sum(schedule()(i) for i in range(num_steps)))
   results["opt_state_bit_identical"] = bitwise_equal(one["state"].opt_state,
                                                       many["state"].opt_state)
   results["opt_state_max_abs_diff"] = _max_diffs(one["state"].opt_state,
                                                  many["state"].opt_state)[0]
-  results["step_equal"] = int(one["state"].step) == int(many["state"].step) == steps
+  results["step_equal"] = int(one["state"].step) == int(many["state"].step) == num_steps
   results["rng_equal"] = bool(np.array_equal(one["state"].rng,
                                              many["state"].rng))
   results["metrics_max_rel_diff"] = _max_diffs(one["metrics"],
@@ -571,13 +571,13 @@ def _worker() -> dict:
                                                    "count")}, 1.0)[1]
       for f in (True, False))
 
-  mesh8 = training.make_mesh()
+  mesh8 = steps.make_mesh()
   try:
-    training.check_batch_size(12, mesh8)
+    steps.check_batch_size(12, mesh8)
     results["check_batch_size_message"] = None
   except ValueError as e:
     results["check_batch_size_message"] = str(e)
-  training.check_batch_size(16, mesh8)
+  steps.check_batch_size(16, mesh8)
   return results
 
 

@@ -8,12 +8,16 @@ checkpoint fall-back, NaN loss, TFDS through ``tfds.testing.mock_data``).
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,18 +29,20 @@ import pytest
 from _shared import (assert_bitwise_equal, finish, start_python,
                      subprocess_env)
 
-from synstrip_vit import checkpointing, loop as experiment, writers as run_logging
+from synstrip_vit import checkpointing, config as config_lib, loop, writers
 from synstrip_vit.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_vit.py"
 
 TINY = {
-    "dataset": "digits", "train_limit": 320, "test_limit": 96,
-    "batch_size": 32, "eval_batch_size": 64, "patch_size": 4,
-    "hidden_size": 16, "depth": 2, "num_heads": 2, "mlp_dim": 32,
-    "num_epochs": 2, "warmup_epochs": 1, "crop_padding": 1, "flip": False,
-    "progress_bar": False, "learning_rate": 3e-3,
+    "data.dataset": "digits", "data.train_limit": 320, "data.test_limit": 96,
+    "data.crop_padding": 1, "data.flip": False,
+    "model.patch_size": 4, "model.hidden_size": 16, "model.depth": 2,
+    "model.num_heads": 2, "model.mlp_dim": 32,
+    "optimizer.warmup_epochs": 1, "optimizer.learning_rate": 3e-3,
+    "run.batch_size": 32, "run.eval_batch_size": 64, "run.num_epochs": 2,
+    "run.progress_bar": False,
 }
 CACHE_DIR = Path(os.environ.get(
     "SYNSTRIP_TEST_CACHE",
@@ -45,16 +51,32 @@ REQUIRED = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
             "dead_neurons", "active_params", "sparsity")
 
 
-def tiny_config(**overrides):
-  c = base_config()
-  c.update(TINY)
-  c.update(overrides)
+def tiny_config(overrides=None, model="vit"):
+  """The tiny run's config; ``overrides``: dotted field -> value."""
+  c = base_config(model)
+  tiny = {k: v for k, v in TINY.items()
+          if model == "vit" or not k.startswith("model.")}
+  c.update_from_flattened_dict({**tiny, **(overrides or {})})
   return c
 
 
-def overrides_argv(**overrides):
-  values = dict(TINY, **overrides)
+def overrides_argv(overrides=None):
+  values = {**TINY, **(overrides or {})}
   return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+class Interrupt(Exception):
+  """Raised by :func:`interrupt_after` (simulates a kill)."""
+
+
+def interrupt_after(n):
+  """An ``on_step`` callback that raises after ``n`` steps of this call."""
+  count = itertools.count(1)
+
+  def on_step(step):
+    if next(count) >= n:
+      raise Interrupt(f"interrupted after {n} steps (at step {step})")
+  return on_step
 
 
 def script_env(devices=None):
@@ -65,10 +87,10 @@ def script_env(devices=None):
 
 
 def run_script(workdir, *args, devices=None, timeout=300, env=None,
-               **overrides) -> subprocess.CompletedProcess:
+               overrides=None) -> subprocess.CompletedProcess:
   """Runs the script to its end (``workdir=None``: no ``--workdir``)."""
   cmd = [SCRIPT, *([f"--workdir={workdir}"] if workdir else []),
-         *overrides_argv(**overrides), *args]
+         *overrides_argv(overrides), *args]
   proc = start_python(cmd, env=env or script_env(devices))
   stdout, stderr = finish(proc, timeout, "train_vit.py")
   return subprocess.CompletedProcess(proc.args, proc.returncode, stdout,
@@ -81,8 +103,26 @@ def strip_times(records):
 
 
 def final_params(config, workdir):
-  state, position, _, _ = experiment.final_state(config, workdir)
-  return jax.device_get(state.params), position
+  """The final params and ``(epoch, batch) = divmod(step, steps/epoch)``."""
+  state, _, run_data = loop.final_state(config, workdir)
+  steps_per_epoch = len(run_data.x_train) // config.run.batch_size
+  return (jax.device_get(state.params),
+          divmod(int(state.step), steps_per_epoch))
+
+
+def tensorboard_scalars(logdir):
+  """``{tag: [(step, value), ...]}`` of the event files in ``logdir``."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out = {}
+  for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+    raw, i = path.read_bytes(), 0
+    while i < len(raw):  # TFRecord: length, crc, payload, crc
+      (n,) = struct.unpack("<Q", raw[i:i + 8])
+      event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -110,7 +150,7 @@ def script_run(tmp_path_factory):
 
 def test_script_writes_metrics_plots_and_config(script_run):
   workdir, res = script_run
-  records = run_logging.read_jsonl(workdir / "metrics.jsonl")
+  records = writers.read_jsonl(workdir / "metrics.jsonl")
   assert [r["epoch"] for r in records] == [0, 1]
   for r in records:
     for key in REQUIRED:
@@ -122,18 +162,31 @@ def test_script_writes_metrics_plots_and_config(script_run):
     png = workdir / f"{name}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((workdir / "config.json").read_text())
-  assert saved["hidden_size"] == TINY["hidden_size"]
+  assert saved["model"]["hidden_size"] == TINY["model.hidden_size"]
   assert "epoch 2/2" in res.stdout
+
+
+def test_script_writes_tensorboard_events(script_run):
+  """``tensorboard --logdir <workdir>`` shows the curves of metrics.jsonl."""
+  pytest.importorskip("tensorboardX")
+  workdir, _ = script_run
+  records = writers.read_jsonl(workdir / "metrics.jsonl")
+  scalars = tensorboard_scalars(workdir / writers.TENSORBOARD_DIR)
+  for key in ("train_loss", "test_acc", "dead_neurons", "sparsity"):
+    assert [s for s, _ in scalars[key]] == [r["step"] for r in records], key
+    np.testing.assert_allclose([v for _, v in scalars[key]],
+                               [r[key] for r in records], rtol=1e-6)
+  assert any(k.startswith("dead/") for k in scalars)
 
 
 def test_stripped_weights_never_come_back(script_run):
   workdir, _ = script_run
-  records = run_logging.read_jsonl(workdir / "metrics.jsonl")
+  records = writers.read_jsonl(workdir / "metrics.jsonl")
   stripped = [r["stripped_weights"] for r in records]
   assert stripped == sorted(stripped)
   # The final masks: every stripped weight is exactly 0.0 in the params.
   config = tiny_config()
-  state, _, _, _ = experiment.final_state(config, workdir)
+  state, _, _ = loop.final_state(config, workdir)
   from synstrip_jax.transform import get_masks  # pylint: disable=import-outside-toplevel
   masks = get_masks(state.opt_state)
   for p, m in zip(jax.tree.leaves(state.params),
@@ -146,14 +199,15 @@ def test_stripped_weights_never_come_back(script_run):
 
 def test_without_workdir_a_fresh_named_one_is_used():
   """No --workdir (the quick start): the run goes to runs/default-<time>."""
-  res = run_script(None, num_epochs=1, env=subprocess_env(None))
+  res = run_script(None, overrides={"run.num_epochs": 1},
+                   env=subprocess_env(None))
   assert res.returncode == 0, res.stderr[-3000:]
   line = next(l for l in res.stdout.splitlines() if l.startswith("workdir: "))
   workdir = Path(line[len("workdir: "):])
   try:
     assert workdir.parent == REPO / "runs"
     assert re.fullmatch(r"default-\d{8}-\d{6}", workdir.name), workdir.name
-    assert len(run_logging.read_jsonl(workdir / "metrics.jsonl")) == 1
+    assert len(writers.read_jsonl(workdir / "metrics.jsonl")) == 1
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
 
@@ -169,18 +223,21 @@ def test_rerun_of_a_finished_run_changes_nothing(script_run):
 
 def test_rerun_with_another_config_is_refused(script_run):
   workdir, _ = script_run
-  res = run_script(workdir, seed=1)
+  res = run_script(workdir, overrides={"run.seed": 1})
   assert res.returncode == 1
   assert "different config" in res.stderr and "seed" in res.stderr
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--config.dataset=imagenet"], "unknown dataset 'imagenet'"),
-    (["--config.stripping_factor=1.5"], "stripping_factor"),
-    (["--config.stripping_factor=nan"], "stripping_factor"),
+    (["--config.data.dataset=imagenet"], "unknown dataset 'imagenet'"),
+    (["--config.stripping.factor=1.5"], "stripping.factor"),
+    (["--config.stripping.factor=nan"], "stripping.factor"),
+    (["--config.stripping.tau=-1.0"], "config.stripping.tau=-1.0"),
     (["--config.bogus=1"], "unknown config field 'bogus'"),
-    (["--config.probe=train"], "config.probe='train'"),
-    (["--config.batch_size=1000"], "batch_size=1000"),
+    (["--config.model.width=8"], "unknown config field 'model.width'"),
+    (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
+    (["--config.stripping.probe=train"], "config.stripping.probe='train'"),
+    (["--config.run.batch_size=1000"], "batch_size=1000"),
 ])
 def test_bad_input_one_line_error_before_training(tmp_path, args, expected):
   res = run_script(tmp_path / "wd", *args, timeout=120)
@@ -217,18 +274,19 @@ def test_bad_npz_fails_before_training(tmp_path, changes, expected):
   path = tmp_path / "d.npz"
   if changes != "missing":
     _write_npz(path, **changes)
-  config = tiny_config(dataset=f"npz:{path}", train_limit=0, test_limit=0)
+  config = tiny_config({"data.dataset": f"npz:{path}", "data.train_limit": 0,
+                        "data.test_limit": 0})
   with pytest.raises(ValueError, match=expected):
-    experiment.train_and_evaluate(config, tmp_path / "wd")
+    loop.train_and_evaluate(config, tmp_path / "wd")
   assert not (tmp_path / "wd").exists()
 
 
 def test_npz_dataset_trains(tmp_path):
   path = _write_npz(tmp_path / "d.npz")
-  config = tiny_config(dataset=f"npz:{path}", train_limit=0, test_limit=0,
-                       num_epochs=1)
-  records = experiment.train_and_evaluate(config, tmp_path / "wd",
-                                          log=lambda _: None)
+  config = tiny_config({"data.dataset": f"npz:{path}", "data.train_limit": 0,
+                        "data.test_limit": 0, "run.num_epochs": 1})
+  records = loop.train_and_evaluate(config, tmp_path / "wd",
+                                    log=lambda _: None)
   assert len(records) == 1 and np.isfinite(records[0]["test_loss"])
 
 
@@ -236,12 +294,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   """A real kill -9 in the middle of the run; rerunning the same command
   ends with exactly the parameters and metrics of an uninterrupted run."""
   ref, killed = tmp_path / "ref", tmp_path / "killed"
-  extra = {"num_epochs": 3, "checkpoint_every_steps": 3}
-  res = run_script(ref, **extra)
+  extra = {"run.num_epochs": 3, "run.checkpoint_every_steps": 3}
+  res = run_script(ref, overrides=extra)
   assert res.returncode == 0, res.stderr[-3000:]
 
   proc = start_python(
-      [SCRIPT, f"--workdir={killed}", *overrides_argv(**extra)],
+      [SCRIPT, f"--workdir={killed}", *overrides_argv(extra)],
       env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   ckpts = killed / "checkpoints"
@@ -256,15 +314,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.wait(timeout=60)
-  assert len(run_logging.read_jsonl(killed / "metrics.jsonl")) < 3
-  res = run_script(killed, **extra)
+  assert len(writers.read_jsonl(killed / "metrics.jsonl")) < 3
+  res = run_script(killed, overrides=extra)
   assert res.returncode == 0, res.stderr[-3000:]
-  config = tiny_config(**extra)
+  config = tiny_config(extra)
   p_ref, _ = final_params(config, ref)
   p_killed, _ = final_params(config, killed)
   assert_bitwise_equal(p_ref, p_killed)
-  assert strip_times(run_logging.read_jsonl(ref / "metrics.jsonl")) == \
-      strip_times(run_logging.read_jsonl(killed / "metrics.jsonl"))
+  assert strip_times(writers.read_jsonl(ref / "metrics.jsonl")) == \
+      strip_times(writers.read_jsonl(killed / "metrics.jsonl"))
 
 
 def test_eight_fake_devices(tmp_path, script_run):
@@ -273,13 +331,14 @@ def test_eight_fake_devices(tmp_path, script_run):
   does not split over the devices."""
   res = run_script(tmp_path / "wd8", devices=8)
   assert res.returncode == 0, res.stderr[-3000:]
-  one = run_logging.read_jsonl(script_run[0] / "metrics.jsonl")
-  eight = run_logging.read_jsonl(tmp_path / "wd8" / "metrics.jsonl")
+  one = writers.read_jsonl(script_run[0] / "metrics.jsonl")
+  eight = writers.read_jsonl(tmp_path / "wd8" / "metrics.jsonl")
   assert len(eight) == len(one) == 2
   for a, b in zip(one, eight):
     np.testing.assert_allclose(b["train_loss"], a["train_loss"], rtol=1e-3)
     np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-2)
-  bad = run_script(tmp_path / "bad", devices=8, batch_size=36, timeout=120)
+  bad = run_script(tmp_path / "bad", devices=8, timeout=120,
+                   overrides={"run.batch_size": 36})
   assert bad.returncode == 1
   assert "batch_size=36" in bad.stderr and "device count 8" in bad.stderr
 
@@ -289,8 +348,8 @@ def test_eight_fake_devices(tmp_path, script_run):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ref") / "wd"
-  config = tiny_config(num_epochs=3, checkpoint_every_steps=4)
-  records = experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  config = tiny_config({"run.num_epochs": 3, "run.checkpoint_every_steps": 4})
+  records = loop.train_and_evaluate(config, workdir, log=lambda _: None)
   params, _ = final_params(config, workdir)
   return config, records, params
 
@@ -304,21 +363,21 @@ def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
   config, ref_records, ref_params = reference_run
   workdir = tmp_path / "wd"
   for n in interrupts:
-    with pytest.raises(experiment.Interrupt):
-      experiment.train_and_evaluate(config, workdir, interrupt_after_steps=n,
-                                    log=lambda _: None)
-  experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+    with pytest.raises(Interrupt):
+      loop.train_and_evaluate(config, workdir, on_step=interrupt_after(n),
+                              log=lambda _: None)
+  loop.train_and_evaluate(config, workdir, log=lambda _: None)
   params, position = final_params(config, workdir)
-  assert position.epoch == 2 and position.epoch_done
+  assert position == (3, 0)  # epoch 3 of 3 (index 2) finished
   assert_bitwise_equal(ref_params, params)
-  assert strip_times(run_logging.read_jsonl(workdir / "metrics.jsonl")) == \
+  assert strip_times(writers.read_jsonl(workdir / "metrics.jsonl")) == \
       strip_times(ref_records)
 
 
 def test_corrupt_latest_checkpoint_falls_back_then_errors(tmp_path):
-  config = tiny_config(num_epochs=2)
+  config = tiny_config({"run.num_epochs": 2})
   workdir = tmp_path / "wd"
-  experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  loop.train_and_evaluate(config, workdir, log=lambda _: None)
   ckpts = workdir / "checkpoints"
   steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
   assert len(steps) == 2
@@ -327,7 +386,7 @@ def test_corrupt_latest_checkpoint_falls_back_then_errors(tmp_path):
     if f.is_file():
       f.write_bytes(b"garbage")
   # The run resumes from the previous checkpoint (epoch 1) and redoes epoch 2.
-  records = experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  records = loop.train_and_evaluate(config, workdir, log=lambda _: None)
   assert [r["epoch"] for r in records] == [0, 1]
   # The unreadable checkpoint was moved aside, not deleted.
   assert (workdir / "unreadable_checkpoints" / str(steps[-1])).is_dir()
@@ -337,26 +396,27 @@ def test_corrupt_latest_checkpoint_falls_back_then_errors(tmp_path):
       f.write_bytes(b"garbage")
   before = (workdir / "metrics.jsonl").read_text()
   with pytest.raises(checkpointing.CheckpointError, match="could be restored"):
-    experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+    loop.train_and_evaluate(config, workdir, log=lambda _: None)
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
 def test_metrics_without_checkpoints_is_refused(tmp_path):
-  config = tiny_config(num_epochs=1)
+  config = tiny_config({"run.num_epochs": 1})
   workdir = tmp_path / "wd"
-  experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  loop.train_and_evaluate(config, workdir, log=lambda _: None)
   shutil.rmtree(workdir / "checkpoints")
-  with pytest.raises(experiment.RunError, match="refusing to start over"):
-    experiment.train_and_evaluate(config, workdir, log=lambda _: None)
+  with pytest.raises(loop.RunError, match="refusing to start over"):
+    loop.train_and_evaluate(config, workdir, log=lambda _: None)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = tiny_config(num_epochs=3, learning_rate=1e30, warmup_epochs=0,
-                       weight_decay=0.0)
+  config = tiny_config({"run.num_epochs": 3, "optimizer.learning_rate": 1e30,
+                        "optimizer.warmup_epochs": 0,
+                        "optimizer.weight_decay": 0.0})
   workdir = tmp_path / "wd"
   with pytest.raises(FloatingPointError, match="training loss became"):
-    experiment.train_and_evaluate(config, workdir, log=lambda _: None)
-  records = run_logging.read_jsonl(workdir / "metrics.jsonl")
+    loop.train_and_evaluate(config, workdir, log=lambda _: None)
+  records = writers.read_jsonl(workdir / "metrics.jsonl")
   for r in records:
     assert np.isfinite(r["train_loss"])
   steps = [p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
@@ -366,11 +426,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_tfds_path_with_mock_data(tmp_path):
   """cifar10 through the TFDS API (mock data: nothing is read or fetched)."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  config = tiny_config(dataset="cifar10", train_limit=0, test_limit=0,
-                       num_epochs=1, patch_size=8, crop_padding=4, flip=True)
+  config = tiny_config({"data.dataset": "cifar10", "data.train_limit": 0,
+                        "data.test_limit": 0, "run.num_epochs": 1,
+                        "model.patch_size": 8, "data.crop_padding": 4,
+                        "data.flip": True})
   with tfds.testing.mock_data(num_examples=64):
-    records = experiment.train_and_evaluate(config, tmp_path / "wd",
-                                            log=lambda _: None)
+    records = loop.train_and_evaluate(config, tmp_path / "wd",
+                                      log=lambda _: None)
   assert len(records) == 1
   assert records[0]["dead_neurons"] >= 0 and np.isfinite(records[0]["test_loss"])
 
@@ -378,11 +440,13 @@ def test_tfds_path_with_mock_data(tmp_path):
 def test_redo_arm_recycles_dead_neurons(tmp_path):
   """The ReDo baseline through the loop: with a learning rate high enough
   to kill neurons, recycling events happen and training stays finite."""
-  config = tiny_config(model="mlp", width=16, depth=3, num_epochs=3,
-                       strip=False, redo=True, augment=False,
-                       learning_rate=3e-2, warmup_epochs=0)
-  records = experiment.train_and_evaluate(config, tmp_path / "wd",
-                                          log=lambda _: None)
+  config = tiny_config({"model.width": 16, "model.depth": 3,
+                        "run.num_epochs": 3, "stripping.enabled": False,
+                        "stripping.redo": True, "data.augment": False,
+                        "optimizer.learning_rate": 3e-2,
+                        "optimizer.warmup_epochs": 0}, model="mlp")
+  records = loop.train_and_evaluate(config, tmp_path / "wd",
+                                    log=lambda _: None)
   assert all(r["recycled_now"] for r in records)
   assert all(not r["stripped_now"] and r["stripped_weights"] == 0
              for r in records)
@@ -392,13 +456,95 @@ def test_redo_arm_recycles_dead_neurons(tmp_path):
 def test_bfloat16_computation_keeps_float32_state(tmp_path):
   """dtype=bfloat16: computation in bf16, params/optimizer state/statistics
   and the stripping thresholds in float32."""
-  config = tiny_config(dtype="bfloat16", num_epochs=1)
-  records = experiment.train_and_evaluate(config, tmp_path / "wd",
-                                          log=lambda _: None)
+  config = tiny_config({"model.dtype": "bfloat16", "run.num_epochs": 1})
+  records = loop.train_and_evaluate(config, tmp_path / "wd",
+                                    log=lambda _: None)
   assert np.isfinite(records[0]["train_loss"])
-  state, _, model, _ = experiment.final_state(config, tmp_path / "wd")
+  state, model, _ = loop.final_state(config, tmp_path / "wd")
   assert model.dtype == jax.numpy.bfloat16
   for leaf in jax.tree.leaves(state.params):
     assert leaf.dtype == np.float32
   for leaf in jax.tree.leaves(state.opt_state):
     assert leaf.dtype in (np.float32, np.int32, np.bool_), leaf.dtype
+
+
+# ------------------------------------------------- config, writers, warm-up
+
+def test_without_tensorboardx_only_jsonl_is_written(tmp_path, monkeypatch):
+  """tensorboardX absent (its import fails): the run writes no event files
+  and everything else as usual."""
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)
+  assert not writers.tensorboard_available()
+  path = _write_npz(tmp_path / "d.npz")
+  config = tiny_config({"data.dataset": f"npz:{path}", "data.train_limit": 0,
+                        "data.test_limit": 0, "run.num_epochs": 1})
+  records = loop.train_and_evaluate(config, tmp_path / "wd",
+                                    log=lambda _: None)
+  assert writers.read_jsonl(tmp_path / "wd" / "metrics.jsonl") == records
+  assert not (tmp_path / "wd" / writers.TENSORBOARD_DIR).exists()
+
+
+def test_writers_of_other_processes_write_nothing(tmp_path):
+  writer = writers.make_writer(tmp_path, is_main=False)
+  writer.write(1, {"epoch": 0, "step": 1, "test_acc": 0.5})
+  writer.close()
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_warmup_as_long_as_the_run_is_clamped_with_a_notice(tmp_path):
+  """2 epochs with 3 warm-up epochs: a one-line notice, and the learning
+  rate reaches its peak (after 1 epoch of warm-up)."""
+  path = _write_npz(tmp_path / "d.npz")
+  config = tiny_config({"data.dataset": f"npz:{path}", "data.train_limit": 0,
+                        "data.test_limit": 0, "optimizer.warmup_epochs": 3})
+  assert config_lib.warmup_epochs(config)[0] == 1
+  lines = []
+  records = loop.train_and_evaluate(config, tmp_path / "wd",
+                                    log=lines.append)
+  notices = [l for l in lines if l.startswith("notice:")]
+  assert notices == [
+      "notice: optimizer.warmup_epochs=3 >= run.num_epochs=2; warming up "
+      "for 1 epoch(s) instead so the learning rate reaches its peak"]
+  assert records[0]["learning_rate"] == pytest.approx(3e-3, rel=1e-6)
+  config.optimizer.warmup_epochs = 1
+  assert config_lib.warmup_epochs(config) == (1, None)
+
+
+def test_config_sections_validate_and_diff():
+  c = tiny_config()
+  config_lib.validate(c)
+  assert set(c) == set(config_lib.SECTIONS)
+  assert c.stripping.tau is None  # unset: the exact rule
+  import synstrip_jax  # pylint: disable=import-outside-toplevel
+  assert c.stripping.factor == synstrip_jax.DEFAULT_STRIPPING_FACTOR
+  for field, value, message in [
+      ("stripping.tau", float("nan"), "config.stripping.tau=nan"),
+      ("run.num_epochs", 0, "config.run.num_epochs=0 must be an int >= 1"),
+      ("model.dropout", 1.5, "config.model: ViT.dropout must be in"),
+      ("model.activation", "tanhh", "unknown activation 'tanhh'")]:
+    bad = tiny_config({field: value})
+    with pytest.raises(ValueError, match=re.escape(message)):
+      config_lib.validate(bad)
+  old = json.loads(tiny_config().to_json())
+  new = json.loads(tiny_config({"run.seed": 3, "run.progress_bar": True,
+                                "stripping.tau": 0.1}).to_json())
+  assert config_lib.config_diff(old, new) == {"run.seed": (0, 3),
+                                              "stripping.tau": (None, 0.1)}
+  mlp = base_config("mlp").model
+  assert mlp.name == "mlp" and "width" in mlp and "patch_size" not in mlp
+
+
+def test_readme_stripping_table_matches_the_default_config():
+  """README's stripping table shows what the no-argument run uses."""
+  spec = importlib.util.spec_from_file_location(
+      "default_config", REPO / "experiments" / "configs" / "default.py")
+  default = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(default)
+  c = default.get_config()
+  text = (REPO / "README.md").read_text()
+  rows = re.findall(r"^\| `stripping\.(\w+)` \| (.*?) \|", text, re.M)
+  assert {name for name, _ in rows} == set(c.stripping)
+  for name, shown in rows:
+    value = c.stripping[name]
+    expected = "unset" if value is None else f"`{value}`"
+    assert shown == expected, (name, shown, expected)

@@ -9,9 +9,11 @@ Use :func:`create_model` to build one by name.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from synstrip_vit.models.mlp import (ACTIVATION_FNS, MLP, gelu_exact,
                                      get_activation)
@@ -26,13 +28,28 @@ MODELS: dict[str, type[nn.Module]] = {"vit": ViT, "mlp": MLP}
 def create_model(name: str, **kwargs: Any) -> nn.Module:
   """``MODELS[name](**kwargs)``: ``create_model('vit', num_classes=10)``.
 
+  A ``dtype`` given by name (``'bfloat16'``, as configs hold it) becomes the
+  dtype itself. The model class checks its own fields.
+
   Raises:
-    ValueError: unknown name (lists the known ones).
+    ValueError: unknown name, field or dtype (the message lists the known
+      ones).
   """
   key = name.lower() if isinstance(name, str) else name
   if key not in MODELS:
     raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
-  return MODELS[key](**kwargs)
+  cls = MODELS[key]
+  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(f"model {name!r} has no field(s) {unknown}; known: "
+                     f"{sorted(known)}")
+  if isinstance(kwargs.get("dtype"), str):
+    try:
+      kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    except TypeError:
+      raise ValueError(f"unknown dtype {kwargs['dtype']!r}") from None
+  return cls(**kwargs)
 
 
 __all__ = [
