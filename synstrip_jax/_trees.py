@@ -34,6 +34,13 @@ def path_str(path: KeyPath) -> str:
   return "/".join(parts) if parts else "<root>"
 
 
+def describe(x: Any) -> str:
+  """``float32[32,16]``-style description of an array (else type and repr)."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return f"{x.dtype}{list(x.shape)}".replace(" ", "")
+  return f"{type(x).__name__} {x!r}"
+
+
 def leaves_with_path(tree: PyTree, *, keep_none: bool = False) -> list[tuple[str, Any]]:
   """``[(path_str, leaf)]`` in flattening order."""
   flat, _ = jax.tree_util.tree_flatten_with_path(
@@ -45,13 +52,24 @@ def check_aligned(params: PyTree, other: PyTree, name: str) -> None:
   """Raise ``ValueError`` naming the paths where ``other`` does not align.
 
   ``other`` aligns with ``params`` when it has the same containers and keys,
-  with ``None`` or an array in place of each parameter leaf.
+  with ``None`` or an array in place of each parameter leaf. A ``None`` leaf
+  of ``params`` (no parameter there) must be ``None`` in ``other`` too.
   """
-  p_def = jax.tree_util.tree_structure(params)
+  p_def = jax.tree_util.tree_structure(params, is_leaf=is_none)
   o_def = jax.tree_util.tree_structure(other, is_leaf=is_none)
   if p_def == o_def:
+    p_flat = leaves_with_path(params, keep_none=True)
+    if any(leaf is None for _, leaf in p_flat):
+      set_at_none = [path for (path, p), (_, o) in zip(
+          p_flat, leaves_with_path(other, keep_none=True))
+                     if p is None and o is not None]
+      if set_at_none:
+        path = set_at_none[0]
+        raise ValueError(
+            f"{name}[{path}] is set but params[{path}] is None (no parameter "
+            f"there): put None in {name} at {set_at_none[:5]}")
     return
-  p_paths = [p for p, _ in leaves_with_path(params)]
+  p_paths = [p for p, _ in leaves_with_path(params, keep_none=True)]
   o_paths = [p for p, _ in leaves_with_path(other, keep_none=True)]
   missing = sorted(set(p_paths) - set(o_paths))
   extra = sorted(set(o_paths) - set(p_paths))

@@ -16,28 +16,51 @@ import jax
 import jax.numpy as jnp
 
 from synstrip_jax import _trees
+from synstrip_jax.stripping import validate_sparse_tree
 
 PyTree = Any
 Array = jax.Array
 
 
+def _present_bool_leaves(tree: PyTree, name: str, ndim: Optional[int] = None
+                         ) -> list[tuple[str, Array]]:
+  """``[(path, leaf)]`` of the non-``None`` leaves, each checked to be a bool
+  array (of rank ``ndim`` if given); ``TypeError``/``ValueError`` name the
+  path and what was found."""
+  out = []
+  for path, x in _trees.leaves_with_path(tree, keep_none=True):
+    if x is None:
+      continue
+    if getattr(x, "dtype", None) != jnp.bool_:
+      raise TypeError(f"{name}[{path}] must be a bool array, got "
+                      f"{_trees.describe(x)}")
+    if ndim is not None and x.ndim != ndim:
+      raise ValueError(f"{name}[{path}] must have rank {ndim}, got shape "
+                       f"{tuple(x.shape)}")
+    out.append((path, x))
+  return out
+
+
 def dead_counts(dead: PyTree) -> dict[str, Array]:
-  """``{path: number of dead neurons}`` for each non-``None`` dead vector."""
+  """``{path: number of dead neurons}`` for each non-``None`` dead vector.
+
+  Raises:
+    TypeError, ValueError: a dead vector that is not a 1-D bool array.
+  """
   return {path: jnp.sum(d, dtype=jnp.int32)
-          for path, d in _trees.leaves_with_path(dead, keep_none=True)
-          if d is not None}
+          for path, d in _present_bool_leaves(dead, "dead", ndim=1)}
 
 
 def _kernel_entries(params: PyTree, dead: Optional[PyTree],
                     masks: Optional[PyTree]):
   """``(path, kernel, dead or None, mask or None)`` for the targeted kernels.
 
-  A kernel is targeted when ``dead`` or ``masks`` has an entry for it.
+  A kernel is targeted when ``dead`` or ``masks`` has an entry for it. Dead
+  vectors must be bool ``[n]`` and masks bool of the kernel's shape (errors
+  name the path).
   """
-  if dead is not None:
-    _trees.check_aligned(params, dead, "dead")
-  if masks is not None:
-    _trees.check_aligned(params, masks, "masks")
+  validate_sparse_tree(params, dead, "dead")
+  validate_sparse_tree(params, masks, "masks")
   _, paths, leaves, (dead_l, mask_l) = _trees.aligned_leaves(params, dead, masks)
   return [(path, p, d, m) for path, p, d, m in zip(paths, leaves, dead_l, mask_l)
           if d is not None or m is not None]
@@ -55,6 +78,11 @@ def active_params(params: PyTree, dead: Optional[PyTree] = None,
   Returns:
     ``{path: int32 count, ..., 'total': int32}``: for each kernel, the number
     of entries kept by its mask whose neuron (last axis) is not dead.
+
+  Raises:
+    ValueError, TypeError: trees that do not align with ``params``, a dead
+      vector that is not bool ``[n]`` (``n = kernel.shape[-1]``), a mask that
+      is not bool of the kernel's shape; the message names the path.
   """
   out = {}
   for path, p, d, m in _kernel_entries(params, dead, masks):
@@ -67,13 +95,16 @@ def active_params(params: PyTree, dead: Optional[PyTree] = None,
 
 
 def sparsity(masks: PyTree) -> dict[str, Array]:
-  """Fraction of pruned weights per masked kernel and ``'total'`` (float32)."""
+  """Fraction of pruned weights per masked kernel and ``'total'`` (float32).
+
+  An empty mask (zero-size kernel) has sparsity 0. Raises ``TypeError``
+  naming the path for a mask that is not a bool array.
+  """
   pruned, sizes, out = 0, 0, {}
-  for path, m in _trees.leaves_with_path(masks, keep_none=True):
-    if m is None:
-      continue
+  for path, m in _present_bool_leaves(masks, "masks"):
     n_pruned = jnp.sum(~m, dtype=jnp.int32)
-    out[path] = n_pruned.astype(jnp.float32) / m.size
+    out[path] = (n_pruned.astype(jnp.float32) / m.size if m.size
+                 else jnp.zeros((), jnp.float32))
     pruned = pruned + n_pruned
     sizes += m.size
   out["total"] = (jnp.asarray(pruned, jnp.float32) / sizes if sizes
@@ -86,9 +117,10 @@ def summary(params: PyTree, dead: PyTree, masks: Optional[PyTree]) -> dict[str, 
 
   Keys: ``dead_neurons``, ``active_params``, ``sparsity`` (totals) and
   ``dead/<path>``, ``active/<path>``, ``sparsity/<path>`` per kernel.
+  Inputs are validated as in :func:`active_params`.
   """
+  ap = active_params(params, dead, masks)  # validates dead and masks first
   dc = dead_counts(dead)
-  ap = active_params(params, dead, masks)
   out = {"dead_neurons": sum(dc.values(), jnp.zeros((), jnp.int32)),
          "active_params": ap.pop("total")}
   if masks is not None:

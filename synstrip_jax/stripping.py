@@ -51,26 +51,35 @@ DEFAULT_STRIPPING_FACTOR = 0.05
 
 
 def validate_stripping_factor(stripping_factor: Any) -> float:
-  """Return ``stripping_factor`` as a Python float, or raise ``ValueError``.
+  """Return ``stripping_factor`` as a Python float, or raise.
 
-  It must be a real number in ``[0, 1]`` (not NaN, not a traced value: it
-  fixes static shapes).
+  Accepted: a real number in ``[0, 1]``: a Python ``int``/``float``, a numpy
+  scalar or a *concrete* 0-d array (numpy or JAX) of an integer or floating
+  dtype. It fixes static quantities, so a traced value (a jit argument) is
+  refused with ``TypeError``; NaN, booleans, complex numbers, strings and
+  arrays of rank > 0 with ``ValueError``.
   """
   if isinstance(stripping_factor, jax.core.Tracer):
     raise TypeError(
         "stripping_factor must be a static Python number, got a traced "
-        f"value {stripping_factor!r}; pass it as a static argument.")
-  if isinstance(stripping_factor, (bool, np.bool_)) or not isinstance(
-      stripping_factor, (numbers.Real, np.ndarray, np.generic)):
-    raise ValueError(
-        f"stripping_factor must be a real number in [0, 1], got "
-        f"{stripping_factor!r}")
-  try:
+        f"value {stripping_factor!r}; pass it as a static argument "
+        "(static_argnames='stripping_factor') or close over a constant.")
+  bad = ValueError(
+      f"stripping_factor must be a real number in [0, 1], got "
+      f"{stripping_factor!r}")
+  if isinstance(stripping_factor, (bool, np.bool_)):
+    raise bad
+  if isinstance(stripping_factor, (np.ndarray, np.generic, jax.Array)):
+    dtype = stripping_factor.dtype
+    if stripping_factor.shape != () or not (
+        jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.integer)):
+      raise bad
+    q = float(np.asarray(stripping_factor))
+  elif isinstance(stripping_factor, numbers.Real):
     q = float(stripping_factor)
-  except TypeError as e:
-    raise ValueError(
-        f"stripping_factor must be a real number in [0, 1], got "
-        f"{stripping_factor!r}") from e
+  else:
+    raise bad
   if not (0.0 <= q <= 1.0):  # also rejects NaN
     raise ValueError(
         f"stripping_factor must be in [0, 1], got {stripping_factor!r}")
@@ -231,61 +240,139 @@ def kernel_thresholds(kernel: Array, dead: Array, stripping_factor: float,
 
 
 @functools.partial(jax.jit, static_argnames=("stripping_factor", "num_buckets"))
+def _strip_kernel(kernel: Array, dead: Array, mask: Array, *,
+                  stripping_factor: float, num_buckets: int
+                  ) -> tuple[Array, Array, Array, Array]:
+  """:func:`strip_kernel` on validated, non-empty inputs (jitted).
+
+  Also returns ``[n]`` bool: the dead neurons skipped for a NaN weight.
+  """
+  effective = jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
+  # NaN policy: a dead neuron with a NaN among its kept weights is skipped
+  # (prunes nothing, as the original whose quantile is NaN there).
+  has_nan = jnp.any(jnp.isnan(effective), axis=tuple(range(kernel.ndim - 1)))
+  skipped = dead & has_nan
+  thr = kernel_thresholds(effective, dead & ~has_nan, stripping_factor,
+                          num_buckets=num_buckets)
+  # NaN thresholds compare False: live neurons and empty columns keep all.
+  prune = effective.astype(jnp.float32) < thr
+  new_mask = mask & ~prune
+  new_kernel = jnp.where(new_mask, kernel, jnp.zeros((), kernel.dtype))
+  return new_kernel, new_mask, thr, skipped
+
+
+def _is_concrete(*xs: Any) -> bool:
+  """True when no argument is a tracer (an eager call)."""
+  return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _raise_on_nan(skipped: list[tuple[str, Any]]) -> None:
+  """Raise ``ValueError`` naming every ``(label, [n] bool)`` with a True entry.
+
+  Only called on concrete values (eager); under ``jit`` the neurons are
+  skipped instead.
+  """
+  if not skipped or not bool(jnp.any(jnp.concatenate(
+      [jnp.ravel(f) for _, f in skipped]))):
+    return  # the common case: one small host transfer
+  found = []
+  for path, flags in skipped:
+    idx = np.flatnonzero(np.asarray(flags))
+    if idx.size:
+      shown = idx[:10].tolist()
+      found.append(f"{path} neuron(s) {shown}"
+                   + (f" (+{idx.size - 10} more)" if idx.size > 10 else ""))
+  raise ValueError(
+      "NaN weight(s) in the incoming weights of dead neuron(s): "
+      + "; ".join(found) + ". Their quantile is undefined; fix or mask the "
+      "NaN weights first (under jit such neurons are skipped: nothing "
+      "pruned, mask kept).")
+
+
 def strip_kernel(kernel: Array, dead: Array, mask: Array, *,
-                 stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
+                 stripping_factor: Any = DEFAULT_STRIPPING_FACTOR,
                  num_buckets: int = 5) -> tuple[Array, Array, Array]:
-  """Strip one kernel.
+  """Strip one kernel (jit-compiled; may be called inside ``jit``).
 
   Args:
     kernel: ``[..., fan_in, n]`` weights (any float dtype; thresholds are
       computed in float32).
     dead: ``[n]`` bool dead neurons.
     mask: keep-mask of ``kernel``'s shape, bool (True = kept).
-    stripping_factor: static quantile in ``[0, 1]``.
+    stripping_factor: quantile in ``[0, 1]``: a Python number or concrete
+      0-d array (static; see :func:`validate_stripping_factor`).
     num_buckets: see :func:`kernel_thresholds`.
 
   Returns:
     ``(kernel, mask, thresholds)``: the kernel with every pruned weight 0.0
     (dtype unchanged), the new mask (``new <= old``), and ``[n]`` float32
-    thresholds (NaN for neurons that were not stripped).
+    thresholds (NaN for neurons that were not stripped). An empty kernel
+    (a zero-size axis) is returned as it is, with its mask.
+
+  Raises:
+    ValueError, TypeError: a bad stripping factor, ``dead`` not bool ``[n]``
+      or ``mask`` not bool of the kernel's shape.
+    ValueError: in an eager call, a dead neuron has a NaN among its kept
+      weights (the message names the neuron). Under ``jit`` such a neuron is
+      skipped instead (nothing pruned, mask kept, threshold NaN), exactly
+      what the original does (its quantile is NaN there).
   """
-  effective = jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
-  thr = kernel_thresholds(effective, dead, stripping_factor,
-                          num_buckets=num_buckets)
-  # NaN thresholds compare False: live neurons and empty columns keep all.
-  prune = effective.astype(jnp.float32) < thr
-  new_mask = mask & ~prune
-  new_kernel = jnp.where(new_mask, kernel, jnp.zeros((), kernel.dtype))
+  q = validate_stripping_factor(stripping_factor)
+  _check_dead_leaf(None, kernel, dead, name="dead")
+  _check_mask_leaf(None, kernel, mask, name="mask")
+  if kernel.size == 0:  # nothing to prune
+    return kernel, mask, jnp.full((kernel.shape[-1],), jnp.nan, jnp.float32)
+  new_kernel, new_mask, thr, skipped = _strip_kernel(
+      kernel, dead, mask, stripping_factor=q, num_buckets=num_buckets)
+  if _is_concrete(kernel, dead, mask):
+    _raise_on_nan([("kernel", skipped)])
   return new_kernel, new_mask, thr
 
 
-def _check_bool_leaf(name: str, path: str, leaf: Any) -> None:
-  """``TypeError`` unless ``leaf`` (at ``name[path]``) is a bool array."""
+def _label(name: str, path: Optional[str]) -> str:
+  return name if path is None else f"{name}[{path}]"
+
+
+def _check_bool_leaf(label: str, leaf: Any, expected: str = "") -> None:
+  """``TypeError`` unless ``leaf`` (named ``label``) is a bool array."""
   if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-    raise TypeError(f"{name}[{path}] must be a bool array or None, got "
+    raise TypeError(f"{label} must be a bool array or None, got "
                     f"{type(leaf).__name__}: {leaf!r}")
   if leaf.dtype != jnp.bool_:
-    raise TypeError(f"{name}[{path}] must have dtype bool, got {leaf.dtype}")
+    raise TypeError(f"{label} must have dtype bool{expected}, got "
+                    f"{_trees.describe(leaf)}")
 
 
-def _check_dead_leaf(path: str, kernel: Any, dead: Any) -> None:
-  """``dead[path]``: a bool vector over the neurons of a rank >= 2 kernel."""
-  _check_bool_leaf("dead", path, dead)
-  if kernel.ndim < 2:
-    raise ValueError(f"params[{path}] has shape {kernel.shape}: only kernels "
-                     "of rank >= 2 ([..., fan_in, neurons]) can be stripped")
+def _check_dead_leaf(path: Optional[str], kernel: Any, dead: Any,
+                     name: str = "dead") -> None:
+  """Check that ``dead`` is a bool ``[n]`` vector for ``kernel [..., n]``.
+
+  Only static properties (shape, dtype) are read, so this works under jit.
+  ``path`` (``None``: a bare argument) and ``name`` label the message.
+  """
+  label = _label(name, path)
+  _check_bool_leaf(label, dead)
+  if getattr(kernel, "ndim", 0) < 2:
+    raise ValueError(
+        f"{_label('params', path) if path is not None else 'kernel'} has "
+        f"shape {getattr(kernel, 'shape', None)}: only kernels of rank >= 2 "
+        "([..., fan_in, neurons]) can be stripped")
   if tuple(dead.shape) != (kernel.shape[-1],):
     raise ValueError(
-        f"dead[{path}] has shape {tuple(dead.shape)} but the kernel "
-        f"{tuple(kernel.shape)} has {kernel.shape[-1]} neurons (last axis)")
+        f"{label} has shape {tuple(dead.shape)} but the kernel "
+        f"{tuple(kernel.shape)} has {kernel.shape[-1]} neurons (last axis): "
+        f"expected shape ({kernel.shape[-1]},)")
 
 
-def _check_mask_leaf(path: str, kernel: Any, mask: Any) -> None:
-  """``masks[path]``: a bool array of the kernel's shape."""
-  _check_bool_leaf("masks", path, mask)
+def _check_mask_leaf(path: Optional[str], kernel: Any, mask: Any,
+                     name: str = "masks") -> None:
+  """Check that ``mask`` is a bool array of ``kernel``'s shape (jit-safe)."""
+  label = _label(name, path)
+  _check_bool_leaf(label, mask,
+                   f" (the kernel's shape {tuple(kernel.shape)})")
   if tuple(mask.shape) != tuple(kernel.shape):
-    raise ValueError(f"masks[{path}] has shape {tuple(mask.shape)}, the "
-                     f"kernel has shape {tuple(kernel.shape)}")
+    raise ValueError(f"{label} has shape {tuple(mask.shape)}, expected the "
+                     f"kernel's shape {tuple(kernel.shape)}")
 
 
 def validate_sparse_tree(params: PyTree, tree: Optional[PyTree], name: str) -> None:
@@ -328,21 +415,34 @@ def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
     ValueError, TypeError: a bad stripping factor, trees that do not align,
       a dead vector or mask of the wrong shape or dtype; the message names
       the tree path and the value.
+    ValueError: in an eager call, a dead neuron has a NaN among its kept
+      weights; the message names every such kernel path and neuron. Under
+      ``jit`` (where raising on values is impossible) such a neuron is
+      skipped: nothing is pruned in its column and its mask is kept, which is
+      what the original does (its quantile is NaN there). Infinite weights
+      are ordinary values for the quantile, as in the original.
+
+  Empty kernels (a zero-size axis) and ``None`` leaves of ``params`` are left
+  as they are.
   """
   q = validate_stripping_factor(stripping_factor)
   validate_sparse_tree(params, dead, "dead")
   validate_sparse_tree(params, masks, "masks")
-  treedef, _, leaves, (dead_l, mask_l) = _trees.aligned_leaves(
+  treedef, paths, leaves, (dead_l, mask_l) = _trees.aligned_leaves(
       params, dead, masks)
-  new_params, new_masks = [], []
-  for p, d, m in zip(leaves, dead_l, mask_l):
+  new_params, new_masks, skipped = [], [], []
+  for path, p, d, m in zip(paths, leaves, dead_l, mask_l):
     if d is not None:
       if m is None:
         m = jnp.ones(p.shape, jnp.bool_)
-      p, m, _ = strip_kernel(p, d, m, stripping_factor=q)
+      if p.size:  # an empty kernel has nothing to prune
+        p, m, _, s = _strip_kernel(p, d, m, stripping_factor=q, num_buckets=5)
+        if _is_concrete(p, d, m):
+          skipped.append((f"params[{path}]", s))
     elif m is not None:
       p = jnp.where(m, p, jnp.zeros((), p.dtype))
     new_params.append(p)
     new_masks.append(m)
+  _raise_on_nan(skipped)  # eager calls only
   return (jax.tree_util.tree_unflatten(treedef, new_params),
           jax.tree_util.tree_unflatten(treedef, new_masks))

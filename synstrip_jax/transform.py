@@ -160,9 +160,47 @@ def get_masks(opt_state: Any) -> PyTree:
   return found[0]
 
 
+def _check_new_masks(old: PyTree, new: PyTree) -> None:
+  """``new`` must have a bool mask of the same shape wherever ``old`` has one
+  and ``None`` elsewhere (the targets are fixed at ``init``). Static checks
+  only (jit-safe); errors name the path, what was found and what is expected.
+  """
+  _trees.check_aligned(old, new, "masks")  # same containers; None kept
+  for (path, o), (_, n) in zip(_trees.leaves_with_path(old, keep_none=True),
+                               _trees.leaves_with_path(new, keep_none=True)):
+    if o is None and n is not None:
+      raise ValueError(
+          f"masks[{path}] is set but {path} is not a target of "
+          f"with_stripping (None in the current masks); got "
+          f"{_trees.describe(n)}")
+    if o is not None and n is None:
+      raise ValueError(
+          f"masks[{path}] is None but {path} is a target of with_stripping: "
+          f"expected a bool mask of shape {tuple(o.shape)}")
+    if o is None:
+      continue
+    if not hasattr(n, "shape") or not hasattr(n, "dtype"):
+      raise TypeError(f"masks[{path}] must be a bool array of shape "
+                      f"{tuple(o.shape)}, got {_trees.describe(n)}")
+    if n.dtype != jnp.bool_:
+      raise TypeError(f"masks[{path}] must have dtype bool (shape "
+                      f"{tuple(o.shape)}), got {_trees.describe(n)}")
+    if tuple(n.shape) != tuple(o.shape):
+      raise ValueError(f"masks[{path}] has shape {tuple(n.shape)}, expected "
+                       f"the kernel's shape {tuple(o.shape)}")
+
+
 def set_masks(opt_state: Any, masks: PyTree) -> Any:
-  """``opt_state`` with the :class:`StrippingState` masks replaced."""
-  get_masks(opt_state)  # exactly one, or a clear error
+  """``opt_state`` with the :class:`StrippingState` masks replaced.
+
+  Raises:
+    ValueError, TypeError: ``opt_state`` does not hold exactly one
+      :class:`StrippingState`, or ``masks`` is not a bool array of the
+      current mask's (the kernel's) shape at every target and ``None``
+      elsewhere; the message names the path, the shape/dtype found and the
+      one expected.
+  """
+  _check_new_masks(get_masks(opt_state), masks)
   return optax.tree_utils.tree_set(opt_state, **{MASKS_FIELD: masks})
 
 
