@@ -81,28 +81,29 @@ def linen_stats(variables: Mapping[str, Any]) -> PyTree:
 
 # ----------------------------------------------------- unmodified models
 
-def _layer(module: nn.Module, path: str, y: Any) -> Optional[Layer]:
-  """A :class:`Layer` for a supported layer, ``None`` for any other module.
-
-  Raises for a ``DenseGeneral`` whose kernel is not ``[..., fan_in, n]``.
+def _layer(module: nn.Module, path: str, y: Any
+           ) -> tuple[Optional[Layer], Optional[str]]:
+  """``(Layer, None)`` for a supported layer, ``(None, problem)`` for a
+  ``DenseGeneral`` whose kernel is not ``[..., fan_in, n]``, ``(None, None)``
+  for any other module.
   """
   if not isinstance(module, (nn.Dense, nn.Conv, nn.DenseGeneral)):
-    return None
+    return None, None
   if isinstance(module, nn.DenseGeneral):
     feats = module.features
     feats = (feats,) if isinstance(feats, int) else tuple(feats)
     if len(feats) != 1 or module.batch_dims:
-      raise ValueError(
+      return None, (
           f"DenseGeneral {path!r} has features={module.features!r}, "
           f"batch_dims={module.batch_dims!r}: only a kernel [..., fan_in, n] "
           "(one output axis, no batch_dims) can be stripped per neuron")
   kernel = module.get_variable("params", "kernel")
   if kernel is None:
-    return None
+    return None, None
   kernel = nn.meta.unbox(kernel)
   shape = getattr(y, "shape", None)
   return Layer(path, type(module).__name__, tuple(kernel.shape),
-               None if shape is None else tuple(shape))
+               None if shape is None else tuple(shape)), None
 
 
 def _intercept(selection: Optional[Selection],
@@ -116,13 +117,13 @@ def _intercept(selection: Optional[Selection],
       return y
     module = context.module
     path = "/".join(module.path)
-    layer = _layer(module, path, y)
+    layer, problem = _layer(module, path, y)
     if layer is None:
       other[path] = type(module).__name__
     else:
       seen[path] = layer
-    if selection is not None and selection.is_source(path, module,
-                                                     layer is not None):
+    if selection is not None and selection.is_source(
+        path, module, layer is not None, problem):
       module.sow(CAPTURE, POST_ACT, output_stats(path, y, activation),
                  reduce_fn=accumulate_sown, init_fn=no_stats)
       if path not in captured:

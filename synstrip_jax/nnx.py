@@ -116,20 +116,23 @@ def _tapped(cls: type) -> type:
       "__qualname__": f"_Captured{cls.__name__}"})
 
 
-def _layer(module: Any, path: str) -> Optional[Layer]:
-  """A :class:`Layer` for a supported NNX layer, ``None`` otherwise."""
+def _layer(module: Any, path: str) -> tuple[Optional[Layer], Optional[str]]:
+  """``(Layer, None)`` for a supported NNX layer, ``(None, problem)`` for a
+  ``LinearGeneral`` whose kernel is not ``[..., fan_in, n]``, else
+  ``(None, None)``.
+  """
   if isinstance(module, nnx.LinearGeneral):
     if len(module.out_features) != 1 or module.batch_axis:
-      raise ValueError(
+      return None, (
           f"LinearGeneral {path!r} has out_features={module.out_features!r}, "
           f"batch_axis={dict(module.batch_axis)!r}: only a kernel "
           "[..., fan_in, n] can be stripped per neuron")
   elif not isinstance(module, (nnx.Linear, nnx.Conv)):
-    return None
+    return None, None
   kernel = getattr(module, "kernel", None)
   if kernel is None:
-    return None
-  return Layer(path, type(module).__name__, tuple(kernel.shape), None)
+    return None, None
+  return Layer(path, type(module).__name__, tuple(kernel.shape), None), None
 
 
 def _modules(model: nnx.Module) -> list[tuple[tuple[Any, ...], Any]]:
@@ -145,10 +148,7 @@ def candidate_layers(model: nnx.Module) -> list[Layer]:
   """
   out = []
   for parts, module in _modules(model):
-    try:
-      layer = _layer(module, path_name(parts))
-    except ValueError:
-      continue
+    layer, _ = _layer(module, path_name(parts))
     if layer is not None:
       out.append(layer)
   return out
@@ -195,12 +195,12 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
   for parts, module in _modules(model):
     path = path_name(parts)
     keys[path] = tuple(parts)
-    layer = _layer(module, path)
+    layer, problem = _layer(module, path)
     if layer is None:
       other[path] = type(module).__name__
     else:
       seen[path] = layer
-    if selection.is_source(path, module, layer is not None):
+    if selection.is_source(path, module, layer is not None, problem):
       sources.append((path, module))
   if method is None:
     call = lambda m, *a, **k: m(*a, **k)

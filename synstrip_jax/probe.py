@@ -262,10 +262,19 @@ class Selection:
           f"path}}, got {select!r}")
     self.select = select
 
-  def is_source(self, path: str, module: Any, supported: bool) -> bool:
-    """Whether this call is a statistics source (raises on a bad selection)."""
+  def is_source(self, path: str, module: Any, supported: bool,
+                problem: Optional[str] = None) -> bool:
+    """Whether this call is a statistics source (raises on a bad selection).
+
+    ``problem``: why a Dense/Conv-like layer cannot be stripped (e.g. a
+    ``DenseGeneral`` with two output axes); raised if the selection picks it.
+    """
     if self.pairs is not None:
       return path in self.pairs
+    if problem is not None:
+      if path in self.exact or self.match(path, module):
+        raise ValueError(problem)
+      return False
     if supported:
       return self.match(path, module)
     if path in self.exact:
@@ -299,8 +308,9 @@ def check_selection(selection: Selection, seen: Mapping[str, Layer],
             f"select maps {src!r} -> {ker!r} but no module {src!r} was called "
             f"by the model (modules called: {sorted(set(seen) | set(unsupported))})")
       if ker not in seen:
-        what = (f"is a {unsupported[ker]}, not a Dense/Conv layer" if ker in
-                unsupported else "was not called by the model")
+        what = (f"is a {unsupported[ker]}, not a Dense/Conv layer with a "
+                "kernel [..., fan_in, n]" if ker in unsupported
+                else "was not called by the model")
         raise ValueError(
             f"select maps {src!r} -> {ker!r} but {ker!r} {what}; candidate "
             f"kernel layers: {candidates}")
