@@ -159,7 +159,7 @@ def test_nnx_dead_tree_aligned_with_kernels():
   stats = probe.reduce_stats_tree(inter)
   # The dead tree mirrors the params passed: a State with Param leaves here...
   dead = probe.dead_tree(params, stats)
-  assert isinstance(dead, nnx.State) and dead["head"]["kernel"].value is None
+  assert isinstance(dead, nnx.State) and dead["head"]["kernel"].get_value() is None
   assert dead["fc1"]["kernel"].shape == (16,) and bool(dead["fc1"]["kernel"][2])
   new_params, _ = ss.strip_params(params, dead, stripping_factor=0.2)
   assert new_params["fc1"]["kernel"].shape == (5, 16)
@@ -169,4 +169,4 @@ def test_nnx_dead_tree_aligned_with_kernels():
   assert dead["head"]["kernel"] is None and bool(dead["fc1"]["kernel"][2])
   new_pure, _ = ss.strip_params(pure, dead, stripping_factor=0.2)
   np.testing.assert_array_equal(new_pure["fc1"]["kernel"],
-                                new_params["fc1"]["kernel"].value)
+                                new_params["fc1"]["kernel"].get_value())

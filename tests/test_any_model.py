@@ -37,6 +37,51 @@ def _flat(tree):
   return traverse_util.flatten_dict(tree, sep="/")
 
 
+def _normal(seed, shape):
+  """Standard-normal float32 numpy data (no XLA compile on the way)."""
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _fill(seed, abstract):
+  """Concrete values for an abstract variables tree, in numpy.
+
+  LeCun-normal kernels, zero biases/means, unit scales/variances: Flax's
+  defaults, without compiling each model's ``init`` (seconds on 2 cores).
+  """
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, a):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    name = [n for n in names if n != "value"][-1]
+    if name == "kernel":
+      fan_in = int(np.prod(a.shape[:-1]))
+      return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
+    if name in ("scale", "var"):
+      return np.ones(a.shape, a.dtype)
+    return np.zeros(a.shape, a.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def _linen_init(model, seed, *args, **kwargs):
+  return _fill(seed, jax.eval_shape(
+      functools.partial(model.init, **kwargs), jax.random.key(0), *args))
+
+
+def _nnx_init(ctor, seed):
+  """``ctor()`` built abstractly, then filled as :func:`_fill`."""
+  graphdef, state = nnx.split(nnx.eval_shape(ctor))
+  return nnx.merge(graphdef, _fill(seed, state))
+
+
+def _kill(bias, idx):
+  """A copy of ``bias`` at -1e3 at ``idx``: those neurons output 0 for any
+  input of these tests (forced dead neurons)."""
+  bias = np.array(bias)
+  bias[idx] = -1e3
+  return bias
+
+
 def _batches(x, batch_size, pad_value=1e3):
   """Batches ``{"x", "valid"}`` of ``x``, the last one padded with garbage."""
   out = []
@@ -44,9 +89,9 @@ def _batches(x, batch_size, pad_value=1e3):
     xb = x[i:i + batch_size]
     n = len(xb)
     if n < batch_size:
-      pad = jnp.full((batch_size - n,) + xb.shape[1:], pad_value, xb.dtype)
-      xb = jnp.concatenate([xb, pad])
-    out.append({"x": xb, "valid": jnp.arange(batch_size) < n})
+      pad = np.full((batch_size - n,) + xb.shape[1:], pad_value, xb.dtype)
+      xb = np.concatenate([xb, pad])
+    out.append({"x": xb, "valid": np.arange(batch_size) < n})
   return out
 
 
@@ -172,17 +217,17 @@ _cnn_tx = None
 
 def test_mnist_cnn_dead_channels_and_strip_events():
   global _cnn_tx
-  x = jax.random.normal(jax.random.key(0), (10, 8, 8, 1))
-  params = jax.jit(_CNN.init)(jax.random.key(1), x[:1])["params"]
+  x = _normal(0, (10, 8, 8, 1))
+  params = _linen_init(_CNN, 1, x[:1])["params"]
   layers = ss_linen.candidate_layers(_CNN, {"params": params}, x[:2])
   assert [(l.path, l.kind, l.kernel_shape) for l in layers] == [
       ("Conv_0", "Conv", (3, 3, 1, 32)), ("Conv_1", "Conv", (3, 3, 32, 64)),
       ("Dense_0", "Dense", (256, 256)), ("Dense_1", "Dense", (256, 10))]
   assert layers[0].output_shape == (2, 8, 8, 32)
   # force dead channels / neurons
-  params["Conv_0"]["bias"] = params["Conv_0"]["bias"].at[jnp.array([3, 17])].set(-1e3)
-  params["Conv_1"]["bias"] = params["Conv_1"]["bias"].at[5].set(-1e3)
-  params["Dense_0"]["bias"] = params["Dense_0"]["bias"].at[jnp.array([7, 8, 9])].set(-1e3)
+  params["Conv_0"]["bias"] = _kill(params["Conv_0"]["bias"], [3, 17])
+  params["Conv_1"]["bias"] = _kill(params["Conv_1"]["bias"], 5)
+  params["Dense_0"]["bias"] = _kill(params["Dense_0"]["bias"], [7, 8, 9])
   batches = _batches(x, 4)  # 4 + 4 + 2 valid (+ 2 padding rows of 1e3)
 
   # direct: pre-activations of the valid examples from capture_intermediates
@@ -206,7 +251,7 @@ def test_mnist_cnn_dead_channels_and_strip_events():
       "Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel"}
   _cnn_tx = _tx(targets)
   hist = _linen_cycle(params, _cnn_stats, batches, _cnn_train,
-                      _cnn_tx.init(params))
+                      jax.jit(_cnn_tx.init)(params))
   masks = hist[-1][3]
   # dead channels are stripped per output channel (all kh, kw, in)
   assert not np.all(np.asarray(masks["Conv_0"]["kernel"])[..., 3])
@@ -267,10 +312,10 @@ _mlp_tx = None
 @pytest.fixture(scope="module")
 def vit_mlp():
   """(params with forced dead neurons, batches of tokens [4, 5, 8])."""
-  x = jax.random.normal(jax.random.key(2), (10, 5, 8))
-  params = jax.jit(_MLP.init)(jax.random.key(3), x[:1])["params"]
-  params["fc1"]["bias"] = params["fc1"]["bias"].at[jnp.array([1, 4])].set(-1e3)
-  params["fc2"]["bias"] = params["fc2"]["bias"].at[6].set(-1e3)
+  x = _normal(2, (10, 5, 8))
+  params = _linen_init(_MLP, 3, x[:1])["params"]
+  params["fc1"]["bias"] = _kill(params["fc1"]["bias"], [1, 4])
+  params["fc2"]["bias"] = _kill(params["fc2"]["bias"], 6)
   return params, x, _batches(x, 4)
 
 
@@ -288,13 +333,14 @@ def test_vit_mlp_block_dead_neurons_and_strip_events(vit_mlp):
   print("vit mlp dead:", counts)
   _mlp_tx = _tx(probe.target_tree(params, _mlp_stats(params, batches[0])))
   _linen_cycle(params, _mlp_stats, batches, _mlp_train_fn(_MLP),
-               _mlp_tx.init(params))
+               jax.jit(_mlp_tx.init)(params))
 
 
 def test_linen_sown_and_unmodified_are_bit_identical(vit_mlp):
   global _mlp_tx
   params, _, batches = vit_mlp
-  sown_params = jax.jit(_SOWN_MLP.init)(jax.random.key(3), batches[0]["x"][:1])["params"]
+  sown_params = jax.eval_shape(_SOWN_MLP.init, jax.random.key(3),
+                               batches[0]["x"][:1])["params"]
   assert jax.tree_util.tree_structure(sown_params) == jax.tree_util.tree_structure(params)
   s1 = probe.probe_stats(_mlp_stats, params, batches, where_fn=_where)
   s2 = probe.probe_stats(_sown_mlp_stats, params, batches, where_fn=_where)
@@ -302,9 +348,9 @@ def test_linen_sown_and_unmodified_are_bit_identical(vit_mlp):
   _mlp_tx = _tx(probe.target_tree(params, s1))
   assert probe.target_tree(params, s1) == probe.target_tree(params, s2)
   h1 = _linen_cycle(params, _mlp_stats, batches, _mlp_train_fn(_MLP),
-                    _mlp_tx.init(params))
+                    jax.jit(_mlp_tx.init)(params))
   h2 = _linen_cycle(params, _sown_mlp_stats, batches,
-                    _mlp_train_fn(_SOWN_MLP), _mlp_tx.init(params))
+                    _mlp_train_fn(_SOWN_MLP), jax.jit(_mlp_tx.init)(params))
   for a, b in zip(h1, h2):  # stats, dead, params, masks at every event
     _assert_trees_equal(a, b)
   assert sum(int(np.sum(~np.asarray(m))) for m in jax.tree_util.tree_leaves(
@@ -359,13 +405,12 @@ _res_tx = None
 
 def test_resnet_block_batchnorm_pairing():
   global _res_tx
-  x = jax.random.normal(jax.random.key(4), (10, 6, 6, 4))
-  variables = jax.jit(functools.partial(_RES.init, train=False))(
-      jax.random.key(5), x[:2])
+  x = _normal(4, (10, 6, 6, 4))
+  variables = _linen_init(_RES, 5, x[:2], train=False)
   params = variables["params"]
   # bn1's shift kills channels 2 and 5 after normalisation; conv1 itself is
   # untouched, so its raw output is positive somewhere in every channel.
-  params["bn1"]["bias"] = params["bn1"]["bias"].at[jnp.array([2, 5])].set(-1e3)
+  params["bn1"]["bias"] = _kill(params["bn1"]["bias"], [2, 5])
   variables = {"params": params, "batch_stats": variables["batch_stats"]}
   batches = _batches(x, 4)
   _, inter = _intermediates(_RES, variables, x, train=False)
@@ -381,7 +426,7 @@ def test_resnet_block_batchnorm_pairing():
   assert all(d is None for p, d in _flat(dead).items() if p != "conv1/kernel")
 
   _res_tx = _tx(probe.target_tree(params, stats))
-  opt_state = _res_tx.init(params)
+  opt_state = jax.jit(_res_tx.init)(params)
   for _ in range(3):
     stats = probe.probe_stats(_res_stats, variables, batches, where_fn=_where)
     dead = probe.dead_tree(variables["params"], stats)
@@ -434,9 +479,9 @@ def _nnx_train(model, optimizer, x, y):
 
 
 def _nnx_model(linear=nnx.Linear):
-  model = NNXMLP(6, 16, 3, rngs=nnx.Rngs(0), linear=linear)
-  model.fc1.bias.value = model.fc1.bias.value.at[jnp.array([0, 9])].set(-1e3)
-  model.fc2.bias.value = model.fc2.bias.value.at[3].set(-1e3)
+  model = _nnx_init(lambda: NNXMLP(6, 16, 3, rngs=nnx.Rngs(0), linear=linear), 0)
+  model.fc1.bias.set_value(_kill(model.fc1.bias.get_value(), [0, 9]))
+  model.fc2.bias.set_value(_kill(model.fc2.bias.get_value(), 3))
   return model
 
 
@@ -466,8 +511,8 @@ def _nnx_run(model, stats_fn, x, y, batches, events=3):
 
 @pytest.fixture(scope="module")
 def nnx_data():
-  x = jax.random.normal(jax.random.key(6), (10, 6))
-  y = jax.random.randint(jax.random.key(7), (10,), 0, 3)
+  x = _normal(6, (10, 6))
+  y = np.random.default_rng(7).integers(0, 3, (10,)).astype(np.int32)
   return x, y, _batches(x, 4)
 
 
@@ -480,11 +525,11 @@ def test_nnx_mlp_with_optimizer(nnx_data):
   h1 = model.fc1(x)
   h2 = model.fc2(nnx.relu(h1))
   dead = probe.probe_dead(_nnx_stats, model, batches, where_fn=_where)
-  assert isinstance(dead, nnx.State) and dead["out"]["kernel"].value is None
+  assert isinstance(dead, nnx.State) and dead["out"]["kernel"].get_value() is None
   counts = {}
   for name, pre in (("fc1", h1), ("fc2", h2)):
     expect = _direct_dead([pre])
-    np.testing.assert_array_equal(np.asarray(dead[name]["kernel"].value), expect)
+    np.testing.assert_array_equal(np.asarray(dead[name]["kernel"].get_value()), expect)
     counts[name] = int(expect.sum())
   assert counts["fc1"] >= 2 and counts["fc2"] >= 1
   print("nnx mlp dead:", counts)
@@ -530,9 +575,9 @@ class _NNXCNN(nnx.Module):
 
 
 def test_act_conv_linen_and_nnx_match_unmodified():
-  x = jax.random.normal(jax.random.key(8), (3, 5, 5, 2))
-  params = jax.jit(_PlainCNN().init)(jax.random.key(9), x)["params"]
-  params["c"]["bias"] = params["c"]["bias"].at[1].set(-1e3)
+  x = _normal(8, (3, 5, 5, 2))
+  params = _linen_init(_PlainCNN(), 9, x)["params"]
+  params["c"]["bias"] = _kill(params["c"]["bias"], 1)
 
   @jax.jit
   def both(params, x):
@@ -545,8 +590,8 @@ def test_act_conv_linen_and_nnx_match_unmodified():
   _assert_trees_equal(sown, cap)
   dead = probe.dead_tree(params, probe.reduce_stats_tree(cap))
   np.testing.assert_array_equal(dead["c"]["kernel"], [False, True, False, False])
-  sown = _NNXCNN(ss_nnx.ActConv, nnx.Rngs(0))
-  plain = _NNXCNN(nnx.Conv, nnx.Rngs(0))
+  sown = _nnx_init(lambda: _NNXCNN(ss_nnx.ActConv, nnx.Rngs(0)), 1)
+  plain = _nnx_init(lambda: _NNXCNN(nnx.Conv, nnx.Rngs(0)), 1)
   _, inter = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(sown, x)
   _, cap = nnx.jit(lambda m, x: ss_nnx.capture_stats(m, x, select="c"))(plain, x)
   _assert_trees_equal(probe.reduce_stats_tree(inter),
@@ -563,15 +608,15 @@ def test_nnx_conv_batchnorm_pairing():
     def __call__(self, x):
       return nnx.relu(self.bn1(self.conv1(x)))
 
-  model = Block(nnx.Rngs(0))
-  model.bn1.bias.value = model.bn1.bias.value.at[3].set(-1e3)
-  x = jax.random.normal(jax.random.key(10), (3, 5, 5, 2))
+  model = _nnx_init(lambda: Block(nnx.Rngs(0)), 2)
+  model.bn1.bias.set_value(_kill(model.bn1.bias.get_value(), 3))
+  x = _normal(10, (3, 5, 5, 2))
   _, stats = nnx.jit(lambda m, x: ss_nnx.capture_stats(
       m, x, select={"bn1": "conv1"}))(model, x)
   dead = probe.dead_tree(nnx.state(model, nnx.Param),
                          probe.reduce_stats_tree(stats))
   expect = _direct_dead([nnx.jit(lambda m, x: m.bn1(m.conv1(x)))(model, x)])
-  np.testing.assert_array_equal(dead["conv1"]["kernel"].value, expect)
+  np.testing.assert_array_equal(dead["conv1"]["kernel"].get_value(), expect)
   assert expect[3]
 
 
@@ -584,8 +629,8 @@ def test_shared_weights_add_up_linen_and_nnx():
       d = nn.Dense(3, name="shared")
       return d(nn.relu(d(x)))
 
-  x = jax.random.normal(jax.random.key(11), (4, 3))
-  v = jax.jit(Twice().init)(jax.random.key(0), x)
+  x = _normal(11, (4, 3))
+  v = _linen_init(Twice(), 0, x)
   _, st = jax.jit(lambda v, x: ss_linen.capture_stats(
       Twice(), v, x, select="shared"))(v, x)
   w, c = v["params"]["shared"]["kernel"], v["params"]["shared"]["bias"]
@@ -602,9 +647,9 @@ def test_shared_weights_add_up_linen_and_nnx():
     def __call__(self, x):
       return self.shared(nnx.relu(self.shared(x)))
 
-  m = NTwice(nnx.Rngs(0))
+  m = _nnx_init(lambda: NTwice(nnx.Rngs(0)), 3)
   _, st = nnx.jit(lambda m, x: ss_nnx.capture_stats(m, x, select="shared"))(m, x)
-  w, c = m.shared.kernel.value, m.shared.bias.value
+  w, c = m.shared.kernel.get_value(), m.shared.bias.get_value()
   a = x @ w + c
   b = nnx.relu(a) @ w + c
   np.testing.assert_allclose(st["shared"]["post_act"].total,
@@ -649,7 +694,7 @@ def test_remat_supported_scan_rejected_dense_general():
       y = nn.relu(nn.DenseGeneral(6, axis=(-2, -1), name="dg")(x))
       return nn.DenseGeneral((2, 3), name="heads")(y)
 
-  x3 = jax.random.normal(jax.random.key(1), (2, 3, 4))
+  x3 = _normal(1, (2, 3, 4))
   v = jax.eval_shape(DG().init, jax.random.key(0), x3)
   _, st = jax.eval_shape(lambda v: ss_linen.capture_stats(DG(), v, x3, select="dg"), v)
   dead = jax.eval_shape(lambda v, st: probe.dead_tree(
@@ -693,7 +738,7 @@ def test_bad_selections_name_the_module_path(vit_mlp):
   with pytest.raises(ValueError, match=r"'conv1' -> 'bn1'.*BatchNorm, not a Dense"):
     cap(_RES, variables, xr, {"conv1": "bn1"}, train=False)
   # NNX: same checks over graph paths
-  model = NNXMLP(6, 16, 3, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: NNXMLP(6, 16, 3, rngs=nnx.Rngs(0)))
   ncap = lambda x, select: nnx.jit(lambda m, x: ss_nnx.capture_stats(
       m, x, select=select))(model, x)
   with pytest.raises(ValueError, match=r"matches no Dense/Conv.*\['fc1', 'fc2', 'out'\]"):
