@@ -13,6 +13,7 @@ in well under a minute on 2 CPU cores.
 
 import functools
 import re
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -759,3 +760,24 @@ def test_probe_under_pmap_matches_jit(vit_mlp):
   _assert_trees_equal(d1, d2)
   with pytest.raises(ValueError, match="no batches"):
     probe.probe_dead(_mlp_stats, params, [])
+
+
+# ---------------------------------------------------------------- README
+
+def _readme_blocks(heading):
+  text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+  start = text.index(f"\n## {heading}\n")
+  end = text.find("\n## ", start + 1)
+  section = text[start:end if end >= 0 else None]
+  return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_bring_your_own_model_snippets_run(capsys):
+  blocks = _readme_blocks("Bring your own model")
+  assert len(blocks) == 2
+  for code in blocks:
+    assert len([l for l in code.splitlines() if l.strip()]) < 20
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)  # pylint: disable=exec-used
+    assert "dead" in ns
+  assert "Dense_0" in capsys.readouterr().out
