@@ -1,24 +1,37 @@
-"""Linen wiring: Dense layers that sow their post-activation statistics.
+"""Linen wiring: statistics of post-activation outputs, aligned with kernels.
 
-:class:`ActDense` is ``activation(nn.Dense(x))`` that sows
-``('activations', <path>, 'post_act')`` beside its ``('params', <path>,
-'kernel')``; :func:`synstrip_jax.probe.dead_tree` pairs the two by path.
+Two routes give the same statistics tree (``<layer path>/post_act``, beside
+``params/<layer path>/kernel``; :func:`synstrip_jax.probe.dead_tree` pairs the
+two by path):
+
+* **unmodified models**: :func:`capture_stats` applies any Linen model and
+  reduces the outputs of the selected ``nn.Dense`` / ``nn.Conv`` /
+  ``nn.DenseGeneral`` layers (through ``activation``, ``nn.relu`` by default)
+  to per-neuron statistics on the fly; :func:`candidate_layers` lists the
+  layers to choose from;
+* **sown**: :class:`ActDense` / :class:`ActConv` are ``activation(layer(x))``
+  that sow ``('activations', <path>, 'post_act')`` themselves.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 
 from synstrip_jax.activations import example_stats
-from synstrip_jax.probe import POST_ACT, accumulate_sown, no_stats
+from synstrip_jax.probe import (POST_ACT, Layer, Select, Selection,
+                                accumulate_sown, check_selection, no_stats,
+                                output_stats, rekey_stats, stats_by_layer)
 
 PyTree = Any
 
 #: Linen collection that holds the sown statistics.
 ACTIVATIONS = "activations"
+
+#: Private collection :func:`capture_stats` sows into during its own apply.
+CAPTURE = "synstrip_capture"
 
 
 class ActDense(nn.Dense):
@@ -38,6 +51,26 @@ class ActDense(nn.Dense):
     return y
 
 
+class ActConv(nn.Conv):
+  """``activation(Conv(x))`` that sows per-example, per-channel statistics.
+
+  Outputs ``[B, *spatial, features]`` are reduced over the spatial axes (a
+  channel is dead iff it is 0 at every position of every example); the
+  kernel ``[*kernel_size, in, features]`` is stripped per output channel.
+
+  Attributes:
+    activation: elementwise activation after the convolution (``nn.relu``).
+  """
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    y = self.activation(super().__call__(inputs))
+    self.sow(ACTIVATIONS, POST_ACT, example_stats(y),
+             reduce_fn=accumulate_sown, init_fn=no_stats)
+    return y
+
+
 def linen_stats(variables: Mapping[str, Any]) -> PyTree:
   """The sown statistics of a Linen ``apply(..., mutable=[ACTIVATIONS])``."""
   if ACTIVATIONS not in variables:
@@ -46,4 +79,159 @@ def linen_stats(variables: Mapping[str, Any]) -> PyTree:
   return variables[ACTIVATIONS]
 
 
-__all__ = ["ACTIVATIONS", "ActDense", "linen_stats"]
+# ----------------------------------------------------- unmodified models
+
+def _layer(module: nn.Module, path: str, y: Any
+           ) -> tuple[Optional[Layer], Optional[str]]:
+  """``(Layer, None)`` for a supported layer, ``(None, problem)`` for a
+  ``DenseGeneral`` whose kernel is not ``[..., fan_in, n]``, ``(None, None)``
+  for any other module.
+  """
+  if not isinstance(module, (nn.Dense, nn.Conv, nn.DenseGeneral)):
+    return None, None
+  if isinstance(module, nn.DenseGeneral):
+    feats = module.features
+    feats = (feats,) if isinstance(feats, int) else tuple(feats)
+    if len(feats) != 1 or module.batch_dims:
+      return None, (
+          f"DenseGeneral {path!r} has features={module.features!r}, "
+          f"batch_dims={module.batch_dims!r}: only a kernel [..., fan_in, n] "
+          "(one output axis, no batch_dims) can be stripped per neuron")
+  kernel = module.get_variable("params", "kernel")
+  if kernel is None:
+    return None, None
+  kernel = nn.meta.unbox(kernel)
+  shape = getattr(y, "shape", None)
+  return Layer(path, type(module).__name__, tuple(kernel.shape),
+               None if shape is None else tuple(shape)), None
+
+
+def _intercept(selection: Optional[Selection],
+               activation: Callable[[jax.Array], jax.Array],
+               seen: dict, captured: list, other: dict) -> Callable[..., Any]:
+  """A method interceptor that records layers and sows selected statistics."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name != "__call__":
+      return y
+    module = context.module
+    path = "/".join(module.path)
+    layer, problem = _layer(module, path, y)
+    if layer is None:
+      other[path] = type(module).__name__
+    else:
+      seen[path] = layer
+    if selection is not None and selection.is_source(
+        path, module, layer is not None, problem):
+      module.sow(CAPTURE, POST_ACT, output_stats(path, y, activation),
+                 reduce_fn=accumulate_sown, init_fn=no_stats)
+      if path not in captured:
+        captured.append(path)
+    return y
+
+  return interceptor
+
+
+def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
+                  select: Select,
+                  activation: Callable[[jax.Array], jax.Array] = nn.relu,
+                  method: Union[str, Callable[..., Any], None] = None,
+                  mutable: Union[bool, str, Sequence[str]] = False,
+                  **kwargs: Any) -> tuple[Any, PyTree]:
+  """Apply an unmodified Linen model and capture per-neuron statistics.
+
+  For every call of a selected layer, ``activation(output)`` is reduced on
+  the fly to per-example statistics (:func:`~synstrip_jax.activations.
+  example_stats`: every axis but the first and the last), never stored
+  whole; a layer called several times (shared weights) adds its statistics
+  up. Pure: nothing stays installed after the call; works under ``jit``.
+
+  Args:
+    model: any Linen module, unchanged.
+    variables: its variables (``{"params": ..., "batch_stats": ...}``).
+    *args, **kwargs: the model's call arguments (e.g. ``x, train=False``).
+    select: which layers feed ``activation`` (a :data:`~synstrip_jax.probe.
+      Select`): a glob over module paths (``"Dense_[01]"``,
+      ``"encoder/*/mlp/fc*"``), a ``re.Pattern``, a predicate ``(path,
+      module) -> bool`` over the supported layers (``nn.Dense``,
+      ``nn.Conv``, ``nn.DenseGeneral`` with one output axis), or a mapping
+      ``{source path: kernel path}``: the statistics of the source module's
+      output (e.g. the ``nn.BatchNorm`` after a ``nn.Conv``, which is what
+      the ReLU sees) are paired with the kernel layer's kernel, e.g.
+      ``{"block/bn1": "block/conv1"}``. Required: see
+      :func:`candidate_layers` for the paths.
+    activation: the elementwise function the model applies to the selected
+      outputs (``nn.relu``: the original's exact dead rule).
+    method: as ``model.apply``'s ``method``.
+    mutable: extra mutable collections (as ``model.apply``); when given,
+      ``out`` is ``(output, updated collections)``.
+
+  Returns:
+    ``(out, stats)``: the model's output and ``{...: {<kernel layer>:
+    {"post_act": ActivationStats}}}`` with ``[B, n]`` leaves (``B`` the
+    outputs' first axis), keyed as ``params``; reduce it with
+    :func:`synstrip_jax.probe.reduce_stats_tree` (``where=``, ``axis_name=``).
+
+  Raises:
+    ValueError: the selection matches no layer; a mapping names a module that
+      is not called or a kernel layer that is not Dense/Conv; an exact path
+      names a module that is not Dense/Conv; a selected output has no
+      ``[B, ..., n]`` shape or a neuron count unlike its kernel's; a selected
+      layer sits inside ``nn.scan``/``nn.vmap`` (unsupported). Each names the
+      module path.
+  """
+  selection = Selection(select)
+  seen: dict[str, Layer] = {}
+  captured: list[str] = []
+  other: dict[str, str] = {}
+  extra = ([mutable] if isinstance(mutable, str) else
+           [] if mutable is False else list(mutable) if mutable is not True
+           else None)
+  if extra is None:
+    raise ValueError("mutable=True is not supported by capture_stats: name "
+                     "the collections to update")
+  with nn.intercept_methods(_intercept(selection, activation, seen, captured,
+                                       other)):
+    out, state = model.apply(variables, *args, method=method,
+                             mutable=[CAPTURE] + extra, **kwargs)
+  check_selection(selection, seen, captured, other)
+  sown = stats_by_layer(state.get(CAPTURE, {}))
+  lost = [p for p in captured if p not in sown]
+  if lost:
+    raise ValueError(
+        f"the statistics of {lost} did not come out of apply: these layers "
+        "sit inside a lifted transform that does not return the "
+        f"'{CAPTURE}' collection (nn.scan, nn.vmap...); stacked layers are "
+        "not supported (nn.remat is)")
+  keys = {p: tuple(p.split("/")) for p in seen}
+  stats = rekey_stats(sown, selection, seen, keys)
+  if extra:
+    out = (out, {k: v for k, v in state.items() if k != CAPTURE})
+  return out, stats
+
+
+def candidate_layers(model: nn.Module, variables: Mapping[str, Any],
+                     *args: Any, method: Union[str, Callable[..., Any], None] = None,
+                     **kwargs: Any) -> list[Layer]:
+  """The strippable layers a call of ``model`` goes through, in call order.
+
+  Abstract (``jax.eval_shape``: nothing is computed). Use the paths in
+  :func:`capture_stats`'s ``select``.
+
+  Returns:
+    One :class:`~synstrip_jax.probe.Layer` (path, kind, kernel shape,
+    output shape) per supported layer called.
+  """
+  seen: dict[str, Layer] = {}
+
+  def run(v):
+    with nn.intercept_methods(_intercept(None, nn.relu, seen, [], {})):
+      return model.apply(v, *args, method=method, **kwargs)
+
+  jax.eval_shape(run, variables)
+  return list(seen.values())
+
+
+__all__ = ["ACTIVATIONS", "ActConv", "ActDense", "CAPTURE", "candidate_layers",
+           "capture_stats", "linen_stats"]

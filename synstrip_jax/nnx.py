@@ -1,20 +1,45 @@
-"""NNX wiring: Linear layers that sow their post-activation statistics.
+"""NNX wiring: statistics of post-activation outputs, stripping with ``nnx.Optimizer``.
 
-:class:`ActLinear` is ``activation(nnx.Linear(x))`` that sows
-``nnx.Intermediate`` ``<path>/post_act`` beside its ``<path>/kernel`` param;
-collect them with ``nnx.capture(model, nnx.Intermediate)(x)`` and pair them
-with the kernels through :func:`synstrip_jax.probe.dead_tree`.
+Two routes give the same statistics tree (``<layer path>/post_act``, keyed as
+``nnx.state(model, nnx.Param)``; :func:`synstrip_jax.probe.dead_tree` pairs
+it with the kernels by path):
+
+* **unmodified models**: :func:`capture_stats` runs any NNX model and reduces
+  the outputs of the selected ``nnx.Linear`` / ``nnx.Conv`` /
+  ``nnx.LinearGeneral`` layers (through ``activation``) to per-neuron
+  statistics on the fly; :func:`candidate_layers` lists the layers;
+* **sown**: :class:`ActLinear` / :class:`ActConv` sow ``nnx.Intermediate``
+  statistics themselves; collect them with ``nnx.capture(model,
+  nnx.Intermediate)(x)``.
+
+NNX trees, one way: pass ``params = nnx.state(model, nnx.Param)`` to
+:func:`~synstrip_jax.probe.target_tree` / :func:`~synstrip_jax.probe.dead_tree`
+and the trees come out with that structure. ``targets`` then goes straight
+into ``nnx.Optimizer(model, with_stripping(tx, targets), wrt=nnx.Param)``;
+:func:`strip` applies a strip event to the model and the optimizer in place,
+:func:`get_masks` reads the keep-masks back.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextvars
+import functools
+from typing import Any, Callable, Optional, Union
 
 import jax
 from flax import nnx
 
+from synstrip_jax import _trees
 from synstrip_jax.activations import example_stats
-from synstrip_jax.probe import POST_ACT, accumulate_sown, no_stats
+from synstrip_jax.probe import (POST_ACT, Layer, Select, Selection,
+                                accumulate_sown, check_selection, no_stats,
+                                output_stats, path_name, rekey_stats,
+                                stats_by_layer)
+from synstrip_jax.stripping import DEFAULT_STRIPPING_FACTOR
+from synstrip_jax.transform import get_masks as _get_masks
+from synstrip_jax.transform import strip_event
+
+PyTree = Any
 
 
 class ActLinear(nnx.Linear):
@@ -36,4 +61,223 @@ class ActLinear(nnx.Linear):
     return y
 
 
-__all__ = ["ActLinear"]
+class ActConv(nnx.Conv):
+  """NNX ``activation(Conv(x))`` that sows per-example, per-channel statistics.
+
+  Outputs ``[B, *spatial, out_features]`` are reduced over the spatial axes;
+  the kernel ``[*kernel_size, in, out_features]`` is stripped per output
+  channel. Collect with ``nnx.capture(model, nnx.Intermediate)(x)``.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: Any, *,
+               activation: Callable[[jax.Array], jax.Array] = nnx.relu,
+               **kwargs: Any):
+    super().__init__(in_features, out_features, kernel_size, **kwargs)
+    self.activation = activation
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    y = self.activation(super().__call__(inputs))
+    self.sow(nnx.Intermediate, POST_ACT, example_stats(y),
+             reduce_fn=accumulate_sown, init_fn=no_stats)
+    return y
+
+
+# ----------------------------------------------------- unmodified models
+
+class _Captured(nnx.Intermediate):
+  """Variable type of the statistics :func:`capture_stats` sows (private)."""
+
+
+# (activation, {id(module): path}) while a capture_stats call runs, else None.
+_ACTIVE: contextvars.ContextVar[Optional[tuple[Callable[..., Any], dict]]] = (
+    contextvars.ContextVar("synstrip_nnx_capture", default=None))
+
+
+@functools.lru_cache(maxsize=None)
+def _tapped(cls: type) -> type:
+  """A subclass of ``cls`` whose ``__call__`` also sows output statistics.
+
+  Instances are switched to it only for the duration of a
+  :func:`capture_stats` call; outside one it behaves exactly as ``cls``.
+  """
+
+  def __call__(self, *args, **kwargs):
+    y = cls.__call__(self, *args, **kwargs)
+    active = _ACTIVE.get()
+    if active is not None:
+      activation, paths = active
+      path = paths.get(id(self), type(self).__name__)
+      self.sow(_Captured, POST_ACT, output_stats(path, y, activation),
+               reduce_fn=accumulate_sown, init_fn=no_stats)
+    return y
+
+  return type(f"_Captured{cls.__name__}", (cls,), {
+      "__call__": __call__, "__module__": __name__,
+      "__qualname__": f"_Captured{cls.__name__}"})
+
+
+def _layer(module: Any, path: str) -> tuple[Optional[Layer], Optional[str]]:
+  """``(Layer, None)`` for a supported NNX layer, ``(None, problem)`` for a
+  ``LinearGeneral`` whose kernel is not ``[..., fan_in, n]``, else
+  ``(None, None)``.
+  """
+  if isinstance(module, nnx.LinearGeneral):
+    if len(module.out_features) != 1 or module.batch_axis:
+      return None, (
+          f"LinearGeneral {path!r} has out_features={module.out_features!r}, "
+          f"batch_axis={dict(module.batch_axis)!r}: only a kernel "
+          "[..., fan_in, n] can be stripped per neuron")
+  elif not isinstance(module, (nnx.Linear, nnx.Conv)):
+    return None, None
+  kernel = getattr(module, "kernel", None)
+  if kernel is None:
+    return None, None
+  return Layer(path, type(module).__name__, tuple(kernel.shape), None), None
+
+
+def _modules(model: nnx.Module) -> list[tuple[tuple[Any, ...], Any]]:
+  return [(p, m) for p, m in nnx.iter_modules(model)]
+
+
+def candidate_layers(model: nnx.Module) -> list[Layer]:
+  """The strippable layers of ``model`` (``nnx.Linear``, ``nnx.Conv``,
+  ``nnx.LinearGeneral`` with one output axis), by graph path.
+
+  Nothing is run, so ``output_shape`` is ``None``; a layer referenced
+  several times appears once, at its first path.
+  """
+  out = []
+  for parts, module in _modules(model):
+    layer, _ = _layer(module, path_name(parts))
+    if layer is not None:
+      out.append(layer)
+  return out
+
+
+def capture_stats(model: nnx.Module, *args: Any, select: Select,
+                  activation: Callable[[jax.Array], jax.Array] = nnx.relu,
+                  method: Union[str, Callable[..., Any], None] = None,
+                  **kwargs: Any) -> tuple[Any, PyTree]:
+  """Run an unmodified NNX model and capture per-neuron statistics.
+
+  The selected modules are switched, for this call only, to a subclass whose
+  ``__call__`` also reduces ``activation(output)`` to per-example statistics
+  (never storing whole activations) and sows them; their class is restored
+  afterwards, whatever happens. A module called several times (shared
+  weights) adds its statistics up. Works eagerly and inside ``nnx.jit`` /
+  ``jax.jit`` (tree mode), and through ``nnx.remat`` inside the model.
+
+  Args:
+    model: any NNX module, unchanged.
+    *args, **kwargs: the call arguments.
+    select: a :data:`~synstrip_jax.probe.Select` over graph paths (``fc1``,
+      ``layers/0``): glob, ``re.Pattern``, predicate ``(path, module) ->
+      bool`` over the supported layers, or ``{source path: kernel path}``
+      (e.g. ``{"bn1": "conv1"}`` for Conv -> BatchNorm -> ReLU: statistics of
+      the BatchNorm's output, paired with the Conv kernel).
+    activation: the function the model applies to the selected outputs.
+    method: a method name or ``fn(model, *args, **kwargs)``; default
+      ``model(*args, **kwargs)``.
+
+  Returns:
+    ``(out, stats)``: the output and a nested dict ``{...: {<kernel layer>:
+    {"post_act": ActivationStats}}}`` with ``[B, n]`` leaves, keyed as
+    ``nnx.state(model, nnx.Param)``.
+
+  Raises:
+    ValueError: as :func:`synstrip_jax.linen.capture_stats`, naming the path.
+  """
+  selection = Selection(select)
+  seen: dict[str, Layer] = {}
+  other: dict[str, str] = {}
+  sources: list[tuple[str, Any]] = []
+  keys: dict[str, tuple[Any, ...]] = {}
+  for parts, module in _modules(model):
+    path = path_name(parts)
+    keys[path] = tuple(parts)
+    layer, problem = _layer(module, path)
+    if layer is None:
+      other[path] = type(module).__name__
+    else:
+      seen[path] = layer
+    if selection.is_source(path, module, layer is not None, problem):
+      sources.append((path, module))
+  if method is None:
+    call = lambda m, *a, **k: m(*a, **k)
+  elif isinstance(method, str):
+    call = lambda m, *a, **k: getattr(m, method)(*a, **k)
+  else:
+    call = method
+  saved = [(m, type(m)) for _, m in sources]
+  token = _ACTIVE.set((activation, {id(m): p for p, m in sources}))
+  try:
+    for m, cls in saved:
+      object.__setattr__(m, "__class__", _tapped(cls))
+    out, state = nnx.capture(call, _Captured)(model, *args, **kwargs)
+  finally:
+    for m, cls in saved:
+      object.__setattr__(m, "__class__", cls)
+    _ACTIVE.reset(token)
+  sown = stats_by_layer(state)
+  check_selection(selection, seen, list(sown), other)
+  return out, rekey_stats(sown, selection, seen, keys)
+
+
+# ------------------------------------------------- optimizer and strip events
+
+_strip_event_jit = jax.jit(strip_event, static_argnames=("stripping_factor",))
+
+
+def _like(params: PyTree, tree: PyTree, name: str) -> PyTree:
+  """``tree`` (State with or without Variables, or pure dict) with the
+  structure of the pure ``params`` State, ``None`` where ``tree`` has none.
+  """
+  if isinstance(tree, nnx.State):
+    tree = nnx.as_pure(tree)
+  by_path = dict(_trees.leaves_with_path(tree, keep_none=True))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_trees.path_str(p) for p, _ in flat]
+  extra = sorted(set(by_path) - set(paths))
+  if extra:
+    raise ValueError(f"`{name}` has paths that are not params of the "
+                     f"optimizer: {extra[:5]}")
+  return jax.tree_util.tree_unflatten(treedef, [by_path.get(p) for p in paths])
+
+
+def get_masks(optimizer: nnx.Optimizer) -> PyTree:
+  """The keep-masks of a ``with_stripping`` state held by ``optimizer``.
+
+  Returns a pure ``State`` (arrays, ``None`` at untargeted params) with the
+  structure of ``nnx.as_pure(nnx.state(model, optimizer.wrt))``.
+  """
+  return _get_masks(nnx.as_pure(optimizer.opt_state))
+
+
+def strip(model: nnx.Module, optimizer: nnx.Optimizer, dead: PyTree, *,
+          stripping_factor: float = DEFAULT_STRIPPING_FACTOR) -> None:
+  """A strip event on an NNX model and its ``nnx.Optimizer``, in place.
+
+  :func:`~synstrip_jax.transform.strip_event` (jitted) on
+  ``nnx.state(model, optimizer.wrt)`` and the optimizer's state: the dead
+  neurons' lowest weights become 0.0 in ``model`` and the new masks are
+  written into ``optimizer.opt_state``. No optimizer step is taken.
+
+  Args:
+    model: the module the optimizer updates.
+    optimizer: ``nnx.Optimizer(model, with_stripping(tx, targets), wrt=...)``.
+    dead: from :func:`~synstrip_jax.probe.dead_tree` /
+      :func:`~synstrip_jax.probe.probe_dead` (``State`` with or without
+      ``Param`` leaves, or a pure dict).
+    stripping_factor: the quantile in ``[0, 1]``.
+  """
+  params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+  opt_state = nnx.as_pure(optimizer.opt_state)
+  new_params, new_opt_state = _strip_event_jit(
+      params, opt_state, _like(params, dead, "dead"),
+      stripping_factor=stripping_factor)
+  nnx.update(model, new_params)
+  nnx.update(optimizer.opt_state, nnx.state(new_opt_state))
+
+
+__all__ = ["ActConv", "ActLinear", "candidate_layers", "capture_stats",
+           "get_masks", "strip"]

@@ -9,18 +9,34 @@ from a ``Sequential`` index). Statistics are sown per example (``[B, n]``, see
 :func:`synstrip_jax.activations.example_stats`) and summed by
 :func:`reduce_stats_tree`, which can drop padding examples and sum across
 devices.
+
+Models written without any library layer (plain ``nn.Dense``/``nn.Conv``,
+``nnx.Linear``/``nnx.Conv``) give the same statistics tree through
+:func:`synstrip_jax.linen.capture_stats` / :func:`synstrip_jax.nnx.capture_stats`,
+which select layers with the :data:`Select` forms resolved here.
+:func:`probe_stats` / :func:`probe_dead` run any such statistics function over
+an iterable of batches.
+
+NNX trees: pass ``nnx.state(model, nnx.Param)`` as ``params`` and the
+``dead``/``targets`` trees come out with that same structure (``State`` with
+``Param`` leaves), so that ``targets`` goes straight into
+``nnx.Optimizer(model, with_stripping(tx, targets), wrt=nnx.Param)``; pass
+``nnx.as_pure(...)`` or a pure dict and they come out in that form.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import fnmatch
+import re
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from synstrip_jax import _trees
-from synstrip_jax.activations import (ActivationStats, dead_mask,
-                                      merge_stats, reduce_examples)
+from synstrip_jax.activations import (ActivationStats, check_finite,
+                                      dead_mask, merge_stats, reduce_examples)
 
 PyTree = Any
 
@@ -46,6 +62,26 @@ def _as_plain(tree: PyTree) -> PyTree:
   if isinstance(tree, nnx.State):
     tree = tree.to_pure_dict()
   return tree
+
+
+def _param_leaves(params: PyTree) -> tuple[Any, list[str], list[Any]]:
+  """``(treedef, paths, leaves)`` of ``params``, NNX ``Variable``s seen through.
+
+  ``treedef`` is that of ``params`` itself (a ``State`` with ``Param`` leaves
+  stays one), ``paths`` are those of its pure form (``fc1/kernel``, never
+  ``fc1/kernel/value``): outputs built on ``treedef`` mirror the input form.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  pure = nnx.as_pure(params) if _has_variables(params) else params
+  pflat, _ = jax.tree_util.tree_flatten_with_path(pure)
+  if len(pflat) != len(flat):  # pragma: no cover - as_pure keeps the leaves
+    raise ValueError("could not see through the NNX Variables of params")
+  return treedef, [_trees.path_str(p) for p, _ in pflat], [x for _, x in pflat]
+
+
+def _has_variables(tree: PyTree) -> bool:
+  return any(isinstance(x, nnx.Variable) for x in jax.tree_util.tree_leaves(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def stats_by_layer(stats_tree: PyTree) -> dict[str, ActivationStats]:
@@ -88,22 +124,23 @@ def dead_tree(params: PyTree, stats_tree: PyTree, tau: Optional[float] = None,
 
   Args:
     params: parameter pytree (Linen ``variables['params']``, or NNX
-      ``nnx.state(model, nnx.Param)``).
+      ``nnx.state(model, nnx.Param)``, with or without ``nnx.as_pure``).
     stats_tree: reduced statistics (``[n]`` leaves) sown by
-      :class:`ActDense`/:class:`ActLinear` (see :func:`reduce_stats_tree`).
+      :class:`ActDense`/:class:`ActLinear` or captured by ``capture_stats``
+      (see :func:`reduce_stats_tree`).
     tau: ``None`` for the original's exact rule, else a ReDo threshold.
 
   Returns:
-    The structure of ``params`` with a ``[n]`` bool at each kernel that feeds
-    sown activations, ``None`` elsewhere.
+    The structure of ``params`` (an NNX ``State`` with ``Param`` leaves stays
+    one) with a ``[n]`` bool at each kernel that feeds the activations,
+    ``None`` elsewhere.
 
   Raises:
     ValueError: statistics with no kernel at ``<layer>/kernel``, or whose
       neuron count differs from the kernel's last axis (names the path).
   """
-  params = _as_plain(params)
   layers = stats_by_layer(stats_tree)
-  treedef, paths, leaves, _ = _trees.aligned_leaves(params)
+  treedef, paths, leaves = _param_leaves(params)
   dead_leaves, used = [], set()
   for path, leaf in zip(paths, leaves):
     layer = _kernel_path(path)
@@ -129,11 +166,13 @@ def target_tree(params: PyTree, stats_tree: PyTree) -> PyTree:
   """Bool tree: True at the kernels that feed sown activations.
 
   Suitable as the ``targets`` of :func:`synstrip_jax.transform.with_stripping`.
-  Works on per-example or reduced statistics (only the paths are used).
+  Works on per-example or reduced statistics (only the paths are used). The
+  tree has the structure of ``params``: for ``nnx.state(model, nnx.Param)``, a
+  ``State`` with ``Param`` leaves, as ``nnx.Optimizer(..., wrt=nnx.Param)``
+  passes to ``tx.init``.
   """
-  params = _as_plain(params)
   layers = stats_by_layer(stats_tree)
-  treedef, paths, _, _ = _trees.aligned_leaves(params)
+  treedef, paths, _ = _param_leaves(params)
   flags = [(_kernel_path(p) in layers) for p in paths]
   missing = sorted(set(layers) - {_kernel_path(p) for p in paths})
   if missing:
@@ -142,7 +181,287 @@ def target_tree(params: PyTree, stats_tree: PyTree) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, flags)
 
 
+# ------------------------------------------------------------- selection
+#
+# Shared by synstrip_jax.linen.capture_stats and synstrip_jax.nnx.capture_stats.
+
+#: How ``capture_stats`` selects the layers whose outputs feed the activation:
+#:
+#: * a glob string (``fnmatch`` on the full module path ``a/b/c``; ``*`` also
+#:   matches ``/``), or a sequence of them: the matching supported layers;
+#: * a compiled ``re.Pattern``: the supported layers whose path it fullmatches;
+#: * a predicate ``(path, module) -> bool``, asked about every supported
+#:   layer that is called;
+#: * a mapping ``{source path: kernel path}``: the statistics of the *source*
+#:   module's output (any module, e.g. a BatchNorm after a Conv) are paired
+#:   with the kernel of the *kernel* layer (a supported layer), e.g.
+#:   ``{"block/bn1": "block/conv1"}``.
+Select = Union[str, "re.Pattern[str]", Sequence[str],
+               Callable[[str, Any], bool], Mapping[str, str]]
+
+
+class Layer(NamedTuple):
+  """A strippable layer found in a model (see ``candidate_layers``).
+
+  Attributes:
+    path: module path ``a/b/c`` (its kernel is ``params[a][b][c]['kernel']``).
+    kind: the layer's class name (``Dense``, ``Conv``, ``Linear``...).
+    kernel_shape: ``[..., fan_in, n]``; the last axis indexes the neurons.
+    output_shape: shape of the layer's output in the traced call (``None``
+      when the model was not run).
+  """
+  path: str
+  kind: str
+  kernel_shape: tuple[int, ...]
+  output_shape: Optional[tuple[int, ...]]
+
+
+def path_name(parts: Sequence[Any]) -> str:
+  """``('a', 0, 'b') -> 'a/0/b'`` (``''`` for the root module)."""
+  return "/".join(str(p) for p in parts)
+
+
+class Selection:
+  """A resolved :data:`Select`: which module calls to capture, and where to.
+
+  ``sources(path, module, supported)`` says whether a call of ``module`` (at
+  ``path``) is a statistics source; ``kernel_of(path)`` the kernel layer path
+  its statistics belong to.
+  """
+
+  def __init__(self, select: Select):
+    self.pairs: Optional[dict[str, str]] = None
+    self.match: Callable[[str, Any], bool]
+    self.exact: set[str] = set()
+    if isinstance(select, Mapping):
+      if not select:
+        raise ValueError("select mapping is empty")
+      pairs = {str(k): str(v) for k, v in select.items()}
+      kernels = list(pairs.values())
+      dup = sorted({k for k in kernels if kernels.count(k) > 1})
+      if dup:
+        raise ValueError(f"select pairs several sources with kernel {dup}: "
+                         "one statistics source per kernel")
+      self.pairs = pairs
+      self.match = lambda path, module: path in pairs
+    elif isinstance(select, re.Pattern):
+      self.match = lambda path, module: select.fullmatch(path) is not None
+    elif isinstance(select, str) or (
+        isinstance(select, Sequence) and select
+        and all(isinstance(x, str) for x in select)):
+      globs = [select] if isinstance(select, str) else list(select)
+      self.exact = {g for g in globs if not any(c in g for c in "*?[")}
+      self.match = lambda path, module: any(
+          fnmatch.fnmatchcase(path, g) for g in globs)
+    elif callable(select):
+      self.match = lambda path, module: bool(select(path, module))
+    else:
+      raise TypeError(
+          "select must be a glob string (or a list of them), a re.Pattern, a "
+          "predicate (path, module) -> bool or a mapping {source path: kernel "
+          f"path}}, got {select!r}")
+    self.select = select
+
+  def is_source(self, path: str, module: Any, supported: bool,
+                problem: Optional[str] = None) -> bool:
+    """Whether this call is a statistics source (raises on a bad selection).
+
+    ``problem``: why a Dense/Conv-like layer cannot be stripped (e.g. a
+    ``DenseGeneral`` with two output axes); raised if the selection picks it.
+    """
+    if self.pairs is not None:
+      return path in self.pairs
+    if problem is not None:
+      if path in self.exact or self.match(path, module):
+        raise ValueError(problem)
+      return False
+    if supported:
+      return self.match(path, module)
+    if path in self.exact:
+      raise ValueError(
+          f"select picks module {path!r} of type {type(module).__name__}, "
+          "which is not a Dense/Conv layer with a kernel [..., fan_in, n]; "
+          "to pair another module's output with a kernel use a mapping "
+          f"{{{path!r}: '<kernel layer path>'}}")
+    return False
+
+  def kernel_of(self, path: str) -> str:
+    return path if self.pairs is None else self.pairs[path]
+
+
+def check_selection(selection: Selection, seen: Mapping[str, Layer],
+                    captured: Sequence[str], unsupported: Mapping[str, str]
+                    ) -> None:
+  """Errors after a traced call: nothing matched, mapping paths missing.
+
+  Args:
+    selection: the resolved selection.
+    seen: every supported layer called, by path.
+    captured: the source paths whose statistics were recorded.
+    unsupported: ``{path: type name}`` of the other modules called.
+  """
+  candidates = sorted(seen)
+  if selection.pairs is not None:
+    for src, ker in selection.pairs.items():
+      if src not in captured:
+        raise ValueError(
+            f"select maps {src!r} -> {ker!r} but no module {src!r} was called "
+            f"by the model (modules called: {sorted(set(seen) | set(unsupported))})")
+      if ker not in seen:
+        what = (f"is a {unsupported[ker]}, not a Dense/Conv layer with a "
+                "kernel [..., fan_in, n]" if ker in unsupported
+                else "was not called by the model")
+        raise ValueError(
+            f"select maps {src!r} -> {ker!r} but {ker!r} {what}; candidate "
+            f"kernel layers: {candidates}")
+  elif not captured:
+    raise ValueError(
+        f"select={selection.select!r} matches no Dense/Conv layer called by "
+        f"the model; candidate layers: {candidates}")
+
+
+def rekey_stats(stats_by_source: Mapping[str, ActivationStats],
+                selection: Selection, seen: Mapping[str, Layer],
+                keys: Mapping[str, tuple[Any, ...]]) -> dict:
+  """Nested ``{...: {kernel layer: {'post_act': stats}}}`` tree.
+
+  Args:
+    stats_by_source: statistics by source path.
+    selection: gives the kernel layer of each source.
+    seen: supported layers by path (to check neuron counts).
+    keys: the key tuple (str/int parts) of every module path, so that the
+      tree's keys match those of the params tree.
+  """
+  out: dict = {}
+  for src, stats in stats_by_source.items():
+    ker = selection.kernel_of(src)
+    n = seen[ker].kernel_shape[-1]
+    if stats.total.shape[-1] != n:
+      raise ValueError(
+          f"statistics of {src!r} have {stats.total.shape[-1]} neurons but "
+          f"the kernel of {ker!r} has {n} (shape {seen[ker].kernel_shape})")
+    node = out
+    for k in keys[ker]:
+      node = node.setdefault(k, {})
+    node[POST_ACT] = stats
+  return out
+
+
+def output_stats(path: str, y: Any, activation: Callable[[jax.Array], jax.Array]
+                 ) -> ActivationStats:
+  """:func:`example_stats` of ``activation(y)``, or an error naming ``path``."""
+  from synstrip_jax.activations import example_stats  # pylint: disable=g-import-not-at-top
+  if not isinstance(y, jax.Array) and not hasattr(y, "shape"):
+    raise ValueError(f"module {path!r} returned {type(y).__name__}, not an "
+                     "array: cannot take per-neuron statistics of its output")
+  if y.ndim < 2:
+    raise ValueError(
+        f"module {path!r} returned shape {tuple(y.shape)}: per-neuron "
+        "statistics need an example axis and a neuron axis [B, ..., n]")
+  return example_stats(activation(y))
+
+
+# ------------------------------------------------------------------ probe
+
+def _probe_step(state: Any, batch: Any, *, stats_fn: Callable[[Any, Any], PyTree],
+                where_fn: Optional[Callable[[Any], jax.Array]],
+                axis_name: Any) -> PyTree:
+  stats = stats_fn(state, batch)
+  where = None if where_fn is None else where_fn(batch)
+  return reduce_stats_tree(stats, where=where, axis_name=axis_name)
+
+
+_probe_step_jit = jax.jit(_probe_step,
+                          static_argnames=("stats_fn", "where_fn", "axis_name"))
+
+
+@jax.jit
+def _add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def probe_stats(stats_fn: Callable[[Any, Any], PyTree], state: Any,
+                batches: Iterable[Any], *,
+                where_fn: Optional[Callable[[Any], jax.Array]] = None,
+                axis_name: Any = None) -> PyTree:
+  """Statistics summed over a probe set, one jitted forward per batch.
+
+  Args:
+    stats_fn: ``(state, batch) -> per-example statistics tree`` (``[B, n]``
+      leaves): e.g. ``lambda p, b: ss_linen.capture_stats(model, {"params":
+      p}, b["x"], select=...)[1]``, an NNX ``capture_stats``, or a sown
+      ``linen_stats``. Defined once (a ``def`` or a lambda kept in a
+      variable): it is a static argument of the compiled step, so a new
+      function object compiles again.
+    state: what ``stats_fn`` needs besides the batch (Linen params, an NNX
+      module): traced, so new values never recompile.
+    batches: an iterable of batches (any pytree of arrays). Under sharded
+      ``jit`` pass global arrays (``jax.make_array_from_process_local_data``
+      on several hosts): the sums are then over every device and host. With
+      ``axis_name``, every leaf has a leading device axis.
+    where_fn: ``batch -> [B] bool``, False for padding examples (dropped).
+    axis_name: ``None``: ``jax.jit``. A name: ``jax.pmap`` over the leading
+      device axis of the batch with this axis name, ``state`` broadcast (not
+      replicated), statistics summed over the devices.
+
+  Returns:
+    The reduced statistics tree (``[n]`` leaves, one
+    :class:`~synstrip_jax.activations.ActivationStats` per layer), summed
+    over all batches (exact for dead neurons; totals in float32).
+
+  Raises:
+    ValueError: ``batches`` is empty.
+  """
+  if axis_name is None:
+    step = lambda st, b: _probe_step_jit(st, b, stats_fn=stats_fn,
+                                         where_fn=where_fn, axis_name=None)
+  else:
+    pstep = jax.pmap(
+        lambda st, b: _probe_step(st, b, stats_fn=stats_fn, where_fn=where_fn,
+                                  axis_name=axis_name),
+        axis_name=axis_name, in_axes=(None, 0))
+    # After the psum every device holds the same sums: keep the first.
+    step = lambda st, b: jax.tree_util.tree_map(lambda x: x[0], pstep(st, b))
+  total = None
+  for batch in batches:
+    stats = step(state, batch)
+    total = stats if total is None else _add(total, stats)
+  if total is None:
+    raise ValueError("probe_stats got no batches")
+  return total
+
+
+def probe_dead(stats_fn: Callable[[Any, Any], PyTree], state: Any,
+               batches: Iterable[Any], *, params: Optional[PyTree] = None,
+               tau: Optional[float] = None,
+               where_fn: Optional[Callable[[Any], jax.Array]] = None,
+               axis_name: Any = None) -> PyTree:
+  """The ``dead`` tree of a probe set: :func:`probe_stats` then :func:`dead_tree`.
+
+  Host-side: raises (naming the layers) if any activation was NaN/inf
+  (:func:`~synstrip_jax.activations.check_finite`).
+
+  Args:
+    stats_fn, state, batches, where_fn, axis_name: as :func:`probe_stats`.
+    params: the tree the result aligns with. Default: ``state``, or
+      ``nnx.state(state, nnx.Param)`` when ``state`` is an NNX module.
+    tau: ``None`` for the exact rule (summed output == 0), else a ReDo
+      dormancy threshold.
+
+  Returns:
+    ``params``' structure with a ``[n]`` bool at each probed kernel, ``None``
+    elsewhere (see :func:`dead_tree`).
+  """
+  stats = probe_stats(stats_fn, state, batches, where_fn=where_fn,
+                      axis_name=axis_name)
+  check_finite(stats)
+  if params is None:
+    params = nnx.state(state, nnx.Param) if isinstance(state, nnx.Module) else state
+  return dead_tree(params, stats, tau)
+
+
 __all__ = [
-    "POST_ACT", "accumulate_sown", "dead_tree", "no_stats", "reduce_stats_tree",
-    "stats_by_layer", "target_tree",
+    "Layer", "POST_ACT", "Select", "accumulate_sown", "dead_tree", "no_stats",
+    "probe_dead", "probe_stats", "reduce_stats_tree", "stats_by_layer",
+    "target_tree",
 ]

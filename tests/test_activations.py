@@ -157,8 +157,16 @@ def test_nnx_dead_tree_aligned_with_kernels():
   _, inter = nnx.capture(model, nnx.Intermediate)(x)
   params = nnx.state(model, nnx.Param)
   stats = probe.reduce_stats_tree(inter)
+  # The dead tree mirrors the params passed: a State with Param leaves here...
   dead = probe.dead_tree(params, stats)
-  assert dead["head"]["kernel"] is None
+  assert isinstance(dead, nnx.State) and dead["head"]["kernel"].get_value() is None
   assert dead["fc1"]["kernel"].shape == (16,) and bool(dead["fc1"]["kernel"][2])
-  new_params, _ = ss.strip_params(params.to_pure_dict(), dead, stripping_factor=0.2)
+  new_params, _ = ss.strip_params(params, dead, stripping_factor=0.2)
   assert new_params["fc1"]["kernel"].shape == (5, 16)
+  # ... and a pure dict for a pure dict.
+  pure = params.to_pure_dict()
+  dead = probe.dead_tree(pure, stats)
+  assert dead["head"]["kernel"] is None and bool(dead["fc1"]["kernel"][2])
+  new_pure, _ = ss.strip_params(pure, dead, stripping_factor=0.2)
+  np.testing.assert_array_equal(new_pure["fc1"]["kernel"],
+                                new_params["fc1"]["kernel"].get_value())
