@@ -781,3 +781,11 @@ def test_readme_bring_your_own_model_snippets_run(capsys):
     exec(compile(code, "README.md", "exec"), ns)  # pylint: disable=exec-used
     assert "dead" in ns
   assert "Dense_0" in capsys.readouterr().out
+
+
+def test_readme_api_snippet_runs(capsys):
+  (code,) = _readme_blocks("The API in a few lines")
+  ns = {}
+  exec(compile(code, "README.md", "exec"), ns)  # pylint: disable=exec-used
+  assert "dead_neurons" in capsys.readouterr().out
+  assert set(ns["dead"]) == {"ActDense_0", "ActDense_1", "Dense_0"}
