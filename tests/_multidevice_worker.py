@@ -196,6 +196,57 @@ def sharded_jit_batch_stats():
 
 
 @check
+def probe_dead_over_devices():
+  """``probe_dead`` of an unmodified Linen MLP over 3 batches with padding:
+  sharded ``jit`` (global batches over 8 devices) and ``pmap`` (leading
+  device axis) give the 1-device dead tree and the same statistics."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import synstrip_jax as ss  # pylint: disable=import-outside-toplevel
+  from synstrip_jax import linen as ss_linen  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(16, name="fc")(x))
+      return nn.Dense(3, name="head")(h)
+
+  model = Net()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, NDEV * 2, 5)).astype(np.float32)
+  valid = np.ones((3, NDEV * 2), bool)
+  valid[-1, -5:] = False               # padding rows of the last batch
+  params = model.init(jax.random.key(0), x[0])["params"]
+  params = jax.tree.map(np.array, params)
+  params["fc"]["bias"][:4] = -50.0   # force some dead neurons
+  # Padding rows that would revive neuron 0 if they were counted.
+  x[-1, -5:] = 1000.0 * np.sign(params["fc"]["kernel"][:, 0])
+  stats_fn = lambda p, b: ss_linen.capture_stats(
+      model, {"params": p}, b["x"], select="fc")[1]
+  where_fn = lambda b: b["valid"]
+  batches = [{"x": x[i], "valid": valid[i]} for i in range(3)]
+  ref = ss.probe_dead(stats_fn, params, batches, where_fn=where_fn)
+  ref_stats = ss.probe_stats(stats_fn, params, batches, where_fn=where_fn)
+  assert int(np.sum(ref["fc"]["kernel"])) >= 4
+  unmasked = ss.probe_dead(stats_fn, params, batches)  # padding counted
+  assert int(np.sum(unmasked["fc"]["kernel"])) < int(np.sum(ref["fc"]["kernel"]))
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in batches]
+  got = ss.probe_dead(stats_fn, params, sharded, where_fn=where_fn)
+  got_stats = ss.probe_stats(stats_fn, params, sharded, where_fn=where_fn)
+  assert_bitwise_equal(got, ref, "sharded jit dead")
+  np.testing.assert_allclose(
+      got_stats["fc"]["post_act"].total,
+      ref_stats["fc"]["post_act"].total, rtol=1e-6)
+
+  per_device = [jax.tree.map(lambda a: a.reshape((NDEV, -1) + a.shape[1:]), b)
+                for b in batches]
+  pm = ss.probe_dead(stats_fn, params, per_device, where_fn=where_fn,
+                     axis_name="d")
+  assert_bitwise_equal(pm, ref, "pmap dead")
+
+
+@check
 def sharded_jit_strip_params_replicated():
   """``strip_params`` under ``jit`` with params and dead vectors replicated
   on the 8-device mesh: params and masks bit-identical to the 1-device call;

@@ -93,3 +93,8 @@ def test_explicit_mesh_update_and_strip_event(worker):
   """Explicit axes: jitted update and strip_event run, keep shardings, and
   match the 1-device masks and params bit for bit."""
   check(worker, "explicit_mesh_update_and_strip_event")
+
+
+def test_probe_dead_over_devices(worker):
+  """ss.probe_dead over sharded-jit and pmap batches = the 1-device result."""
+  check(worker, "probe_dead_over_devices")
