@@ -12,8 +12,8 @@ import numpy as np
 
 sys.path.insert(0, ".")
 from bench.bench_strip import make_params, make_dead, kernel_list  # noqa
-from synstrip_jax.stripping import (_interpolation_table, bucket_sizes,
-                                    column_thresholds)
+from bench.strip_variants import bucket_sizes  # noqa
+from synstrip_jax.stripping import _interpolation_table, column_thresholds
 
 pct = float(sys.argv[1]) if len(sys.argv) > 1 else 50
 reps = 7

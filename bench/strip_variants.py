@@ -24,13 +24,22 @@ Variants (``select`` x ``full``):
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from synstrip_jax.stripping import (_interpolation_table, bucket_sizes,
+from synstrip_jax.stripping import (_interpolation_table,
                                     column_thresholds)
+
+
+def bucket_sizes(num_neurons: int, num_buckets: int = 5) -> tuple[int, ...]:
+  """Static column-bucket sizes ``n/2^j`` (ascending, deduplicated); the
+  library used them until it switched to whole-kernel thresholds."""
+  sizes = {max(1, math.ceil(num_neurons / 2**j)) for j in range(num_buckets)}
+  return tuple(sorted(sizes))
+
 
 _MAX = 0xFFFFFFFF
 
