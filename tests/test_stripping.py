@@ -180,20 +180,113 @@ def test_no_recompilation_for_new_dead_sets():
   assert len(traces) == 1
 
 
-def test_work_buckets_cover_every_dead_count():
-  for n in (1, 2, 7, 384, 1536):
-    sizes = stripping.bucket_sizes(n)
-    assert sizes[-1] == n and list(sizes) == sorted(set(sizes))
-  # Every dead count lands in a bucket that holds it: compare with full work.
+class _CompileCounter:
+  """Counts XLA backend compilations (``jax.monitoring`` duration events)."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.count = 0
+
+  def _listen(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == self.EVENT:
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def _layers(shapes, seed=0):
+  """Params with one ``{'kernel', 'bias'}`` layer per shape."""
+  rng = np.random.default_rng(seed)
+  return {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal(s), jnp.float32),
+                    "bias": jnp.zeros((s[-1],), jnp.float32)}
+          for i, s in enumerate(shapes)}
+
+
+def _layer_dead(params, frac, seed):
+  rng = np.random.default_rng(seed)
+  return {k: {"kernel": jnp.asarray(rng.random(v["kernel"].shape[-1]) < frac),
+              "bias": None} for k, v in params.items()}
+
+
+def test_eager_strip_compiles_once_per_shape_not_per_factor_or_dead_set():
+  """Eager strip_params compiles one program per distinct kernel shape; new
+  dead sets, new factors and masks given or not compile nothing more."""
+  shapes = [(12, 20), (20, 12), (12, 20), (12, 20), (3, 3, 4, 20)]
+  params = _layers(shapes)
+  # The first event (masks None) may compile; count the shapes it adds.
+  before = stripping._strip_kernel_jit._cache_size()
+  p, m = strip_params(params, _layer_dead(params, 0.5, 1), stripping_factor=0.05)
+  added = stripping._strip_kernel_jit._cache_size() - before
+  assert added <= 3  # (12, 20), (20, 12), (3, 3, 4, 20)
+  with _CompileCounter() as counter:
+    for e, (frac, q) in enumerate([(0.0, 0.05), (1.0, 0.3), (0.3, 0.0),
+                                   (0.7, 1.0), (0.5, 0.123456789)]):
+      p, m = strip_params(p, _layer_dead(params, frac, 10 + e), m,
+                          stripping_factor=q)
+      strip_params(params, _layer_dead(params, frac, 20 + e),
+                   stripping_factor=q)
+    jax.block_until_ready(m)
+  # (The jit's dispatch cache may hold a second entry per shape, for a
+  # numpy rather than a jax mask, but no program is traced or compiled.)
+  assert counter.count == 0
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_traced_strip_params_equals_eager(with_masks):
+  """Under jit, same-shape kernels are stacked and mapped: same bits."""
+  shapes = [(12, 20), (20, 12), (12, 20), (12, 20), (20, 12), (3, 3, 4, 20)]
+  params = _layers(shapes, seed=3)
+  dead = _layer_dead(params, 0.5, 4)
+  masks = None
+  if with_masks:
+    rng = np.random.default_rng(5)
+    masks = {k: {"kernel": jnp.asarray(rng.random(v["kernel"].shape) < 0.8),
+                 "bias": None} for k, v in params.items()}
+  for q in (0.05, 0.5):
+    want = strip_params(params, dead, masks, stripping_factor=q)
+    got = jax.jit(strip_params, static_argnames="stripping_factor")(
+        params, dead, masks, stripping_factor=q)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      assert w.dtype == g.dtype
+      np.testing.assert_array_equal(np.asarray(w), np.asarray(g))
+
+
+def test_traced_program_size_does_not_grow_with_same_shape_kernels():
+  """One copy of the computation per distinct shape, however many kernels."""
+  def hlo_ops(n):
+    params = _layers([(12, 20)] * n)
+    lowered = jax.jit(strip_params, static_argnames="stripping_factor").lower(
+        params, _layer_dead(params, 0.5, 0), stripping_factor=0.05)
+    text = lowered.as_text()
+    return text.count(" = "), text.count("stablehlo.while")
+  (one, loops1), (two, loops2), (twelve, loops12) = map(hlo_ops, (1, 2, 12))
+  # One bisection loop (one copy of the computation), inside one lax.map
+  # loop over the stacked kernels from 2 kernels on; each further kernel
+  # adds only its stacking and masking.
+  assert loops1 == 1 and loops2 == loops12 == 2, (loops1, loops2, loops12)
+  assert two < 2 * one and twelve < 2 * two, (one, two, twelve)
+
+
+def test_every_dead_count_gets_its_thresholds():
+  """Each dead neuron gets the threshold of its whole column, every other
+  neuron NaN, for every dead count (one compiled program for all)."""
   w = jax.random.normal(jax.random.key(1), (40, 33))
+  full = stripping.column_thresholds(w, 0.2, axis=0)
   thresholds = jax.jit(stripping.kernel_thresholds,
-                       static_argnames=("stripping_factor", "num_buckets"))
+                       static_argnames="stripping_factor")
   for count in range(0, 34):
     dead = jnp.arange(33) < count
     thr = thresholds(w, dead, stripping_factor=0.2)
-    ref = thresholds(w, dead, stripping_factor=0.2, num_buckets=1)
-    np.testing.assert_array_equal(thr, ref)
+    np.testing.assert_array_equal(thr, jnp.where(dead, full, jnp.nan))
     assert int(jnp.sum(~jnp.isnan(thr))) == count
+  assert thresholds._cache_size() == 1
 
 
 # ---------------------------------------------------------------- bad input
