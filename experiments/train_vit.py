@@ -20,6 +20,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from synstrip_vit import checkpointing, distributed, loop
+from synstrip_vit import workdir as workdir_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,18 +64,26 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  if not Path(config_file.split(":")[0]).is_file():
+    sys.exit(f"error: --config file {config_file.split(':')[0]!r} does not "
+             "exist")
+  try:
+    config = _CONFIG.value
+  except Exception as e:  # pylint: disable=broad-except  # a broken config file
+    sys.exit(f"error: cannot load --config {config_file!r}: "
+             + " ".join(str(e).split()))
   distributed.initialize_from_flags()
   workdir = _WORKDIR.value
   if workdir is None:
-    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
     stem = Path(config_file.split(":")[0]).stem
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = str(REPO / "runs" / f"{stem}-{stamp}")
   print(f"workdir: {workdir}", flush=True)
   try:
-    loop.train_and_evaluate(_CONFIG.value, workdir)
-  except (ValueError, loop.RunError, FloatingPointError,
-          checkpointing.CheckpointError) as e:
+    loop.train_and_evaluate(config, workdir)
+  except (ValueError, loop.RunError, FloatingPointError, OSError,
+          checkpointing.CheckpointError, workdir_lib.WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   print(f"done: metrics in {workdir}/metrics.jsonl, plots "

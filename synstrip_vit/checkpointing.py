@@ -8,17 +8,25 @@ to compute exactly what an uninterrupted one computes.
 
 Checkpoints are numbered by the global optimizer step. Saving is collective:
 every process calls :func:`save`; orbax writes array shards from the
-processes that own them and the JSON from process 0.
+processes that own them and the JSON from process 0. Then process 0 adds
+the run's metadata (records, identity) and a SHA-256 manifest of the step
+(:mod:`synstrip_vit.integrity`); :func:`restore_latest` verifies a step
+against its manifest before restoring it and refuses a state that is not
+finite, falling back to the previous checkpoint. A state that is not finite
+is never saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from synstrip_vit import integrity
 
 PyTree = Any
 
@@ -45,11 +53,60 @@ def make_manager(workdir: str | Path, *, max_to_keep: int = 2
                                item_names=("state",))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: PyTree) -> None:
-  """Save ``state`` as checkpoint ``step`` (blocking, every process)."""
+@dataclasses.dataclass
+class Checkpointer:
+  """A manager plus the metadata every checkpoint of a run carries.
+
+  ``meta`` is called at each :func:`save` (on process 0) and returns the
+  JSON-able ``synstrip_meta.json`` content (records so far, identity).
+  """
+  manager: ocp.CheckpointManager
+  meta: Callable[[], dict[str, Any]]
+
+  @property
+  def directory(self):
+    return self.manager.directory
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def save(manager: ocp.CheckpointManager | Checkpointer, step: int,
+         state: PyTree) -> None:
+  """Save ``state`` as checkpoint ``step`` (blocking, every process).
+
+  With a :class:`Checkpointer`, process 0 then writes its metadata into the
+  step directory; in every case it writes the step's SHA-256 manifest last.
+
+  Raises:
+    FloatingPointError: the state holds a NaN or inf (names the leaves);
+      nothing is saved, the previous checkpoints are kept.
+  """
+  meta = None
+  if isinstance(manager, Checkpointer):
+    meta, manager = manager.meta, manager.manager
+  bad = integrity.nonfinite_leaves(state)
+  if bad:
+    raise FloatingPointError(
+        f"the state at step {step} is not finite (NaN/inf in "
+        f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); not saved. "
+        f"The last good checkpoint (step {manager.latest_step()}) in "
+        f"{manager.directory} is kept; lower optimizer.learning_rate or "
+        "check the data")
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state)), force=True)
   manager.wait_until_finished()
+  if jax.process_index() == 0:
+    step_dir = Path(manager.directory) / str(step)
+    if meta is not None:
+      integrity.write_meta(step_dir, meta())
+    integrity.write_manifest(step_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"synstrip_manifest_{step}")
 
 
 def _abstract(target: PyTree) -> PyTree:
@@ -61,9 +118,15 @@ def _abstract(target: PyTree) -> PyTree:
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
-                   quarantine_dir: Optional[str | Path] = None
+                   quarantine_dir: Optional[str | Path] = None,
+                   warn: Callable[[str], None] = logging.warning
                    ) -> Optional[tuple[int, PyTree]]:
-  """Restore the newest readable checkpoint, falling back to older ones.
+  """Restore the newest good checkpoint, falling back to older ones.
+
+  A checkpoint is good if its files match its manifest (when it has one,
+  see :mod:`synstrip_vit.integrity`), orbax restores it and every float in
+  its state is finite. When newer ones are not, ``warn`` gets one line
+  naming them, why, and the step resumed from.
 
   Newer checkpoints that failed to restore are moved (by process 0) into
   ``quarantine_dir`` when it is given, so that the resumed run can write its
@@ -92,16 +155,24 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
   abstract = _abstract(target)
   for step in steps:
     try:
+      integrity.verify(Path(manager.directory) / str(step))
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract)))
+      bad = integrity.nonfinite_leaves(restored["state"])
+      if bad:
+        raise FloatingPointError(f"NaN/inf in {', '.join(bad[:3])}")
       if errors:
-        logging.warning("restored checkpoint %d after newer ones failed: %s",
-                        step, "; ".join(errors))
+        moved = (f"moved to {quarantine_dir}" if quarantine_dir is not None
+                 else "left in place")
+        warn(f"warning: newest checkpoint(s) in {manager.directory} "
+             f"unreadable ({'; '.join(errors)}; {moved}); resuming from "
+             f"checkpoint {step}")
         if quarantine_dir is not None:
           _quarantine(manager, [s for s in steps if s > step], quarantine_dir)
       return step, restored["state"]
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+      errors.append(f"checkpoint {step}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:300] if str(e) else ''}")
   raise CheckpointError(
       f"no checkpoint in {manager.directory} could be restored: "
       + " | ".join(errors) + ". Move the directory away to start afresh.")
@@ -129,5 +200,5 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
   manager.reload()
 
 
-__all__ = ["CHECKPOINT_DIR", "CheckpointError", "make_manager",
+__all__ = ["CHECKPOINT_DIR", "CheckpointError", "Checkpointer", "make_manager",
            "restore_latest", "save"]

@@ -21,6 +21,7 @@ place where arrays are validated.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
@@ -139,6 +140,10 @@ def _check_split(name: str, split: str, x: Any, y: Any) -> None:
   if x.ndim != 4:
     raise ValueError(
         f"{where}x_{split} must be NHWC (4-D), got shape {x.shape}")
+  if min(x.shape[1:]) == 0:
+    raise ValueError(
+        f"{where}x_{split} images must have height, width and channels >= 1, "
+        f"got shape {x.shape}")
   if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer):
     raise ValueError(f"{where}y_{split} must be integer, got {_describe(y)}")
   if y.ndim != 1:
@@ -240,6 +245,10 @@ def load_npz(path: str, *, name: Optional[str] = None) -> ArrayDataset:
   name = name if name is not None else _NPZ_PREFIX + str(path)
   if not p.is_file():
     raise DataNotFoundError(f"npz dataset file {str(p)!r} does not exist")
+  if not zipfile.is_zipfile(p):
+    raise ValueError(
+        f"npz dataset file {str(p)!r} is not an .npz archive (not a zip "
+        f"file; it starts with {p.open('rb').read(16)!r})")
   try:
     with np.load(p, allow_pickle=False) as f:
       files = list(f.files)
@@ -339,8 +348,12 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None) -> ArrayDataset:
     try:
       source = tfds.data_source(name, split=split, data_dir=data_dir,
                                 download=False)
-    except (NotImplementedError, ValueError, OSError) as e:
-      raise _tfds_not_prepared_error(tfds, name, data_dir, e) from e
+    except (NotImplementedError, ValueError, OSError, KeyError) as e:
+      tfrecord = _tfrecord_arrays(tfds, name, split, data_dir)
+      if tfrecord is None:
+        raise _tfds_not_prepared_error(tfds, name, data_dir, e) from e
+      arrays[f"x_{split}"], arrays[f"y_{split}"], num_classes = tfrecord
+      continue
     arrays[f"x_{split}"], arrays[f"y_{split}"] = _materialize(source, name,
                                                               split)
     num_classes = int(source.dataset_info.features["label"].num_classes)
@@ -348,6 +361,27 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None) -> ArrayDataset:
     arrays["x_train"] = np.zeros((0,) + arrays["x_test"].shape[1:], np.uint8)
     arrays["y_train"] = np.zeros((0,), np.int32)
   return ArrayDataset(num_classes=num_classes, name=name, **arrays)
+
+
+def _tfrecord_arrays(tfds: Any, name: str, split: str,
+                     data_dir: Optional[str]
+                     ) -> Optional[Tuple[np.ndarray, np.ndarray, int]]:
+  """``(images, labels, num_classes)`` of a split prepared as TFRecord,
+  read with ``tfds.load`` when TensorFlow is installed; else None."""
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+      return None
+    import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+  except Exception:  # pylint: disable=broad-except  # No TF / not prepared.
+    return None
+  data = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir,
+                                 download=False, batch_size=-1))
+  images = np.asarray(data["image"], np.uint8)
+  labels = np.asarray(data["label"]).astype(np.int32)
+  if len(images) == 0:
+    raise ValueError(f"TFDS dataset {name!r} split {split!r} is empty")
+  return images, labels, int(builder.info.features["label"].num_classes)
 
 
 def _tfds_not_prepared_error(tfds: Any, name: str, data_dir: Optional[str],
@@ -366,9 +400,12 @@ def _tfds_not_prepared_error(tfds: Any, name: str, data_dir: Optional[str],
          f"(in an environment with TensorFlow and network access)")
   if prepared:
     return DataNotFoundError(
-        f"TFDS dataset {name!r} is prepared at {where!r} but not in a "
-        f"random-access format (array_record/parquet); rebuild it with {how}. "
-        f"Cause: {type(cause).__name__}: {cause}")
+        f"TFDS dataset {name!r} is prepared at {where!r} in a format that "
+        "needs TensorFlow to read (e.g. tfrecord, what `tfds build` writes by "
+        "default) and TensorFlow is not installed: install tensorflow, or "
+        "convert it once, in place, with `tfds convert_format "
+        f"--dataset_version_dir={where} --out_file_format=array_record` (in "
+        f"an environment with TensorFlow), or rebuild it with {how}")
   return DataNotFoundError(
       f"TFDS dataset {name!r} is not prepared at {where!r} (downloads are "
       f"disabled); prepare it first with {how}")

@@ -261,6 +261,25 @@ def channel_stats(x_train: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
   return np.asarray(means, np.float32), np.asarray(stds, np.float32)
 
 
+def check_normalizable(mean: np.ndarray, std: np.ndarray,
+                       dataset: str) -> None:
+  """Raise ``ValueError`` if a channel of the training images is constant.
+
+  :func:`normalize` divides by ``std``: a channel with ``std == 0`` (e.g. an
+  RGBA alpha channel that is 255 everywhere) would make every input NaN.
+
+  Args:
+    mean, std: from :func:`channel_stats`.
+    dataset: the dataset's name, for the message.
+  """
+  for c, (m, s) in enumerate(zip(np.asarray(mean), np.asarray(std))):
+    if not s > 0:
+      raise ValueError(
+          f"dataset {dataset!r}: channel {c} of the training images is "
+          f"constant (value {float(m):g}, std 0), so normalising it divides "
+          "by zero; drop that channel from the data")
+
+
 def normalize(images: Array, mean: Array, std: Array) -> Array:
   """``(images - mean) / std`` in float32.
 

@@ -46,7 +46,8 @@ from synstrip_jax import metrics, probe, redo
 from synstrip_jax.activations import check_finite
 from synstrip_jax.transform import get_masks, strip_event
 from synstrip_vit import checkpointing, config as config_lib, datasets
-from synstrip_vit import input_pipeline, models, steps, writers
+from synstrip_vit import input_pipeline, integrity, models, steps, writers
+from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.augment import random_crop_flip
 
 PyTree = Any
@@ -69,6 +70,12 @@ class RunData:
     num_classes: number of classes.
     image_shape: ``(H, W, C)``.
     mean, std: per-channel statistics of the training part (normalisation).
+    fingerprint: SHA-256 of the arrays used (after the limits), recorded
+      with the run so that a resume on other data is refused.
+
+  Raises:
+    ValueError: data that cannot be trained on (no training or test images,
+      an image side of 0, a constant channel).
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -82,6 +89,12 @@ class RunData:
       x_test, y_test = x_test[:c.test_limit], y_test[:c.test_limit]
     if len(x_train) == 0:
       raise ValueError(f"dataset {c.dataset!r} has no training images")
+    if len(x_test) == 0:
+      raise ValueError(f"dataset {c.dataset!r} has no test images (an empty "
+                       "test split cannot be evaluated)")
+    self.fingerprint = workdir_lib.data_fingerprint(
+        {"x_train": x_train, "y_train": y_train, "x_test": x_test,
+         "y_test": y_test})
     if config.stripping.probe == "train_holdout":
       x_train, y_train, x_probe, y_probe = input_pipeline.split_holdout(
           x_train, y_train, fraction=config.stripping.probe_fraction,
@@ -94,6 +107,7 @@ class RunData:
     self.num_classes = ds.num_classes
     self.image_shape = ds.image_shape
     self.mean, self.std = input_pipeline.channel_stats(x_train)
+    input_pipeline.check_normalizable(self.mean, self.std, c.dataset)
 
 
 def input_fns(config: ml_collections.ConfigDict, run_data: RunData
@@ -203,15 +217,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   Raises:
     ValueError: invalid config or data (before any training).
-    RunError: the workdir holds another run, or metrics but no checkpoint.
+    RunError: the workdir holds another run (other config or data), or
+      metrics but no checkpoint, or its config files are unreadable.
+    synstrip_vit.workdir.WorkdirError: another run is using the workdir
+      (names its pid and host), or the workdir cannot be written.
     checkpointing.CheckpointError: no checkpoint can be restored.
-    FloatingPointError: the training loss became NaN/inf (the last good
-      checkpoint is kept).
+    FloatingPointError: the training loss or the state became NaN/inf (the
+      last good checkpoint is kept).
   """
   config_lib.validate(config)
   is_main = jax.process_index() == 0
-  run, state = prepare(config, Path(workdir).absolute(),
-                       log if is_main else (lambda _: None))
+  workdir = Path(workdir).absolute()
+  with workdir_lib.exclusive(workdir, enabled=is_main, log=log):
+    return _train_and_evaluate(config, workdir, on_step=on_step, log=log)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
+                        on_step: Optional[StepCallback],
+                        log: Callable[[str], None]) -> list[dict[str, Any]]:
+  """:func:`train_and_evaluate` once the workdir is locked."""
+  is_main = jax.process_index() == 0
+  run, state = prepare(config, workdir, log if is_main else (lambda _: None))
   state, manager, records = restore_or_start(run, state)
   first_epoch = int(state.step) // run.steps_per_epoch
   writer = writers.make_writer(
@@ -229,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       evals, dead = evaluate_and_probe(run, state.params)
       t2 = time.perf_counter()
       state, event = strip_or_recycle(run, state, dead, epoch)
+      _check_state(state, epoch, manager, evals)
       timings = (t1 - t0, t2 - t1, time.perf_counter() - t2)
       record = make_record(run, state, epoch, evals, dead, event, timings)
       writer.write(record.step, record.as_dict())
@@ -286,34 +313,69 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
 
 def restore_or_start(run: Run, state: steps.TrainState
                      ) -> tuple[steps.TrainState, Any, list[dict[str, Any]]]:
-  """Resume from the workdir's newest readable checkpoint, or start at 0.
+  """Resume from the workdir's newest good checkpoint, or start at 0.
 
-  Writes (or on resume checks) ``config.json``, refuses to overwrite the
-  metrics of a run whose checkpoints are gone, and drops the records of the
-  epochs that will be trained again. Returns ``(state, checkpoint manager,
-  records kept)``.
+  Checks ``config.json`` and ``run.json`` (config and data fingerprints)
+  and the identity stored in the restored checkpoint, refusing a run on
+  another config or other data; refuses to overwrite the metrics of a run
+  whose checkpoints are gone; repairs ``metrics.jsonl`` from the records
+  stored with the checkpoint and drops the records of the epochs that will
+  be trained again; (re)writes ``config.json`` and ``run.json`` atomically
+  when they are missing, damaged or out of date. Returns ``(state,
+  checkpointer, records kept)``.
   """
-  _check_config_file(run.workdir, run.config, run.is_main)
+  identity = _run_identity(run)
+  config_ok = _check_run_files(run.workdir, run.config, identity)
   metrics_path = run.workdir / writers.METRICS_FILE
   manager = checkpointing.make_manager(
       run.workdir, max_to_keep=run.config.run.max_checkpoints)
-  restored = checkpointing.restore_latest(
-      manager, state, quarantine_dir=run.workdir / "unreadable_checkpoints")
-  if restored is None:
-    if writers.read_jsonl(metrics_path):
-      manager.close()
-      raise RunError(f"{metrics_path} has records but {manager.directory} "
-                     "holds no checkpoint: refusing to start over and "
-                     "overwrite them; use another --workdir")
-  else:
-    step, state = restored
-    epoch, batch = divmod(step, run.steps_per_epoch)
-    run.log(f"resuming from checkpoint {step} (epoch {epoch + 1}, "
-            f"batch {batch})")
+  warn = run.log if run.is_main else (lambda _: None)
+  try:
+    restored = checkpointing.restore_latest(
+        manager, state, quarantine_dir=run.workdir / "unreadable_checkpoints",
+        warn=warn)
+    meta = None
+    if restored is None:
+      if integrity.read_jsonl_lenient(metrics_path) != ([], 0):
+        raise RunError(f"{metrics_path} has records but {manager.directory} "
+                       "holds no checkpoint: refusing to start over and "
+                       "overwrite them; use another --workdir")
+    else:
+      step, state = restored
+      meta = integrity.read_meta(Path(manager.directory) / str(step))
+      stored = (meta or {}).get("identity")
+      if isinstance(stored, dict):
+        reason = workdir_lib.identity_mismatch(
+            stored, identity, f"checkpoint {step} in {manager.directory}")
+        if reason:
+          raise RunError(reason)
+      elif not config_ok:
+        raise RunError(
+            f"{run.workdir / CONFIG_FILE} is missing or unreadable and "
+            f"checkpoint {step} records no config to check this one against; "
+            "restore config.json or use another --workdir")
+      epoch, batch = divmod(step, run.steps_per_epoch)
+      run.log(f"resuming from checkpoint {step} (epoch {epoch + 1}, "
+              f"batch {batch})")
+  except BaseException:
+    manager.close()
+    raise
+  if run.is_main:
+    _write_run_files(run.workdir, run.config, identity, warn)
   epoch = int(state.step) // run.steps_per_epoch
-  records = (writers.keep_epochs_before(metrics_path, epoch)
-             if run.is_main else [])
-  return state, manager, records
+  records: list[dict[str, Any]] = []
+  if run.is_main:
+    records, warning = integrity.reconcile_metrics(
+        metrics_path, epoch, (meta or {}).get("records"))
+    if warning:
+      warn(warning)
+
+  def checkpoint_meta() -> dict[str, Any]:
+    return {"identity": identity,
+            "records": [{k: writers._jsonable(v) for k, v in r.items()}  # pylint: disable=protected-access
+                        for r in records]}
+
+  return state, checkpointing.Checkpointer(manager, checkpoint_meta), records
 
 
 def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
@@ -464,21 +526,82 @@ def _title(config: ml_collections.ConfigDict) -> str:
           f"strip={config.stripping.enabled} on {config.data.dataset}")
 
 
-def _check_config_file(workdir: Path, config: ml_collections.ConfigDict,
-                       is_main: bool) -> None:
-  """Write ``config.json``; on resume refuse a config that changed."""
-  path = workdir / CONFIG_FILE
+def _run_identity(run: Run) -> dict[str, str]:
+  """The config and data fingerprints of ``run`` (see ``run.json``)."""
+  return workdir_lib.run_identity(
+      json.loads(run.config.to_json()), run.data.fingerprint,
+      run.config.data.dataset, ignored=tuple(config_lib.RESUMABLE_CHANGES))
+
+
+def _check_run_files(workdir: Path, config: ml_collections.ConfigDict,
+                     identity: dict[str, str]) -> bool:
+  """Refuse to resume a run of another config or other data.
+
+  Compares ``config`` with ``config.json`` and ``identity`` with
+  ``run.json``, when they are readable. Returns whether ``config.json``
+  or ``run.json`` was readable (so the config could be checked).
+
+  Raises:
+    RunError: the workdir holds a run with another config or other data.
+  """
+  status, old = workdir_lib.read_json(workdir / CONFIG_FILE)
   new = json.loads(config.to_json())
-  if path.exists():
-    diff = config_lib.config_diff(json.loads(path.read_text()), new)
+  if status == "ok" and isinstance(old, dict):
+    diff = config_lib.config_diff(old, new)
     if diff:
       raise RunError(
           f"{workdir} holds a run with a different config "
           + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
           + "; use another --workdir")
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=2, sort_keys=True))
+  run_status, stored = workdir_lib.read_json(workdir / workdir_lib.RUN_FILE)
+  if run_status == "ok" and isinstance(stored, dict):
+    reason = workdir_lib.identity_mismatch(
+        stored, identity, str(workdir / workdir_lib.RUN_FILE))
+    if reason:
+      raise RunError(reason)
+  return ((status == "ok" and isinstance(old, dict))
+          or (run_status == "ok" and isinstance(stored, dict)))
+
+
+def _write_run_files(workdir: Path, config: ml_collections.ConfigDict,
+                     identity: dict[str, str],
+                     warn: Callable[[str], None]) -> None:
+  """(Re)write ``config.json`` and ``run.json`` atomically when they differ."""
+  for name, text in (
+      (CONFIG_FILE, json.dumps(json.loads(config.to_json()), indent=2,
+                               sort_keys=True)),
+      (workdir_lib.RUN_FILE, json.dumps(identity, indent=2, sort_keys=True))):
+    path = workdir / name
+    status, reason = workdir_lib.read_json(path)
+    if status == "ok" and path.read_text(encoding="utf-8") == text:
+      continue
+    if status == "unreadable":
+      warn(f"warning: {path} was unreadable ({reason}); rewritten")
+    workdir_lib.atomic_write_text(path, text)
+
+
+def _check_state(state: steps.TrainState, epoch: int, manager,
+                 evals: tuple[dict, dict]) -> None:
+  """Raise ``FloatingPointError`` if the params or optimizer state hold a
+  NaN/inf (names the leaves) or the test/probe loss is not finite (weights
+  blown up to huge finite values); nothing of the epoch is written then."""
+  bad = integrity.nonfinite_leaves((state.params, state.opt_state))
+  bad += [f"{name} loss" for name, sums in zip(("test", "probe"), evals)
+          if not math.isfinite(_mean(sums, "loss_sum"))]
+  if bad:
+    raise FloatingPointError(
+        f"the model became non-finite in epoch {epoch + 1} (NaN/inf in "
+        f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); stopping. "
+        f"{_last_good(manager)}; lower optimizer.learning_rate or check the "
+        "data")
+
+
+def _last_good(manager) -> str:
+  step = manager.latest_step()
+  if step is None:
+    return "No checkpoint was saved (nothing to resume from)"
+  return (f"The last good checkpoint (step {step}, verified finite) in "
+          f"{manager.directory} is kept")
 
 
 def _check_loss(state: steps.TrainState, epoch: int, manager) -> None:
@@ -486,10 +609,9 @@ def _check_loss(state: steps.TrainState, epoch: int, manager) -> None:
   loss = float(np.asarray(state.train_sums["loss_sum"]))
   if not math.isfinite(loss):
     raise FloatingPointError(
-        f"training loss became {loss} in epoch {epoch + 1}; stopping. The "
-        f"last good checkpoint (step {manager.latest_step()}) in "
-        f"{manager.directory} is kept; lower optimizer.learning_rate or "
-        "check the data")
+        f"training loss became {loss} in epoch {epoch + 1}; stopping. "
+        f"{_last_good(manager)}; lower optimizer.learning_rate or check the "
+        "data")
 
 
 def _build(config: ml_collections.ConfigDict, run_data: RunData, mesh: Mesh):

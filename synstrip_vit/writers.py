@@ -9,12 +9,15 @@ everything elsewhere).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
+
+from synstrip_vit.workdir import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -70,11 +73,7 @@ def keep_epochs_before(path: str | Path, epoch: int) -> list[dict[str, Any]]:
   records = [r for r in read_jsonl(path) if int(r["epoch"]) < epoch]
   path = Path(path)
   if path.exists():
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
   return records
 
 
@@ -116,7 +115,9 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | Path,
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out_dir / f"{name}.png"
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(path, png.getvalue())  # never a truncated plot
     plt.close(fig)
     paths.append(path)
   return paths
