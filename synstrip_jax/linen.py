@@ -34,6 +34,15 @@ ACTIVATIONS = "activations"
 CAPTURE = "synstrip_capture"
 
 
+def _activate_and_sow(layer: nn.Module, pre: jax.Array) -> jax.Array:
+  """``layer.activation(pre)``, its per-example statistics sown as
+  ``(ACTIVATIONS, <layer path>, POST_ACT)`` (added up over repeated calls)."""
+  y = layer.activation(pre)
+  layer.sow(ACTIVATIONS, POST_ACT, example_stats(y),
+            reduce_fn=accumulate_sown, init_fn=no_stats)
+  return y
+
+
 class ActDense(nn.Dense):
   """``activation(Dense(x))`` that sows the per-example output statistics.
 
@@ -45,10 +54,7 @@ class ActDense(nn.Dense):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = self.activation(super().__call__(inputs))
-    self.sow(ACTIVATIONS, POST_ACT, example_stats(y),
-             reduce_fn=accumulate_sown, init_fn=no_stats)
-    return y
+    return _activate_and_sow(self, super().__call__(inputs))
 
 
 class ActConv(nn.Conv):
@@ -65,10 +71,7 @@ class ActConv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = self.activation(super().__call__(inputs))
-    self.sow(ACTIVATIONS, POST_ACT, example_stats(y),
-             reduce_fn=accumulate_sown, init_fn=no_stats)
-    return y
+    return _activate_and_sow(self, super().__call__(inputs))
 
 
 def linen_stats(variables: Mapping[str, Any]) -> PyTree:
@@ -133,6 +136,31 @@ def _intercept(selection: Optional[Selection],
   return interceptor
 
 
+def _extra_collections(mutable: Union[bool, str, Sequence[str]]) -> list[str]:
+  """``capture_stats``'s ``mutable`` as a list of collection names."""
+  if mutable is True:
+    raise ValueError("mutable=True is not supported by capture_stats: name "
+                     "the collections to update")
+  if mutable is False:
+    return []
+  return [mutable] if isinstance(mutable, str) else list(mutable)
+
+
+def _sown_stats(state: Mapping[str, Any], captured: list[str]
+                ) -> dict[str, Any]:
+  """``{layer path: stats}`` sown in :data:`CAPTURE`; every captured layer
+  must be there (a lifted transform may swallow the collection)."""
+  sown = stats_by_layer(state.get(CAPTURE, {}))
+  lost = [p for p in captured if p not in sown]
+  if lost:
+    raise ValueError(
+        f"the statistics of {lost} did not come out of apply: these layers "
+        "sit inside a lifted transform that does not return the "
+        f"'{CAPTURE}' collection (nn.scan, nn.vmap...); stacked layers are "
+        "not supported (nn.remat is)")
+  return sown
+
+
 def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
                   select: Select,
                   activation: Callable[[jax.Array], jax.Array] = nn.relu,
@@ -141,11 +169,10 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
                   **kwargs: Any) -> tuple[Any, PyTree]:
   """Apply an unmodified Linen model and capture per-neuron statistics.
 
-  For every call of a selected layer, ``activation(output)`` is reduced on
-  the fly to per-example statistics (:func:`~synstrip_jax.activations.
-  example_stats`: every axis but the first and the last), never stored
-  whole; a layer called several times (shared weights) adds its statistics
-  up. Pure: nothing stays installed after the call; works under ``jit``.
+  Each selected layer's ``activation(output)`` is reduced on the fly to
+  per-example statistics (every axis but the first and the last), never
+  stored whole; a layer called several times adds its statistics up. Pure:
+  nothing stays installed after the call; works under ``jit``.
 
   Args:
     model: any Linen module, unchanged.
@@ -185,25 +212,13 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
   seen: dict[str, Layer] = {}
   captured: list[str] = []
   other: dict[str, str] = {}
-  extra = ([mutable] if isinstance(mutable, str) else
-           [] if mutable is False else list(mutable) if mutable is not True
-           else None)
-  if extra is None:
-    raise ValueError("mutable=True is not supported by capture_stats: name "
-                     "the collections to update")
+  extra = _extra_collections(mutable)
   with nn.intercept_methods(_intercept(selection, activation, seen, captured,
                                        other)):
     out, state = model.apply(variables, *args, method=method,
                              mutable=[CAPTURE] + extra, **kwargs)
   check_selection(selection, seen, captured, other)
-  sown = stats_by_layer(state.get(CAPTURE, {}))
-  lost = [p for p in captured if p not in sown]
-  if lost:
-    raise ValueError(
-        f"the statistics of {lost} did not come out of apply: these layers "
-        "sit inside a lifted transform that does not return the "
-        f"'{CAPTURE}' collection (nn.scan, nn.vmap...); stacked layers are "
-        "not supported (nn.remat is)")
+  sown = _sown_stats(state, captured)
   keys = {p: tuple(p.split("/")) for p in seen}
   stats = rekey_stats(sown, selection, seen, keys)
   if extra:

@@ -42,6 +42,15 @@ from synstrip_jax.transform import strip_event
 PyTree = Any
 
 
+def _activate_and_sow(layer: nnx.Module, pre: jax.Array) -> jax.Array:
+  """``layer.activation(pre)``, its per-example statistics sown as
+  ``nnx.Intermediate`` ``POST_ACT`` (added up over repeated calls)."""
+  y = layer.activation(pre)
+  layer.sow(nnx.Intermediate, POST_ACT, example_stats(y),
+            reduce_fn=accumulate_sown, init_fn=no_stats)
+  return y
+
+
 class ActLinear(nnx.Linear):
   """NNX ``activation(Linear(x))`` that sows ``nnx.Intermediate`` statistics.
 
@@ -55,10 +64,7 @@ class ActLinear(nnx.Linear):
     self.activation = activation
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = self.activation(super().__call__(inputs))
-    self.sow(nnx.Intermediate, POST_ACT, example_stats(y),
-             reduce_fn=accumulate_sown, init_fn=no_stats)
-    return y
+    return _activate_and_sow(self, super().__call__(inputs))
 
 
 class ActConv(nnx.Conv):
@@ -76,10 +82,7 @@ class ActConv(nnx.Conv):
     self.activation = activation
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    y = self.activation(super().__call__(inputs))
-    self.sow(nnx.Intermediate, POST_ACT, example_stats(y),
-             reduce_fn=accumulate_sown, init_fn=no_stats)
-    return y
+    return _activate_and_sow(self, super().__call__(inputs))
 
 
 # ----------------------------------------------------- unmodified models
@@ -154,6 +157,29 @@ def candidate_layers(model: nnx.Module) -> list[Layer]:
   return out
 
 
+def _scan_modules(model: nnx.Module, selection: Selection
+                  ) -> tuple[dict[str, Layer], dict[str, str],
+                             list[tuple[str, Any]], dict[str, tuple[Any, ...]]]:
+  """``(seen, other, sources, keys)`` over the model's modules: the
+  supported layers by path, the other modules' type names, the selected
+  ``(path, module)`` statistics sources, and each path's key tuple."""
+  seen: dict[str, Layer] = {}
+  other: dict[str, str] = {}
+  sources: list[tuple[str, Any]] = []
+  keys: dict[str, tuple[Any, ...]] = {}
+  for parts, module in _modules(model):
+    path = path_name(parts)
+    keys[path] = tuple(parts)
+    layer, problem = _layer(module, path)
+    if layer is None:
+      other[path] = type(module).__name__
+    else:
+      seen[path] = layer
+    if selection.is_source(path, module, layer is not None, problem):
+      sources.append((path, module))
+  return seen, other, sources, keys
+
+
 def capture_stats(model: nnx.Module, *args: Any, select: Select,
                   activation: Callable[[jax.Array], jax.Array] = nnx.relu,
                   method: Union[str, Callable[..., Any], None] = None,
@@ -188,20 +214,7 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
     ValueError: as :func:`synstrip_jax.linen.capture_stats`, naming the path.
   """
   selection = Selection(select)
-  seen: dict[str, Layer] = {}
-  other: dict[str, str] = {}
-  sources: list[tuple[str, Any]] = []
-  keys: dict[str, tuple[Any, ...]] = {}
-  for parts, module in _modules(model):
-    path = path_name(parts)
-    keys[path] = tuple(parts)
-    layer, problem = _layer(module, path)
-    if layer is None:
-      other[path] = type(module).__name__
-    else:
-      seen[path] = layer
-    if selection.is_source(path, module, layer is not None, problem):
-      sources.append((path, module))
+  seen, other, sources, keys = _scan_modules(model, selection)
   if method is None:
     call = lambda m, *a, **k: m(*a, **k)
   elif isinstance(method, str):

@@ -53,6 +53,7 @@ vector broadcast over the kernel.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -290,22 +291,30 @@ def recycle_params(params: PyTree, dead: PyTree, key: Array, *,
   validate_sparse_tree(params, masks, "masks")
   mask_l = ([None] * len(plan.leaves) if masks is None
             else _trees.aligned_leaves(params, masks)[3][0])
-  out = []
-  for path, leaf, d, r, b, m in zip(plan.paths, plan.leaves, plan.incoming,
-                                    plan.rows, plan.bias, mask_l):
-    if d is not None:
-      init = _initializer(init_fn, path)
-      fresh = init(jax.random.fold_in(key, _path_seed(path)), leaf.shape,
-                   leaf.dtype)
-      leaf = jnp.where(d, jnp.asarray(fresh, leaf.dtype), leaf)
-    if r is not None:
-      leaf = _zero_where(r[:, None], leaf)
-    if b is not None:
-      leaf = _zero_where(b, leaf)
-    if m is not None:
-      leaf = jnp.where(m, leaf, jnp.zeros((), leaf.dtype))
-    out.append(leaf)
+  out = [_recycle_leaf(*args, key=key, init_fn=init_fn)
+         for args in zip(plan.paths, plan.leaves, plan.incoming, plan.rows,
+                         plan.bias, mask_l)]
   return jax.tree_util.tree_unflatten(plan.treedef, out)
+
+
+def _recycle_leaf(path: str, leaf: Array, d: Optional[Array],
+                  r: Optional[Array], b: Optional[Array], m: Optional[Array],
+                  *, key: Array, init_fn: InitFn) -> Array:
+  """One leaf of :func:`recycle_params`: fresh incoming columns where ``d``,
+  zero outgoing rows where ``r``, zero bias entries where ``b``, then the
+  keep-mask ``m``."""
+  if d is not None:
+    init = _initializer(init_fn, path)
+    fresh = init(jax.random.fold_in(key, _path_seed(path)), leaf.shape,
+                 leaf.dtype)
+    leaf = jnp.where(d, jnp.asarray(fresh, leaf.dtype), leaf)
+  if r is not None:
+    leaf = _zero_where(r[:, None], leaf)
+  if b is not None:
+    leaf = _zero_where(b, leaf)
+  if m is not None:
+    leaf = jnp.where(m, leaf, jnp.zeros((), leaf.dtype))
+  return leaf
 
 
 def _validate_recycled(params: PyTree, recycled: PyTree) -> None:
@@ -320,6 +329,27 @@ def _validate_recycled(params: PyTree, recycled: PyTree) -> None:
     if tuple(m.shape) != tuple(p.shape):
       raise ValueError(f"recycled[{path}] has shape {tuple(m.shape)}, "
                        f"params[{path}] has shape {tuple(p.shape)}")
+
+
+def _params_entries(x: Any, *, p_def: Any, shapes: list[tuple[int, ...]]
+                    ) -> Optional[list[Any]]:
+  """``x``'s values at the params' leaf positions when ``x`` is a
+  params-shaped statistics tree (``optax.MaskedNode`` allowed), else None."""
+  if x is None or isinstance(x, optax.MaskedNode):
+    return None
+  try:
+    xs = p_def.flatten_up_to(x)
+  except Exception:  # pylint: disable=broad-except  (structure mismatch)
+    return None
+  found = False
+  for a, s in zip(xs, shapes):
+    if isinstance(a, optax.MaskedNode):
+      continue
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")
+            and tuple(a.shape) == s):
+      return None
+    found = True
+  return xs if found else None
 
 
 def reset_moments(opt_state: Any, params: PyTree, recycled: PyTree) -> Any:
@@ -359,24 +389,7 @@ def reset_moments(opt_state: Any, params: PyTree, recycled: PyTree) -> Any:
   shapes = [tuple(p.shape) for p in jax.tree_util.tree_leaves(params)]
   _, _, _, (rec_l,) = _trees.aligned_leaves(params, recycled)
 
-  def entries(x: Any) -> Optional[list[Any]]:
-    """``x``'s values at the params' leaf positions when ``x`` is a
-    params-shaped statistics tree (``optax.MaskedNode`` allowed), else None."""
-    if x is None or isinstance(x, optax.MaskedNode):
-      return None
-    try:
-      xs = p_def.flatten_up_to(x)
-    except Exception:  # pylint: disable=broad-except  (structure mismatch)
-      return None
-    found = False
-    for a, s in zip(xs, shapes):
-      if isinstance(a, optax.MaskedNode):
-        continue
-      if not (hasattr(a, "shape") and hasattr(a, "dtype")
-              and tuple(a.shape) == s):
-        return None
-      found = True
-    return xs if found else None
+  entries = functools.partial(_params_entries, p_def=p_def, shapes=shapes)
 
   def matches(x: Any) -> bool:
     return entries(x) is not None

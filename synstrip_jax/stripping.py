@@ -380,7 +380,7 @@ def strip_kernel(kernel: Array, dead: Array, mask: Array, *,
   """
   q = validate_stripping_factor(stripping_factor)
   _check_dead_leaf(None, kernel, dead, name="dead")
-  _check_mask_leaf(None, kernel, mask, name="mask")
+  check_mask_leaf(None, kernel, mask, name="mask")
   if kernel.size == 0:  # nothing to prune
     return kernel, mask, jnp.full((kernel.shape[-1],), jnp.nan, jnp.float32)
   table = quantile_table(_fan_in(kernel), q)
@@ -480,7 +480,7 @@ def _check_dead_leaf(path: Optional[str], kernel: Any, dead: Any,
         f"expected shape ({kernel.shape[-1]},)")
 
 
-def _check_mask_leaf(path: Optional[str], kernel: Any, mask: Any,
+def check_mask_leaf(path: Optional[str], kernel: Any, mask: Any,
                      name: str = "masks") -> None:
   """Check that ``mask`` is a bool array of ``kernel``'s shape (jit-safe)."""
   label = _label(name, path)
@@ -500,7 +500,7 @@ def validate_sparse_tree(params: PyTree, tree: Optional[PyTree], name: str) -> N
   if tree is None:
     return
   _trees.check_aligned(params, tree, name)
-  check = _check_dead_leaf if name == "dead" else _check_mask_leaf
+  check = _check_dead_leaf if name == "dead" else check_mask_leaf
   _, paths, leaves, (others,) = _trees.aligned_leaves(params, tree)
   for path, p, t in zip(paths, leaves, others):
     if t is not None:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from synstrip_jax import _trees
-from synstrip_jax.stripping import (DEFAULT_STRIPPING_FACTOR, strip_params,
-                                    validate_sparse_tree)
+from synstrip_jax.stripping import (DEFAULT_STRIPPING_FACTOR, check_mask_leaf,
+                                    strip_params, validate_sparse_tree)
 
 PyTree = Any
 Targets = Union[PyTree, Callable[[PyTree], PyTree]]
@@ -177,17 +177,8 @@ def _check_new_masks(old: PyTree, new: PyTree) -> None:
       raise ValueError(
           f"masks[{path}] is None but {path} is a target of with_stripping: "
           f"expected a bool mask of shape {tuple(o.shape)}")
-    if o is None:
-      continue
-    if not hasattr(n, "shape") or not hasattr(n, "dtype"):
-      raise TypeError(f"masks[{path}] must be a bool array of shape "
-                      f"{tuple(o.shape)}, got {_trees.describe(n)}")
-    if n.dtype != jnp.bool_:
-      raise TypeError(f"masks[{path}] must have dtype bool (shape "
-                      f"{tuple(o.shape)}), got {_trees.describe(n)}")
-    if tuple(n.shape) != tuple(o.shape):
-      raise ValueError(f"masks[{path}] has shape {tuple(n.shape)}, expected "
-                       f"the kernel's shape {tuple(o.shape)}")
+    if o is not None:
+      check_mask_leaf(path, o, n)
 
 
 def set_masks(opt_state: Any, masks: PyTree) -> Any:
