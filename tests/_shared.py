@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,11 @@ import pytest
 from synstrip_vit import paths
 
 REPO = Path(__file__).resolve().parents[1]
+#: JAX's persistent compilation cache shared by the end-to-end tests (and the
+#: script runs they start), so the many tiny runs compile once.
+CACHE_DIR = Path(os.environ.get(
+    "SYNSTRIP_TEST_CACHE",
+    Path(tempfile.gettempdir()) / "synstrip_test_jax_cache"))
 
 
 # ------------------------------------------------------------ shared data

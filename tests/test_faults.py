@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from _shared import assert_bitwise_equal, finish, start_python
-from test_train_vit import (CACHE_DIR, SCRIPT, overrides_argv, script_env,
-                            strip_times, tiny_config)
+from test_train_vit import (SCRIPT, overrides_argv, script_env, strip_times,
+                            tiny_config)
 
 from synstrip_vit import checkpointing, integrity, loop, steps, writers
 from synstrip_vit import workdir as workdir_lib
@@ -35,15 +35,7 @@ FAST = {"data.train_limit": 128, "data.test_limit": 64, "run.num_epochs": 2}
 QUIET = dict(log=lambda _: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache():
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import os
 import re
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import jax
 import numpy as np
 import pytest
 
-from _shared import (assert_bitwise_equal, finish, start_python,
+from _shared import (CACHE_DIR, assert_bitwise_equal, finish, start_python,
                      subprocess_env)
 
 from synstrip_vit import checkpointing, config as config_lib, loop, writers
@@ -44,9 +42,6 @@ TINY = {
     "run.batch_size": 32, "run.eval_batch_size": 64, "run.num_epochs": 2,
     "run.progress_bar": False,
 }
-CACHE_DIR = Path(os.environ.get(
-    "SYNSTRIP_TEST_CACHE",
-    Path(tempfile.gettempdir()) / "synstrip_test_jax_cache"))
 REQUIRED = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
             "dead_neurons", "active_params", "sparsity")
 
@@ -125,16 +120,7 @@ def tensorboard_scalars(logdir):
   return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache():
-  """Share compiled programs between the many tiny runs of this module."""
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 # --------------------------------------------------------------- the script

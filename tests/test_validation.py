@@ -23,7 +23,6 @@ import numpy as np
 import optax
 import pytest
 
-import synstrip_jax as ss
 from synstrip_jax.metrics import active_params, dead_counts, sparsity, summary
 from synstrip_jax.stripping import (strip_kernel, strip_params,
                                     validate_stripping_factor)
