@@ -6,8 +6,9 @@
   restore_or_start   config.json check, latest readable checkpoint or step 0
   per epoch:
     train_epoch        train batches -> train_step -> state (+ running sums)
-    evaluate_and_probe test batches, probe batches -> eval_step(collect_stats)
-                       (one compiled step) -> stats -> dead tree
+    evaluate_and_probe test batches -> eval_step; probe batches ->
+                       eval_step(collect_stats) -> stats -> dead tree (a
+                       small test set uses the probe step: one compile)
     strip_or_recycle   at an event epoch (is_event_epoch): strip_event and/or
                        the ReDo baseline
     make_record        one typed EpochRecord -> writers (process 0)
@@ -124,10 +125,9 @@ class Run:
 
   ``strip`` and ``recycle`` are ``(params, opt_state, dead[, key]) ->
   (params, opt_state)``, compiled for the mesh (``recycle`` is None without
-  ReDo); ``log`` prints on process 0 only. ``eval_step`` and ``probe_step``
-  are one compiled step (the eval pass collects the statistics too; see
-  :func:`evaluate_and_probe`); ``schedule`` is compiled (one program instead
-  of a dozen op-by-op ones per record).
+  ReDo); ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
+  (one compile) when :func:`shares_eval_step`; ``schedule`` is compiled (one
+  program instead of a dozen op-by-op ones per record).
   """
   config: ml_collections.ConfigDict
   workdir: Path
@@ -291,12 +291,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
     init, key, tx = steps.init_program(model, tx_factory,
                                        run_data.image_shape, config.run.seed)
     train_step = steps.jit_train_step(model, tx, augment, mesh)
-    # One compiled eval step for the test and the probe pass: collecting the
-    # statistics on the test set too costs less than a second compile.
     probe_step = steps.jit_eval_step(model, preprocess, mesh,
                                      collect_stats=True)
-    state = _compile_in_parallel(config, run_data, mesh, init, key,
-                                 train_step, probe_step)
+    eval_step = (probe_step if shares_eval_step(config, run_data) else
+                 steps.jit_eval_step(model, preprocess, mesh,
+                                     collect_stats=False))
+    state = _compile_in_parallel(
+        config, run_data, mesh, init, key, train_step,
+        (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
   repl = steps.replicated(mesh)
   strip = jax.jit(functools.partial(
       strip_event, stripping_factor=config.stripping.factor),
@@ -309,7 +311,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   run = Run(config=config, workdir=workdir, data=run_data, mesh=mesh,
             model=model, schedule=jax.jit(schedule),
             steps_per_epoch=n_train // config.run.batch_size,
-            train_step=train_step, eval_step=probe_step, probe_step=probe_step,
+            train_step=train_step, eval_step=eval_step, probe_step=probe_step,
             strip=strip, recycle=recycle, log=log)
   return run, state
 
@@ -411,6 +413,23 @@ def evaluate_and_probe(run: Run, params: PyTree
 def _dead_tree(params: PyTree, stats: PyTree, tau: Optional[float]) -> PyTree:
   """:func:`synstrip_jax.probe.dead_tree`, one compiled program."""
   return probe.dead_tree(params, stats, tau)
+
+
+#: Up to this many test batches, the test pass runs the probe step (which
+#: also collects the activation statistics) instead of a plain eval step of
+#: its own: one compile less (about a second on a 2-core CPU) for at most a
+#: few batches' worth of statistics per epoch.
+SHARED_EVAL_MAX_BATCHES = 8
+
+
+def shares_eval_step(config: ml_collections.ConfigDict, run_data: RunData
+                     ) -> bool:
+  """Whether the test pass uses the probe step (see
+  :data:`SHARED_EVAL_MAX_BATCHES`; always with ``stripping.probe='test'``,
+  where one pass gives both). The values are the same either way."""
+  batches = math.ceil(len(run_data.x_test) / config.run.eval_batch_size)
+  return (config.stripping.probe == "test"
+          or batches <= SHARED_EVAL_MAX_BATCHES)
 
 
 def is_event_epoch(epoch: int, frequency: int) -> bool:
@@ -534,9 +553,10 @@ def _check_loss(state: steps.TrainState, epoch: int, manager) -> None:
 
 def _compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          mesh: Mesh, init: jax.stages.Lowered, key: jax.Array,
-                         train_step: Callable, eval_step: Callable
+                         train_step: Callable,
+                         eval_steps: Sequence[Callable]
                          ) -> steps.TrainState:
-  """Compile the init, the train step and the eval step in parallel threads.
+  """Compile the init, the train step and the eval steps in parallel threads.
 
   XLA compiles (and loads from the persistent cache) without holding the
   GIL, so the three overlap with each other and with the tracing of the
@@ -548,15 +568,18 @@ def _compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   abstract = steps.abstract_replicated(init.out_info, mesh)
   d, image = run_data, tuple(run_data.image_shape)
   b, e = config.run.batch_size, config.run.eval_batch_size
-  with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+  eval_batch = steps.abstract_batch(
+      [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
+       ((e,), np.bool_)], mesh)
+  with concurrent.futures.ThreadPoolExecutor(
+      max_workers=2 + len(eval_steps)) as pool:
     futures = [pool.submit(init.compile)]
     futures.append(pool.submit(train_step.lower(abstract, *steps.abstract_batch(
         [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
         mesh)).compile))
-    futures.append(pool.submit(eval_step.lower(
-        abstract.params, *steps.abstract_batch(
-            [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
-             ((e,), np.bool_)], mesh)).compile))
+    for step in eval_steps:
+      futures.append(pool.submit(
+          step.lower(abstract.params, *eval_batch).compile))
     compiled_init = [f.result() for f in futures][0]
   return steps.replicate(compiled_init(key), mesh)
 
@@ -602,7 +625,8 @@ def final_state(config: ml_collections.ConfigDict, workdir: str | Path
   return restored[1], model, run_data
 
 
-__all__ = ["EpochRecord", "Run", "RunData", "RunError", "evaluate_and_probe",
-           "final_state", "input_fns", "is_event_epoch", "make_record",
-           "prepare", "progress_bar", "restore_or_start", "strip_or_recycle",
-           "train_and_evaluate", "train_epoch"]
+__all__ = ["EpochRecord", "Run", "RunData", "RunError",
+           "SHARED_EVAL_MAX_BATCHES", "evaluate_and_probe", "final_state",
+           "input_fns", "is_event_epoch", "make_record", "prepare",
+           "progress_bar", "restore_or_start", "shares_eval_step",
+           "strip_or_recycle", "train_and_evaluate", "train_epoch"]

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +26,12 @@ import pytest
 from synstrip_vit import paths
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: JAX's persistent compilation cache of the tests' child processes
+#: (``$SYNSTRIP_TEST_CACHE`` or ``<tmp>/synstrip_test_jax_cache``).
+TEST_CACHE_DIR = Path(os.environ.get(
+    "SYNSTRIP_TEST_CACHE",
+    Path(tempfile.gettempdir()) / "synstrip_test_jax_cache"))
 
 
 # ------------------------------------------------------------ shared data
@@ -110,10 +117,15 @@ def subprocess_env(num_devices: int | None = None, **extra: str) -> dict:
 
   The repository is prepended to ``PYTHONPATH``; ``num_devices`` fake CPU
   devices via ``XLA_FLAGS`` (``None``: the variable is removed, so the child
-  sees one device); ``extra`` variables are added.
+  sees one device); JAX's persistent compilation cache is
+  :data:`TEST_CACHE_DIR` unless ``JAX_COMPILATION_CACHE_DIR`` is set (so
+  ``experiments/train_vit.py`` never writes to ``~/.cache``); ``extra``
+  variables are added.
   """
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
+  # The training script caches compiled programs; never in the user's cache.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(TEST_CACHE_DIR))
   env["PYTHONPATH"] = os.pathsep.join(
       [str(REPO)] + ([os.environ["PYTHONPATH"]]
                      if os.environ.get("PYTHONPATH") else []))
