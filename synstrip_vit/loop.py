@@ -207,8 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       after a checkpoint taken at that step); an exception it raises stops
       the run there, as a kill would.
     log: where one-line progress messages go (process 0 only).
-    timer: gets the stages (data, init, restore, epochs, saves, plots;
-      see :mod:`synstrip_vit.timings`); process 0 writes it to
+    timer: gets the stages (data, init_compile, restore, writers, epochs,
+      saves, plots; see :mod:`synstrip_vit.timings`); process 0 writes it to
       ``<workdir>/timings.json`` at the end. Default: a fresh one.
 
   Raises:
@@ -269,7 +269,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
 
   Every error of the config or the data is raised here, before anything is
   trained or written. Returns the run and its initial (replicated) state.
-  ``timer`` gets the ``data`` and ``init`` stages.
+  ``timer`` gets the ``data`` and ``init_compile`` stages.
   """
   timer = StageTimer() if timer is None else timer
   with timer.stage("data"):
