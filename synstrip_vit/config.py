@@ -11,7 +11,8 @@ A config has five sections; ``base_config()`` gives every field its default
   optimizer  learning_rate, min_learning_rate, warmup_epochs, weight_decay
   stripping  enabled, factor, frequency, probe, probe_fraction, tau, redo
   run        num_epochs, batch_size, eval_batch_size, seed,
-             checkpoint_every_steps, max_checkpoints, progress_bar
+             checkpoint_every_steps, max_checkpoints, progress_bar,
+             compilation_cache_dir
 
 On the command line: ``--config.stripping.factor=0.1``,
 ``--config.model.depth=4``. :func:`validate` checks a config before
@@ -38,7 +39,8 @@ SECTIONS = ("data", "model", "optimizer", "stripping", "run")
 
 #: Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("run.progress_bar", "data.data_dir",
-                     "run.checkpoint_every_steps", "run.max_checkpoints")
+                     "run.checkpoint_every_steps", "run.max_checkpoints",
+                     "run.compilation_cache_dir")
 
 #: Model constructor fields that the config never sets.
 _NOT_CONFIGURED = ("num_classes", "parent", "name")
@@ -80,7 +82,11 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   ``stripping.tau`` unset is the exact rule ``total == 0``, a number the
   ReDo dormancy threshold; ``stripping.redo`` recycles the dead neurons at
   the same events (see :mod:`synstrip_jax.redo`);
-  ``run.checkpoint_every_steps`` 0 checkpoints at epoch ends only.
+  ``run.checkpoint_every_steps`` 0 checkpoints at epoch ends only;
+  ``run.compilation_cache_dir`` unset uses ``$JAX_COMPILATION_CACHE_DIR`` or
+  ``~/.cache/synstrip_jax/jax_cache``, ``''`` disables the persistent
+  compilation cache (see :mod:`synstrip_vit.compile_cache`; applied by
+  ``experiments/train_vit.py``).
   """
   c = ml_collections.ConfigDict()
   c.data = dict(dataset="cifar10", data_dir="", train_limit=0, test_limit=0,
@@ -93,7 +99,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
                      tau=placeholder(float), redo=False)
   c.run = dict(num_epochs=200, batch_size=128, eval_batch_size=256, seed=0,
                checkpoint_every_steps=0, max_checkpoints=2,
-               progress_bar=True)
+               progress_bar=True, compilation_cache_dir=placeholder(str))
   return c
 
 
@@ -150,6 +156,10 @@ def _str(*, empty: bool) -> Check:
   return check
 
 
+def _optional_str(v: Any) -> Optional[str]:
+  return None if v is None or isinstance(v, str) else "must be unset or a str"
+
+
 def _stripping_factor(v: Any) -> Optional[str]:
   try:
     validate_stripping_factor(v)
@@ -181,7 +191,7 @@ CHECKS: dict[str, Check] = {
     "run.num_epochs": _int(1), "run.batch_size": _int(1),
     "run.eval_batch_size": _int(1), "run.seed": _int(0),
     "run.checkpoint_every_steps": _int(0), "run.max_checkpoints": _int(1),
-    "run.progress_bar": _bool,
+    "run.progress_bar": _bool, "run.compilation_cache_dir": _optional_str,
 }
 
 

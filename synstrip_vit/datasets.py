@@ -21,6 +21,8 @@ place where arrays are validated.
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import importlib.util
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -209,16 +211,41 @@ def load_digits() -> ArrayDataset:
   ``np.random.default_rng(0).permutation(1797)``; the last
   ``round(0.2 * 1797) = 359`` permuted rows are the test set.
   """
-  from sklearn import datasets as sk_datasets  # Lazy: heavy import.
-
-  bunch = sk_datasets.load_digits()
-  x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  y = bunch.target.astype(np.int32)
+  images, target = _sklearn_digits()
+  x = np.rint(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  y = target.astype(np.int32)
   perm = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(x))
   num_test = int(round(_DIGITS_TEST_FRACTION * len(x)))
   train, test = perm[:-num_test], perm[-num_test:]
   return ArrayDataset(x_train=x[train], y_train=y[train], x_test=x[test],
                       y_test=y[test], num_classes=10, name="digits")
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+  """``(images [1797, 8, 8] float64, target [1797])`` of ``load_digits``.
+
+  Read straight from the CSV that ships inside scikit-learn
+  (``sklearn/datasets/data/digits.csv.gz``, parsed as ``load_digits``
+  does), found without importing scikit-learn (an import of over a second);
+  ``sklearn.datasets.load_digits`` itself when the file is not there.
+  """
+  path = _digits_csv()
+  if path is None:
+    from sklearn import datasets as sk_datasets  # Lazy: heavy import.
+    bunch = sk_datasets.load_digits()
+    return bunch.images, bunch.target
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    data = np.loadtxt(f, delimiter=",")
+  return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def _digits_csv() -> Optional[Path]:
+  """scikit-learn's ``digits.csv.gz``, if scikit-learn ships it (no import)."""
+  spec = importlib.util.find_spec("sklearn")
+  if spec is None or not spec.origin:
+    return None
+  path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+  return path if path.is_file() else None
 
 
 def load_npz(path: str, *, name: Optional[str] = None) -> ArrayDataset:

@@ -27,7 +27,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from synstrip_vit import workdir as workdir_lib
 

@@ -7,7 +7,8 @@
   per epoch:
     train_epoch        train batches -> train_step -> state (+ running sums)
     evaluate_and_probe test batches -> eval_step; probe batches ->
-                       eval_step(collect_stats) -> stats -> dead tree
+                       eval_step(collect_stats) -> stats -> dead tree (a
+                       small test set uses the probe step: one compile)
     strip_or_recycle   at an event epoch (is_event_epoch): strip_event and/or
                        the ReDo baseline
     make_record        one typed EpochRecord -> writers (process 0)
@@ -25,11 +26,13 @@ parameters, bit for bit, as one that never stopped (on the same devices).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -49,6 +52,7 @@ from synstrip_vit import checkpointing, config as config_lib, datasets
 from synstrip_vit import input_pipeline, integrity, models, steps, writers
 from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.augment import random_crop_flip
+from synstrip_vit.timings import StageTimer
 
 PyTree = Any
 StepCallback = Callable[[int], None]
@@ -135,7 +139,9 @@ class Run:
 
   ``strip`` and ``recycle`` are ``(params, opt_state, dead[, key]) ->
   (params, opt_state)``, compiled for the mesh (``recycle`` is None without
-  ReDo); ``log`` prints on process 0 only.
+  ReDo); ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
+  (one compile) when :func:`shares_eval_step`; ``schedule`` is compiled (one
+  program instead of a dozen op-by-op ones per record).
   """
   config: ml_collections.ConfigDict
   workdir: Path
@@ -201,7 +207,8 @@ class EpochRecord:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        *, on_step: Optional[StepCallback] = None,
-                       log: Callable[[str], None] = print
+                       log: Callable[[str], None] = print,
+                       timer: Optional[StageTimer] = None
                        ) -> list[dict[str, Any]]:
   """Train (or resume) the run in ``workdir``; return the per-epoch records.
 
@@ -214,6 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       after a checkpoint taken at that step); an exception it raises stops
       the run there, as a kill would.
     log: where one-line progress messages go (process 0 only).
+    timer: gets the stages (data, init_compile, restore, writers, epochs,
+      saves, plots; see :mod:`synstrip_vit.timings`); process 0 writes it to
+      ``<workdir>/timings.json`` at the end. Default: a fresh one.
 
   Raises:
     ValueError: invalid config or data (before any training).
@@ -226,23 +236,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       last good checkpoint is kept).
   """
   config_lib.validate(config)
+  timer = StageTimer() if timer is None else timer
   is_main = jax.process_index() == 0
   workdir = Path(workdir).absolute()
   with workdir_lib.exclusive(workdir, enabled=is_main, log=log):
-    return _train_and_evaluate(config, workdir, on_step=on_step, log=log)
+    return _train_and_evaluate(config, workdir, on_step=on_step, log=log,
+                               timer=timer)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
                         on_step: Optional[StepCallback],
-                        log: Callable[[str], None]) -> list[dict[str, Any]]:
+                        log: Callable[[str], None], timer: StageTimer
+                        ) -> list[dict[str, Any]]:
   """:func:`train_and_evaluate` once the workdir is locked."""
   is_main = jax.process_index() == 0
-  run, state = prepare(config, workdir, log if is_main else (lambda _: None))
-  state, manager, records = restore_or_start(run, state)
+  if is_main:  # overlaps the compiles; plot_metrics waits for it if need be
+    threading.Thread(target=writers.preload_plotting, daemon=True).start()
+  run, state = prepare(config, workdir, log if is_main else (lambda _: None),
+                       timer=timer)
+  with timer.stage("restore"):
+    state, manager, records = restore_or_start(run, state)
   first_epoch = int(state.step) // run.steps_per_epoch
-  writer = writers.make_writer(
-      run.workdir, is_main=is_main,
-      purge_step=first_epoch * run.steps_per_epoch + 1)
+  with timer.stage("writers"):
+    writer = writers.make_writer(
+        run.workdir, is_main=is_main,
+        purge_step=first_epoch * run.steps_per_epoch + 1)
   with contextlib.ExitStack() as stack:
     stack.callback(manager.close)
     stack.callback(writer.close)
@@ -261,22 +279,31 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
       writer.write(record.step, record.as_dict())
       records.append(record.as_dict())
       run.log(record.summary(config.run.num_epochs))
-      checkpointing.save(manager, record.step, state)
+      timer.add("epochs", time.perf_counter() - t0)
+      with timer.stage("saves"):
+        checkpointing.save(manager, record.step, state)
   if is_main and records:
-    writers.plot_metrics(records, run.workdir, title=_title(config))
+    with timer.stage("plots"):
+      writers.plot_metrics(records, run.workdir, title=_title(config))
+  if is_main:
+    timer.write(run.workdir)
   return records
 
 
 # ------------------------------------------------------------- the phases
 
 def prepare(config: ml_collections.ConfigDict, workdir: Path,
-            log: Callable[[str], None]) -> tuple[Run, steps.TrainState]:
+            log: Callable[[str], None], *, timer: Optional[StageTimer] = None
+            ) -> tuple[Run, steps.TrainState]:
   """Load the data and build the mesh, model, optimizer and compiled steps.
 
   Every error of the config or the data is raised here, before anything is
   trained or written. Returns the run and its initial (replicated) state.
+  ``timer`` gets the ``data`` and ``init_compile`` stages.
   """
-  run_data = RunData(config)
+  timer = StageTimer() if timer is None else timer
+  with timer.stage("data"):
+    run_data = RunData(config)
   mesh = steps.make_mesh()
   steps.check_batch_size(config.run.batch_size, mesh, "run.batch_size")
   steps.check_batch_size(config.run.eval_batch_size, mesh,
@@ -288,8 +315,20 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   _, notice = config_lib.warmup_epochs(config)
   if notice:
     log(notice)
-  model, schedule, state, tx = _build(config, run_data, mesh)
   augment, preprocess = input_fns(config, run_data)
+  with timer.stage("init_compile"):
+    model, schedule, tx_factory = _model_and_schedule(config, run_data)
+    init, key, tx = steps.init_program(model, tx_factory,
+                                       run_data.image_shape, config.run.seed)
+    train_step = steps.jit_train_step(model, tx, augment, mesh)
+    probe_step = steps.jit_eval_step(model, preprocess, mesh,
+                                     collect_stats=True)
+    eval_step = (probe_step if shares_eval_step(config, run_data) else
+                 steps.jit_eval_step(model, preprocess, mesh,
+                                     collect_stats=False))
+    state = _compile_in_parallel(
+        config, run_data, mesh, init, key, train_step,
+        (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
   repl = steps.replicated(mesh)
   strip = jax.jit(functools.partial(
       strip_event, stripping_factor=config.stripping.factor),
@@ -300,13 +339,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
                      out_shardings=repl, donate_argnums=(0, 1))
              if config.stripping.redo else None)
   run = Run(config=config, workdir=workdir, data=run_data, mesh=mesh,
-            model=model, schedule=schedule,
+            model=model, schedule=jax.jit(schedule),
             steps_per_epoch=n_train // config.run.batch_size,
-            train_step=steps.jit_train_step(model, tx, augment, mesh),
-            eval_step=steps.jit_eval_step(model, preprocess, mesh,
-                                          collect_stats=False),
-            probe_step=steps.jit_eval_step(model, preprocess, mesh,
-                                           collect_stats=True),
+            train_step=train_step, eval_step=eval_step, probe_step=probe_step,
             strip=strip, recycle=recycle, log=log)
   return run, state
 
@@ -435,8 +470,31 @@ def evaluate_and_probe(run: Run, params: PyTree
     test = evaluate(d.x_test, d.y_test, run.eval_step)
     probed = evaluate(d.x_probe, d.y_probe, run.probe_step)
   check_finite(probed["stats"])
-  dead = probe.dead_tree(params, probed["stats"], c.stripping.tau)
+  dead = _dead_tree(params, probed["stats"], c.stripping.tau)
   return (test, probed), dead
+
+
+@functools.partial(jax.jit, static_argnames="tau")
+def _dead_tree(params: PyTree, stats: PyTree, tau: Optional[float]) -> PyTree:
+  """:func:`synstrip_jax.probe.dead_tree`, one compiled program."""
+  return probe.dead_tree(params, stats, tau)
+
+
+#: Up to this many test batches, the test pass runs the probe step (which
+#: also collects the activation statistics) instead of a plain eval step of
+#: its own: one compile less (about a second on a 2-core CPU) for at most a
+#: few batches' worth of statistics per epoch.
+SHARED_EVAL_MAX_BATCHES = 8
+
+
+def shares_eval_step(config: ml_collections.ConfigDict, run_data: RunData
+                     ) -> bool:
+  """Whether the test pass uses the probe step (see
+  :data:`SHARED_EVAL_MAX_BATCHES`; always with ``stripping.probe='test'``,
+  where one pass gives both). The values are the same either way."""
+  batches = math.ceil(len(run_data.x_test) / config.run.eval_batch_size)
+  return (config.stripping.probe == "test"
+          or batches <= SHARED_EVAL_MAX_BATCHES)
 
 
 def is_event_epoch(epoch: int, frequency: int) -> bool:
@@ -476,7 +534,7 @@ def make_record(run: Run, state: steps.TrainState, epoch: int,
   ``timings`` are the seconds spent training, evaluating and stripping.
   """
   masks = get_masks(state.opt_state) if run.config.stripping.enabled else None
-  summary = jax.device_get(metrics.summary(state.params, dead, masks))
+  summary = jax.device_get(_summary(state.params, dead, masks))
   stripped = sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(masks))
   test, probed = evals
   train = jax.device_get(state.train_sums)
@@ -516,6 +574,10 @@ def progress_bar(run: Run, state: steps.TrainState
 
 
 # ------------------------------------------------------------- helpers
+
+#: :func:`synstrip_jax.metrics.summary`, one compiled program.
+_summary = jax.jit(metrics.summary)
+
 
 def _mean(sums: dict[str, Any], key: str) -> float:
   return float(sums[key]) / float(sums["count"])
@@ -614,8 +676,42 @@ def _check_loss(state: steps.TrainState, epoch: int, manager) -> None:
         "data")
 
 
-def _build(config: ml_collections.ConfigDict, run_data: RunData, mesh: Mesh):
-  """``(model, schedule, replicated initial state, optimizer)`` of a run."""
+def _compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
+                         mesh: Mesh, init: jax.stages.Lowered, key: jax.Array,
+                         train_step: Callable,
+                         eval_steps: Sequence[Callable]
+                         ) -> steps.TrainState:
+  """Compile the init, the train step and the eval steps in parallel threads.
+
+  XLA compiles (and loads from the persistent cache) without holding the
+  GIL, so the three overlap with each other and with the tracing of the
+  steps here, in this thread, for the shapes the loop calls them with (from
+  the init's traced output, before its values exist). A later call of a
+  step finds the compiled program in JAX's in-memory caches. Returns the
+  replicated initial state.
+  """
+  abstract = steps.abstract_replicated(init.out_info, mesh)
+  d, image = run_data, tuple(run_data.image_shape)
+  b, e = config.run.batch_size, config.run.eval_batch_size
+  eval_batch = steps.abstract_batch(
+      [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
+       ((e,), np.bool_)], mesh)
+  with concurrent.futures.ThreadPoolExecutor(
+      max_workers=2 + len(eval_steps)) as pool:
+    futures = [pool.submit(init.compile)]
+    futures.append(pool.submit(train_step.lower(abstract, *steps.abstract_batch(
+        [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
+        mesh)).compile))
+    for step in eval_steps:
+      futures.append(pool.submit(
+          step.lower(abstract.params, *eval_batch).compile))
+    compiled_init = [f.result() for f in futures][0]
+  return steps.replicate(compiled_init(key), mesh)
+
+
+def _model_and_schedule(config: ml_collections.ConfigDict, run_data: RunData
+                        ) -> tuple[nn.Module, optax.Schedule, Callable]:
+  """``(model, schedule, tx_factory)`` of a run (``targets -> optimizer``)."""
   steps_per_epoch = max(len(run_data.x_train) // config.run.batch_size, 1)
   model = config_lib.create_model(config.model, run_data.num_classes)
   warmup, _ = config_lib.warmup_epochs(config)
@@ -630,6 +726,12 @@ def _build(config: ml_collections.ConfigDict, run_data: RunData, mesh: Mesh):
         schedule, weight_decay=config.optimizer.weight_decay,
         targets=targets, strip=config.stripping.enabled)
 
+  return model, schedule, tx_factory
+
+
+def _build(config: ml_collections.ConfigDict, run_data: RunData, mesh: Mesh):
+  """``(model, schedule, replicated initial state, optimizer)`` of a run."""
+  model, schedule, tx_factory = _model_and_schedule(config, run_data)
   state, tx = steps.create_train_state(model, tx_factory,
                                        run_data.image_shape, config.run.seed)
   return model, schedule, steps.replicate(state, mesh), tx
@@ -648,7 +750,8 @@ def final_state(config: ml_collections.ConfigDict, workdir: str | Path
   return restored[1], model, run_data
 
 
-__all__ = ["EpochRecord", "Run", "RunData", "RunError", "evaluate_and_probe",
-           "final_state", "input_fns", "is_event_epoch", "make_record",
-           "prepare", "progress_bar", "restore_or_start", "strip_or_recycle",
-           "train_and_evaluate", "train_epoch"]
+__all__ = ["EpochRecord", "Run", "RunData", "RunError",
+           "SHARED_EVAL_MAX_BATCHES", "evaluate_and_probe", "final_state",
+           "input_fns", "is_event_epoch", "make_record", "prepare",
+           "progress_bar", "restore_or_start", "shares_eval_step",
+           "strip_or_recycle", "train_and_evaluate", "train_epoch"]

@@ -11,7 +11,7 @@ or N devices and hosts.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -162,10 +162,49 @@ def _no_targets(params: PyTree) -> PyTree:
   return jax.tree.map(lambda _: False, params)
 
 
-def create_train_state(model: nn.Module, tx_factory: Callable[[PyTree], optax.GradientTransformation],
+def init_program(model: nn.Module,
+                 tx_factory: Callable[[PyTree], optax.GradientTransformation],
+                 image_shape: tuple[int, ...], seed: int
+                 ) -> tuple[jax.stages.Lowered, jax.Array,
+                            optax.GradientTransformation]:
+  """The traced (not yet compiled) program of :func:`create_train_state`.
+
+  Returns ``(lowered, key, tx)``: ``lowered.compile()(key)`` is the initial
+  :class:`TrainState`; ``lowered.out_info`` its shapes (to trace the steps
+  before the init is compiled); ``tx`` the optimizer.
+  """
+  built = {}
+
+  def init(rng: jax.Array) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    variables = model.init({"params": init_rng}, x, train=False)
+    params = variables["params"]
+    # Only the paths of the activations are used: the optimizer (a Python
+    # object) is built here, at trace time, from the traced structure.
+    built["tx"] = tx = tx_factory(
+        probe.target_tree(params, variables[ss_linen.ACTIVATIONS]))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_rng,
+                      train_sums=zero_sums())
+
+  key = jax.random.PRNGKey(seed)
+  lowered = jax.jit(init).lower(key)
+  return lowered, key, built["tx"]
+
+
+def create_train_state(model: nn.Module,
+                       tx_factory: Callable[[PyTree], optax.GradientTransformation],
                        image_shape: tuple[int, ...], seed: int
                        ) -> tuple[TrainState, optax.GradientTransformation]:
   """Initialise params and optimizer state (host-side, unsharded).
+
+  One compiled program (:func:`init_program`) builds the whole state from
+  the seed's key: the params (``model.init``; its forward pass only gives
+  the structure of the sown activations, so XLA drops it), the optimizer
+  state and the rest. The values are those of ``model.init`` and ``tx.init``
+  called one by one; one program without the forward pass just compiles
+  faster.
 
   Args:
     model: a Linen model with ``__call__(x, *, train)`` whose strippable
@@ -175,19 +214,26 @@ def create_train_state(model: nn.Module, tx_factory: Callable[[PyTree], optax.Gr
     image_shape: ``(H, W, C)``.
     seed: the run's seed.
   """
-  rng = jax.random.PRNGKey(seed)
-  init_rng, state_rng = jax.random.split(rng)
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  # Compiled inits instead of op-by-op dispatch (seconds for a ViT on CPU).
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      {"params": init_rng}, x)
-  params = variables["params"]
-  targets = probe.target_tree(params, variables[ss_linen.ACTIVATIONS])
-  tx = tx_factory(targets)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=jax.jit(tx.init)(params), rng=state_rng,
-                     train_sums=zero_sums())
-  return state, tx
+  lowered, key, tx = init_program(model, tx_factory, image_shape, seed)
+  return lowered.compile()(key), tx
+
+
+def abstract_replicated(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Shapes of ``tree`` (arrays or ``ShapeDtypeStruct``) as :func:`replicate`
+  lays them out: to trace and compile a step before the values exist."""
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      tree)
+
+
+def abstract_batch(shapes_dtypes: Sequence[tuple[tuple[int, ...], Any]],
+                   mesh: Mesh) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """Global batch shapes as :func:`global_batch` lays them out."""
+  sharding = data_sharded(mesh)
+  return tuple(jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype),
+                                    sharding=sharding)
+               for shape, dtype in shapes_dtypes)
 
 
 # -------------------------------------------------------------------- steps
@@ -317,8 +363,14 @@ def evaluate(step_fn: Callable[..., dict], params: PyTree, x: np.ndarray,
   total = None
   for idx, valid in zip(batches.indices, batches.valid):
     out = step_fn(params, *global_batch((x[idx], y[idx], valid), mesh))
-    total = accumulate(total, out)
+    total = out if total is None else _add_trees(total, out)
   return total
+
+
+@jax.jit
+def _add_trees(a: PyTree, b: PyTree) -> PyTree:
+  """``a + b`` leaf by leaf, one compiled program (not one per leaf shape)."""
+  return jax.tree.map(jnp.add, a, b)
 
 
 def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:

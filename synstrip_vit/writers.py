@@ -77,6 +77,15 @@ def keep_epochs_before(path: str | Path, epoch: int) -> list[dict[str, Any]]:
   return records
 
 
+def preload_plotting() -> None:
+  """Import matplotlib (Agg) and pyplot now, e.g. in a background thread
+  while the steps compile, so that :func:`plot_metrics` at the end of a
+  run does not wait for the import (about a second)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot  # pylint: disable=import-outside-toplevel,unused-import
+
+
 def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | Path,
                  *, title: str = "") -> list[Path]:
   """Write ``accuracy.png``, ``dead_neurons.png``, ``active_params.png``.

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +25,10 @@ import pytest
 from synstrip_vit import paths
 
 REPO = Path(__file__).resolve().parents[1]
-#: JAX's persistent compilation cache shared by the end-to-end tests (and the
-#: script runs they start), so the many tiny runs compile once.
+#: JAX's persistent compilation cache of the end-to-end tests and of the
+#: processes they start (``$SYNSTRIP_TEST_CACHE`` or
+#: ``<tmp>/synstrip_test_jax_cache``), so the many tiny runs compile once and
+#: nothing is written to the user's cache.
 CACHE_DIR = Path(os.environ.get(
     "SYNSTRIP_TEST_CACHE",
     Path(tempfile.gettempdir()) / "synstrip_test_jax_cache"))
@@ -116,10 +117,15 @@ def subprocess_env(num_devices: int | None = None, **extra: str) -> dict:
 
   The repository is prepended to ``PYTHONPATH``; ``num_devices`` fake CPU
   devices via ``XLA_FLAGS`` (``None``: the variable is removed, so the child
-  sees one device); ``extra`` variables are added.
+  sees one device); JAX's persistent compilation cache is
+  :data:`CACHE_DIR` unless ``JAX_COMPILATION_CACHE_DIR`` is set (so
+  ``experiments/train_vit.py`` never writes to ``~/.cache``); ``extra``
+  variables are added.
   """
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
+  # The training script caches compiled programs; never in the user's cache.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
   env["PYTHONPATH"] = os.pathsep.join(
       [str(REPO)] + ([os.environ["PYTHONPATH"]]
                      if os.environ.get("PYTHONPATH") else []))

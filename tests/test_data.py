@@ -56,6 +56,17 @@ def test_digits_shapes_values_and_split():
   np.testing.assert_array_equal(ds.y_train, bunch.target[perm[:-359]])
 
 
+def test_digits_csv_read_equals_sklearn_fallback(monkeypatch):
+  """The CSV read without importing scikit-learn gives load_digits' arrays."""
+  assert datasets._digits_csv() is not None
+  images, target = datasets._sklearn_digits()
+  monkeypatch.setattr(datasets, "_digits_csv", lambda: None)
+  ref_images, ref_target = datasets._sklearn_digits()  # sklearn's loader
+  np.testing.assert_array_equal(images, ref_images)
+  np.testing.assert_array_equal(target, ref_target)
+  assert images.dtype == ref_images.dtype and images.shape == (1797, 8, 8)
+
+
 def test_digits_deterministic():
   a, b = datasets.load_dataset("digits"), datasets.load_dataset("digits")
   np.testing.assert_array_equal(a.x_train, b.x_train)

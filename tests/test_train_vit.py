@@ -27,7 +27,8 @@ import pytest
 from _shared import (CACHE_DIR, assert_bitwise_equal, finish, start_python,
                      subprocess_env)
 
-from synstrip_vit import checkpointing, config as config_lib, loop, writers
+from synstrip_vit import (checkpointing, compile_cache, config as config_lib,
+                          loop, timings, writers)
 from synstrip_vit.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +164,44 @@ def test_script_writes_tensorboard_events(script_run):
     np.testing.assert_allclose([v for _, v in scalars[key]],
                                [r[key] for r in records], rtol=1e-6)
   assert any(k.startswith("dead/") for k in scalars)
+
+
+def test_script_writes_stage_timings(script_run):
+  workdir, _ = script_run
+  stages = json.loads((workdir / timings.TIMINGS_FILE).read_text())
+  for key in ("imports", "data", "init_compile", "restore", "epochs", "saves",
+              "plots", "total"):
+    assert stages[key] >= 0.0, key
+  assert stages["total"] >= sum(v for k, v in stages.items() if k != "total")
+
+
+def test_second_run_loads_every_program_from_the_cache(tmp_path):
+  """A second run of a config compiles nothing: it writes no cache entry."""
+  cache = tmp_path / "cache"
+  arg = f"--config.run.compilation_cache_dir={cache}"
+  first = run_script(tmp_path / "a", arg)
+  assert first.returncode == 0, first.stderr[-3000:]
+  entries = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+  names = {name.split("-")[0] for name in entries}
+  assert {"jit_init", "jit_train_step", "jit_eval_step"} <= names, names
+  second = run_script(tmp_path / "b", arg)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == entries
+  assert (strip_times(writers.read_jsonl(tmp_path / "a" / "metrics.jsonl"))
+          == strip_times(writers.read_jsonl(tmp_path / "b" / "metrics.jsonl")))
+
+
+def test_compilation_cache_dir_resolution(monkeypatch, tmp_path):
+  monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  assert compile_cache.resolve_dir(None) == compile_cache.default_dir() == (
+      tmp_path / "synstrip_jax" / "jax_cache")
+  monkeypatch.setenv(compile_cache.ENV_VAR, str(tmp_path / "env"))
+  assert compile_cache.resolve_dir(None) == tmp_path / "env"
+  assert compile_cache.resolve_dir(str(tmp_path / "cfg")) == tmp_path / "cfg"
+  assert compile_cache.resolve_dir("") is None
+  config_lib.validate(tiny_config({"run.compilation_cache_dir": ""}))
+  config_lib.validate(tiny_config({"run.compilation_cache_dir": "/x"}))
 
 
 def test_stripped_weights_never_come_back(script_run):
