@@ -432,7 +432,8 @@ def _tfds_not_prepared_error(tfds: Any, name: str, data_dir: Optional[str],
         "default) and TensorFlow is not installed: install tensorflow, or "
         "convert it once, in place, with `tfds convert_format "
         f"--dataset_version_dir={where} --out_file_format=array_record` (in "
-        f"an environment with TensorFlow), or rebuild it with {how}")
+        f"an environment with TensorFlow), or rebuild it with {how} "
+        f"(TFDS said: {' '.join(str(cause).split())[:200]})")
   return DataNotFoundError(
       f"TFDS dataset {name!r} is not prepared at {where!r} (downloads are "
       f"disabled); prepare it first with {how}")
