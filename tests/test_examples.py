@@ -51,5 +51,6 @@ def test_pmap_and_shard_map_example_multi_device(num_devices):
   check_summary(run_example(PMAP_EXAMPLE, num_devices), num_devices)
 
 
+@pytest.mark.slow
 def test_pmap_and_shard_map_example_one_device():
   check_summary(run_example(PMAP_EXAMPLE, None), 1)

@@ -143,7 +143,8 @@ def test_only_process_zero_writes_logs(runs):
   assert len(out) == NUM_EPOCHS  # not written twice
 
 
-@pytest.mark.parametrize("written, restored", [(8, 1), (1, 8)])
+@pytest.mark.parametrize("written, restored", [
+    (8, 1), pytest.param(1, 8, marks=pytest.mark.slow)])
 def test_restore_on_another_device_count(tmp_path, written, restored):
   """A run on ``written`` devices; its last checkpoint is dropped and the run
   resumes from the previous one (end of epoch 2) on ``restored`` devices. It
@@ -176,6 +177,7 @@ def test_restore_on_another_device_count(tmp_path, written, restored):
     np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_failing_process_stops_the_other(tmp_path):
   """Process 1 is killed right after start-up: process 0 must end by itself
   (JAX's heartbeat timeout, here 10 s), not hang."""
