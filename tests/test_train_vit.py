@@ -76,10 +76,36 @@ def interrupt_after(n):
 
 
 def script_env(devices=None):
-  """Subprocess environment; compiled programs are cached across runs."""
+  """Subprocess environment; compiled programs are cached across runs, and
+  the script keeps XLA's default flags (``SYNSTRIP_DEFAULT_XLA_FLAGS=0``) so
+  that its runs compute bit for bit as the in-process runs they are compared
+  with (:func:`test_default_xla_flags` checks the flags themselves)."""
   return subprocess_env(devices or None,
                         JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
-                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                        SYNSTRIP_DEFAULT_XLA_FLAGS="0")
+
+
+@pytest.mark.parametrize("user, switch, expected", [
+    ("", None, "--xla_cpu_experimental_ynn_fusion_type="),
+    ("--xla_foo=1", None, "--xla_cpu_experimental_ynn_fusion_type= --xla_foo=1"),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot", None,
+     "--xla_cpu_experimental_ynn_fusion_type=dot"),
+    ("--xla_foo=1", "0", "--xla_foo=1"),
+])
+def test_default_xla_flags(user, switch, expected):
+  """train_vit.py sets its XLA:CPU flags before JAX starts; the user's
+  XLA_FLAGS win, SYNSTRIP_DEFAULT_XLA_FLAGS=0 sets none."""
+  code = ("import os, runpy; runpy.run_path(os.environ['SCRIPT'], "
+          "run_name='imported'); print(os.environ.get('XLA_FLAGS', ''))")
+  env = subprocess_env(None, SCRIPT=str(SCRIPT), XLA_FLAGS=user)
+  env.pop("SYNSTRIP_DEFAULT_XLA_FLAGS", None)
+  if switch is not None:
+    env["SYNSTRIP_DEFAULT_XLA_FLAGS"] = switch
+  proc = start_python(["-c", code], env=env)
+  stdout, stderr = finish(proc, 120, "train_vit.py import")
+  assert proc.returncode == 0, stderr[-2000:]
+  assert stdout.strip().splitlines()[-1] == expected
 
 
 def run_script(workdir, *args, devices=None, timeout=300, env=None,
