@@ -178,21 +178,19 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     model: any Linen module, unchanged.
     variables: its variables (``{"params": ..., "batch_stats": ...}``).
     *args, **kwargs: the model's call arguments (e.g. ``x, train=False``).
-    select: which layers feed ``activation`` (a :data:`~synstrip_jax.probe.
-      Select`): a glob over module paths (``"Dense_[01]"``,
-      ``"encoder/*/mlp/fc*"``), a ``re.Pattern``, a predicate ``(path,
-      module) -> bool`` over the supported layers (``nn.Dense``,
-      ``nn.Conv``, ``nn.DenseGeneral`` with one output axis), or a mapping
-      ``{source path: kernel path}``: the statistics of the source module's
-      output (e.g. the ``nn.BatchNorm`` after a ``nn.Conv``, which is what
-      the ReLU sees) are paired with the kernel layer's kernel, e.g.
-      ``{"block/bn1": "block/conv1"}``. Required: see
-      :func:`candidate_layers` for the paths.
+    select: which layers feed ``activation`` (:data:`~synstrip_jax.probe.
+      Select`): a glob over module paths (``"encoder/*/mlp/fc*"``), a
+      ``re.Pattern``, a predicate ``(path, module) -> bool`` over the
+      supported layers (``nn.Dense``, ``nn.Conv``, ``nn.DenseGeneral`` with
+      one output axis), or a mapping ``{source path: kernel path}`` pairing
+      the source module's output (e.g. the ``nn.BatchNorm`` after a Conv,
+      which the ReLU sees) with the kernel layer: ``{"block/bn1":
+      "block/conv1"}``. See :func:`candidate_layers` for the paths.
     activation: the elementwise function the model applies to the selected
       outputs (``nn.relu``: the original's exact dead rule).
     method: as ``model.apply``'s ``method``.
-    mutable: extra mutable collections (as ``model.apply``); when given,
-      ``out`` is ``(output, updated collections)``.
+    mutable: extra mutable collections; when given, ``out`` is ``(output,
+      updated collections)``.
 
   Returns:
     ``(out, stats)``: the model's output and ``{...: {<kernel layer>:
@@ -201,12 +199,10 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     :func:`synstrip_jax.probe.reduce_stats_tree` (``where=``, ``axis_name=``).
 
   Raises:
-    ValueError: the selection matches no layer; a mapping names a module that
-      is not called or a kernel layer that is not Dense/Conv; an exact path
-      names a module that is not Dense/Conv; a selected output has no
-      ``[B, ..., n]`` shape or a neuron count unlike its kernel's; a selected
-      layer sits inside ``nn.scan``/``nn.vmap`` (unsupported). Each names the
-      module path.
+    ValueError (naming the module path): no layer matches; a mapped module is
+      never called or its kernel layer is not Dense/Conv; a selected output
+      is not ``[B, ..., n]`` with its kernel's ``n``; a selected layer sits
+      inside ``nn.scan``/``nn.vmap`` (unsupported).
   """
   selection = Selection(select)
   seen: dict[str, Layer] = {}

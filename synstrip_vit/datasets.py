@@ -326,6 +326,30 @@ def _tfds_splits(name: str) -> Tuple[str, ...]:
           else ("train", "test"))
 
 
+def _import_tfds(name: str) -> Any:
+  """``tensorflow_datasets``, once ``name`` is known to be a supported TFDS
+  dataset (a ``cifar10_corrupted/<config>`` with a valid config)."""
+  if not (name in TFDS_DATASETS or name.startswith(CIFAR10_CORRUPTED_PREFIX)):
+    raise ValueError(
+        f"unsupported TFDS dataset {name!r}; supported: "
+        f"{', '.join(SUPPORTED_DATASETS[2:])}")
+  try:
+    import tensorflow_datasets as tfds  # Lazy: optional dependency.
+  except ImportError as e:
+    raise ImportError(
+        f"loading {name!r} needs tensorflow_datasets (pip install "
+        f"tensorflow-datasets)") from e
+  if name.startswith(CIFAR10_CORRUPTED_PREFIX):
+    config = name[len(CIFAR10_CORRUPTED_PREFIX):]
+    configs = [c.name for c in tfds.builder_cls(
+        "cifar10_corrupted").BUILDER_CONFIGS]
+    if config not in configs:
+      raise ValueError(
+          f"unknown cifar10_corrupted config {config!r} in {name!r}; valid "
+          f"configs are <corruption>_<1..5>, e.g. {configs[:5]}")
+  return tfds
+
+
 def load_tfds(name: str, *, data_dir: Optional[str] = None) -> ArrayDataset:
   """Reads an already-prepared TFDS dataset into memory. Never downloads.
 
@@ -350,25 +374,7 @@ def load_tfds(name: str, *, data_dir: Optional[str] = None) -> ArrayDataset:
     DataNotFoundError: not prepared (or prepared in a non-random-access
       format) under ``data_dir``; the message says how to prepare it.
   """
-  if not (name in TFDS_DATASETS or name.startswith(CIFAR10_CORRUPTED_PREFIX)):
-    raise ValueError(
-        f"unsupported TFDS dataset {name!r}; supported: "
-        f"{', '.join(SUPPORTED_DATASETS[2:])}")
-  try:
-    import tensorflow_datasets as tfds  # Lazy: optional dependency.
-  except ImportError as e:
-    raise ImportError(
-        f"loading {name!r} needs tensorflow_datasets (pip install "
-        f"tensorflow-datasets)") from e
-  if name.startswith(CIFAR10_CORRUPTED_PREFIX):
-    config = name[len(CIFAR10_CORRUPTED_PREFIX):]
-    configs = [c.name for c in tfds.builder_cls(
-        "cifar10_corrupted").BUILDER_CONFIGS]
-    if config not in configs:
-      raise ValueError(
-          f"unknown cifar10_corrupted config {config!r} in {name!r}; valid "
-          f"configs are <corruption>_<1..5>, e.g. {configs[:5]}")
-
+  tfds = _import_tfds(name)
   arrays = {}
   num_classes = None
   for split in _tfds_splits(name):

@@ -349,6 +349,42 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   return run, state
 
 
+def _restore_checked(run: Run, state: steps.TrainState, manager: Any,
+                     identity: dict[str, str], config_ok: bool,
+                     warn: Callable[[str], None]
+                     ) -> tuple[steps.TrainState, Optional[dict[str, Any]]]:
+  """``(state, checkpoint metadata)`` of the newest good checkpoint, or the
+  initial ``state`` and None; refuses another run's checkpoint (identity),
+  and metrics without any checkpoint."""
+  restored = checkpointing.restore_latest(
+      manager, state, quarantine_dir=run.workdir / "unreadable_checkpoints",
+      warn=warn)
+  if restored is None:
+    metrics_path = run.workdir / writers.METRICS_FILE
+    if integrity.read_jsonl_lenient(metrics_path) != ([], 0):
+      raise RunError(f"{metrics_path} has records but {manager.directory} "
+                     "holds no checkpoint: refusing to start over and "
+                     "overwrite them; use another --workdir")
+    return state, None
+  step, state = restored
+  meta = integrity.read_meta(Path(manager.directory) / str(step))
+  stored = (meta or {}).get("identity")
+  if isinstance(stored, dict):
+    reason = workdir_lib.identity_mismatch(
+        stored, identity, f"checkpoint {step} in {manager.directory}")
+    if reason:
+      raise RunError(reason)
+  elif not config_ok:
+    raise RunError(
+        f"{run.workdir / CONFIG_FILE} is missing or unreadable and "
+        f"checkpoint {step} records no config to check this one against; "
+        "restore config.json or use another --workdir")
+  epoch, batch = divmod(step, run.steps_per_epoch)
+  run.log(f"resuming from checkpoint {step} (epoch {epoch + 1}, "
+          f"batch {batch})")
+  return state, meta
+
+
 def restore_or_start(run: Run, state: steps.TrainState
                      ) -> tuple[steps.TrainState, Any, list[dict[str, Any]]]:
   """Resume from the workdir's newest good checkpoint, or start at 0.
@@ -369,32 +405,8 @@ def restore_or_start(run: Run, state: steps.TrainState
       run.workdir, max_to_keep=run.config.run.max_checkpoints)
   warn = run.log if run.is_main else (lambda _: None)
   try:
-    restored = checkpointing.restore_latest(
-        manager, state, quarantine_dir=run.workdir / "unreadable_checkpoints",
-        warn=warn)
-    meta = None
-    if restored is None:
-      if integrity.read_jsonl_lenient(metrics_path) != ([], 0):
-        raise RunError(f"{metrics_path} has records but {manager.directory} "
-                       "holds no checkpoint: refusing to start over and "
-                       "overwrite them; use another --workdir")
-    else:
-      step, state = restored
-      meta = integrity.read_meta(Path(manager.directory) / str(step))
-      stored = (meta or {}).get("identity")
-      if isinstance(stored, dict):
-        reason = workdir_lib.identity_mismatch(
-            stored, identity, f"checkpoint {step} in {manager.directory}")
-        if reason:
-          raise RunError(reason)
-      elif not config_ok:
-        raise RunError(
-            f"{run.workdir / CONFIG_FILE} is missing or unreadable and "
-            f"checkpoint {step} records no config to check this one against; "
-            "restore config.json or use another --workdir")
-      epoch, batch = divmod(step, run.steps_per_epoch)
-      run.log(f"resuming from checkpoint {step} (epoch {epoch + 1}, "
-              f"batch {batch})")
+    state, meta = _restore_checked(run, state, manager, identity, config_ok,
+                                   warn)
   except BaseException:
     manager.close()
     raise

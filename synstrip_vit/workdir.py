@@ -118,6 +118,31 @@ def _holder(path: Path) -> str:
           f"(since {info.get('since')})")
 
 
+def _open_lock_file(workdir: Path, path: Path) -> int:
+  """Create ``workdir`` if need be and open its lock file (a descriptor)."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirError(
+        f"cannot write to workdir {str(workdir)!r}: "
+        f"{e.strerror or type(e).__name__} ({e.filename or workdir}); "
+        "use a writable --workdir") from e
+
+
+def _lock_or_refuse(fd: int, workdir: Path, path: Path) -> None:
+  """Take the exclusive ``flock`` at once, or refuse naming its holder."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise
+    raise WorkdirError(
+        f"workdir {str(workdir)!r} is in use by another run: "
+        f"{_holder(path)} holds {str(path)!r}; wait for it to end or use "
+        "another --workdir") from None
+
+
 @contextlib.contextmanager
 def exclusive(workdir: str | Path, *, enabled: bool = True,
               log: Callable[[str], None] = print) -> Iterator[None]:
@@ -144,26 +169,11 @@ def exclusive(workdir: str | Path, *, enabled: bool = True,
   workdir = Path(workdir)
   created = not workdir.exists()
   path = workdir / LOCK_FILE
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  except OSError as e:
-    raise WorkdirError(
-        f"cannot write to workdir {str(workdir)!r}: "
-        f"{e.strerror or type(e).__name__} ({e.filename or workdir}); "
-        "use a writable --workdir") from e
+  fd = _open_lock_file(workdir, path)
   held = False
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      held = True
-    except OSError as e:
-      if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        raise
-      raise WorkdirError(
-          f"workdir {str(workdir)!r} is in use by another run: "
-          f"{_holder(path)} holds {str(path)!r}; wait for it to end or use "
-          "another --workdir") from None
+    _lock_or_refuse(fd, workdir, path)
+    held = True
     previous = _holder(path) if os.fstat(fd).st_size else None
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
