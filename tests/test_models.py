@@ -328,6 +328,11 @@ def test_mlp_dead_neuron_and_bf16():
   assert bool(dead["fc0"]["kernel"][3])
   assert MLP(3, width=16, depth=2, activation="gelu").apply(
       {"params": params}, x, train=False).shape == (8, 3)
+  # Leaky ReLU never outputs an exact 0 sum: the same forced neuron is alive.
+  leaky = MLP(num_classes=3, width=16, depth=2, activation="leaky_relu")
+  dead, _ = _dead(leaky, p, x)
+  assert not bool(dead["fc0"]["kernel"][3])
+  assert get_activation("leaky_relu") is jax.nn.leaky_relu
 
 
 # --------------------------------------------------------------- factories

@@ -27,6 +27,9 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 ACTIVATION_FNS: dict[str, Activation] = {
     "relu": nn.relu,
     "gelu": gelu_exact,
+    # Never dead (slope 0.01 below 0, torch's nn.LeakyReLU() default): the
+    # common practical fix the stress study compares stripping with.
+    "leaky_relu": nn.leaky_relu,
 }
 
 
@@ -34,7 +37,8 @@ def get_activation(name: Union[str, Activation]) -> Activation:
   """The activation function called ``name`` (case-insensitive).
 
   ``'relu'`` is ``nn.relu``; ``'gelu'`` is the exact erf GELU (torch's default
-  ``nn.GELU()``, not the tanh approximation that is ``nn.gelu``'s default).
+  ``nn.GELU()``, not the tanh approximation that is ``nn.gelu``'s default);
+  ``'leaky_relu'`` is ``nn.leaky_relu`` (slope 0.01, torch's default).
   A callable is returned unchanged.
 
   Raises:
