@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from _shared import assert_bitwise_equal, finish, start_python
-from test_train_vit import (SCRIPT, overrides_argv, script_env, strip_times,
-                            tiny_config)
+from test_train_vit import (SCRIPT, _write_npz, overrides_argv, script_env,
+                            strip_times, tiny_config)
 
 from synstrip_vit import checkpointing, integrity, loop, steps, writers
 from synstrip_vit import workdir as workdir_lib
@@ -443,16 +443,6 @@ def test_read_only_workdir_is_one_line_error(tmp_path, which):
 
 # -------------------------------------------------- 8. degenerate data
 
-def _npz(path, **changes):
-  r = np.random.default_rng(0)
-  arrays = {"x_train": r.integers(0, 256, (64, 8, 8, 2), dtype=np.uint8),
-            "y_train": r.integers(0, 10, 64).astype(np.int32),
-            "x_test": r.integers(0, 256, (32, 8, 8, 2), dtype=np.uint8),
-            "y_test": r.integers(0, 10, 32).astype(np.int32)}
-  arrays.update(changes)
-  np.savez(path, **arrays)
-
-
 def _constant_alpha():
   x = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 2), np.uint8)
   x[..., 1] = 255
@@ -470,7 +460,7 @@ def _constant_alpha():
 ])
 def test_degenerate_data_refused_before_training(tmp_path, changes,
                                                  expected):
-  _npz(tmp_path / "d.npz", **changes)
+  _write_npz(tmp_path / "d.npz", channels=2, **changes)
   config = tiny_config({"data.dataset": f"npz:{tmp_path / 'd.npz'}",
                         "data.train_limit": 0, "data.test_limit": 0})
   with pytest.raises(ValueError, match=expected):

@@ -300,11 +300,15 @@ def test_bad_input_one_line_error_before_training(tmp_path, args, expected):
   assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
-def _write_npz(path, **changes):
+def _write_npz(path, channels=1, **changes):
+  """A small random ``.npz`` data set at ``path``; ``changes`` replace its
+  arrays (``None`` drops one)."""
   rng = np.random.default_rng(0)
-  arrays = {"x_train": rng.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+  arrays = {"x_train": rng.integers(0, 256, (64, 8, 8, channels),
+                                    dtype=np.uint8),
             "y_train": rng.integers(0, 10, 64).astype(np.int32),
-            "x_test": rng.integers(0, 256, (32, 8, 8, 1), dtype=np.uint8),
+            "x_test": rng.integers(0, 256, (32, 8, 8, channels),
+                                   dtype=np.uint8),
             "y_test": rng.integers(0, 10, 32).astype(np.int32)}
   arrays.update(changes)
   arrays = {k: v for k, v in arrays.items() if v is not None}
