@@ -31,7 +31,6 @@ import re
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from synstrip_jax import _trees
@@ -375,9 +374,8 @@ _probe_step_jit = jax.jit(_probe_step,
                           static_argnames=("stats_fn", "where_fn", "axis_name"))
 
 
-@jax.jit
-def _add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree_util.tree_map(jnp.add, a, b)
+#: Sum of two statistics trees, compiled once per tree structure.
+_add = jax.jit(merge_stats)
 
 
 def probe_stats(stats_fn: Callable[[Any, Any], PyTree], state: Any,

@@ -422,7 +422,7 @@ def restore_or_start(run: Run, state: steps.TrainState
 
   def checkpoint_meta() -> dict[str, Any]:
     return {"identity": identity,
-            "records": [{k: writers._jsonable(v) for k, v in r.items()}  # pylint: disable=protected-access
+            "records": [{k: writers.jsonable(v) for k, v in r.items()}
                         for r in records]}
 
   return state, checkpointing.Checkpointer(manager, checkpoint_meta), records

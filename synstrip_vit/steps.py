@@ -363,7 +363,7 @@ def evaluate(step_fn: Callable[..., dict], params: PyTree, x: np.ndarray,
   total = None
   for idx, valid in zip(batches.indices, batches.valid):
     out = step_fn(params, *global_batch((x[idx], y[idx], valid), mesh))
-    total = out if total is None else _add_trees(total, out)
+    total = accumulate(total, out)
   return total
 
 
@@ -375,4 +375,4 @@ def _add_trees(a: PyTree, b: PyTree) -> PyTree:
 
 def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:
   """Sum two metric/statistic trees (``total=None`` starts the sum)."""
-  return new if total is None else jax.tree.map(jnp.add, total, new)
+  return new if total is None else _add_trees(total, new)

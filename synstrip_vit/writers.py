@@ -17,13 +17,14 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
-from synstrip_vit.workdir import atomic_write_bytes, atomic_write_text
+from synstrip_vit.workdir import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+  """``v`` as a JSON value: 0-d arrays as Python scalars, NaN/inf as strings."""
   if hasattr(v, "item") and getattr(v, "shape", None) == ():
     v = v.item()
   if isinstance(v, float) and not math.isfinite(v):
@@ -33,7 +34,7 @@ def _jsonable(v: Any) -> Any:
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
   """Append ``record`` as one JSON line (scalars only), flushed to disk."""
-  line = json.dumps({k: _jsonable(v) for k, v in record.items()},
+  line = json.dumps({k: jsonable(v) for k, v in record.items()},
                     sort_keys=False)
   with open(path, "a", encoding="utf-8") as f:
     f.write(line + "\n")
@@ -62,19 +63,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         break
       raise ValueError(f"{path}:{i + 1}: malformed JSON line: {e}") from e
   return out
-
-
-def keep_epochs_before(path: str | Path, epoch: int) -> list[dict[str, Any]]:
-  """Rewrite ``path`` keeping only records with ``record['epoch'] < epoch``.
-
-  Used on resume: epochs after the restored checkpoint are recomputed and
-  logged again, so the file never holds an epoch twice.
-  """
-  records = [r for r in read_jsonl(path) if int(r["epoch"]) < epoch]
-  path = Path(path)
-  if path.exists():
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-  return records
 
 
 def preload_plotting() -> None:
@@ -230,5 +218,5 @@ def make_writer(workdir: str | Path, *, is_main: bool,
 
 __all__ = ["JsonlWriter", "METRICS_FILE", "MetricWriter", "MultiWriter",
            "TENSORBOARD_DIR", "TensorBoardWriter", "append_jsonl",
-           "keep_epochs_before", "make_writer", "plot_metrics", "read_jsonl",
+           "jsonable", "make_writer", "plot_metrics", "read_jsonl",
            "tensorboard_available"]
