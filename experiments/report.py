@@ -474,11 +474,14 @@ def main():
       ablation_table(ablation, len(ABLATION_SHAPES) * len(ABLATION_ARMS)
                      * n_seeds),
   ]
+  written = []
+  # Imported here: stress_report builds on this module's helpers.
+  from experiments import stress_report
+  sections += stress_report.sections_and_figures(results, fig_dir, written)
   text = "\n".join(sections).rstrip() + "\n"
   out.mkdir(parents=True, exist_ok=True)
   (out / "tables.md").write_text(text, encoding="utf-8")
 
-  written = []
   curves_figure(cifar, "cifar_vit", fig_dir / "cifar_vit_curves.png",
                 written)
   curves_figure(mnist, "mnist_mlp", fig_dir / "mnist_mlp_curves.png",

@@ -4,13 +4,19 @@
   python -m experiments.study --study=mnist_mlp      # MLP, MNIST
   python -m experiments.study --study=ablation       # MLP depth/width, MNIST
   python -m experiments.study --study=redo           # ReDo arm (MNIST MLP)
+  python -m experiments.study --study=stress_regime  # where neurons die
+  python -m experiments.study --study=stress_mlp     # (experiments/stress.py)
+  python -m experiments.study --study=stress_vit
+  python -m experiments.study --study=stress_sensitivity
 
 Runs execute one after the other in this process (``runs/study/<study>/
 <run>/``: checkpoints, resumable: rerun the same command after a kill); each
 finished run's per-epoch metrics are copied to ``experiments/results/
 <study>/<run>.jsonl`` (committed), and for ``cifar_vit`` the final model's
 accuracy under corruptions to ``<run>.robustness.json``. A finished run is
-skipped. ``python -m experiments.report`` turns the results into tables/figures.
+skipped. ``<run>.wall.json`` records the wall time of the call that
+finished the run (and whether it resumed one). ReLU runs of the stress
+groups also get ``<run>.probe_overlap.json`` (see ``experiments/stress.py``). ``python -m experiments.report`` turns the results into tables/figures.
 
 Scale (chosen to fit a 2-core CPU in a few hours, see RESULTS.md): far
 fewer epochs and a smaller ViT than the paper.
@@ -26,6 +32,7 @@ from pathlib import Path
 from absl import app, flags
 from absl import logging as absl_logging
 
+from experiments import stress
 from experiments.corruptions import apply_corruption
 from synstrip_vit import loop, steps, writers
 from synstrip_vit.config import base_config
@@ -37,7 +44,8 @@ CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast")
 SEVERITIES = (1, 3, 5)
 
 _STUDY = flags.DEFINE_enum(
-    "study", None, ["cifar_vit", "mnist_mlp", "ablation", "redo"],
+    "study", None,
+    ["cifar_vit", "mnist_mlp", "ablation", "redo", *stress.STUDIES],
     "which group of runs")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", str(REPO / "runs" / "study"),
@@ -102,6 +110,8 @@ def runs_for(study: str, seeds: list[int]):
           c.stripping.enabled, c.run.seed = strip, seed
           arm = "strip" if strip else "relu"
           out.append((f"d{depth}_w{width}_{arm}_s{seed}", c))
+  elif study in stress.STUDIES:
+    out = stress.runs_for(study, seeds, mnist_mlp_base, cifar_vit_base)
   elif study == "redo":
     for seed in seeds:
       c = mnist_mlp_base()
@@ -138,6 +148,15 @@ def robustness(config, workdir) -> dict:
   return out
 
 
+def analyses(study: str, name: str):
+  """``[(file suffix, fn(config, workdir) -> dict)]`` run after ``name``."""
+  if study == "cifar_vit":
+    return [("robustness", robustness)]
+  if study in ("stress_mlp", "stress_vit") and name.startswith("relu_s"):
+    return [("probe_overlap", stress.probe_overlap)]
+  return []
+
+
 # --------------------------------------------------------------------- main
 
 def main(argv):
@@ -153,25 +172,29 @@ def main(argv):
     if _ONLY.value and _ONLY.value not in name:
       continue
     result = out_dir / f"{name}.jsonl"
-    rob = out_dir / f"{name}.robustness.json"
-    need_rob = study == "cifar_vit"
+    extra = [(out_dir / f"{name}.{suffix}.json", fn)
+             for suffix, fn in analyses(study, name)]
     done = (len(writers.read_jsonl(result)) == config.run.num_epochs
-            and (not need_rob or rob.exists()))
+            and all(path.exists() for path, _ in extra))
     if done:
       print(f"[{study}] {name}: done, skipped", flush=True)
       continue
     workdir = Path(_RUNS_DIR.value) / study / name
+    resumed = (workdir / writers.METRICS_FILE).exists()
     t0 = time.time()
     print(f"[{study}] {name}: training in {workdir}", flush=True)
     loop.train_and_evaluate(config, workdir,
                             log=lambda m: print(f"  {m}", flush=True))
+    wall = time.time() - t0
     shutil.copyfile(workdir / writers.METRICS_FILE, result)
     (out_dir / f"{name}.config.json").write_text(
         (workdir / loop.CONFIG_FILE).read_text())
-    if need_rob:
-      rob.write_text(json.dumps(robustness(config, workdir), indent=1))
-    print(f"[{study}] {name}: finished in {time.time() - t0:.0f} s",
-          flush=True)
+    if not (out_dir / f"{name}.wall.json").exists() or not resumed:
+      (out_dir / f"{name}.wall.json").write_text(json.dumps(
+          {"wall_s": round(wall, 2), "resumed": resumed}))
+    for path, fn in extra:
+      path.write_text(json.dumps(fn(config, workdir), indent=1))
+    print(f"[{study}] {name}: finished in {wall:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -349,3 +349,41 @@ def test_create_model_and_get_activation():
   assert get_activation(fn) is fn
   with pytest.raises(ValueError, match="tanhh"):
     get_activation("tanhh")
+
+
+# --------------------------------------------------------------- bias init
+
+def test_bias_init_sets_only_the_strippable_layers(tiny):
+  x, params = tiny
+  vit = _flat(_init(ViT(**TINY, bias_init=-0.25), x))
+  for path, leaf in vit.items():
+    if "/mlp/fc" in path and path.endswith("/bias"):
+      np.testing.assert_array_equal(leaf, np.full(leaf.shape, -0.25))
+    elif path.endswith("/bias"):  # attention, norms, head: unchanged
+      np.testing.assert_array_equal(leaf, _flat(params)[path])
+  mlp = MLP(num_classes=3, width=8, depth=2, bias_init=-1.0)
+  flat = _flat(_init(mlp, _images(2, 4, 4, 1)))
+  assert (flat["fc0/bias"] == -1.0).all() and (flat["fc1/bias"] == -1.0).all()
+  assert (flat["head/bias"] == 0.0).all()
+  # 0 (the default) is flax's zeros initializer: the default tree unchanged.
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda a, b: bool((a == b).all()), _init(ViT(**TINY, bias_init=0.0), x),
+      params))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.1", True])
+def test_bias_init_rejects_non_numbers(value):
+  with pytest.raises(ValueError, match="bias_init"):
+    MLP(num_classes=3, bias_init=value)
+  with pytest.raises(ValueError, match="bias_init"):
+    ViT(**TINY, bias_init=value)
+
+
+def test_negative_bias_init_kills_neurons():
+  x = _images(16, 4, 4, 1)
+  model = MLP(num_classes=3, width=32, depth=1, bias_init=-100.0)
+  dead, _ = _dead(model, _init(model, x), x)
+  assert bool(dead["fc0"]["kernel"].all())
+  model = MLP(num_classes=3, width=32, depth=1)
+  dead, _ = _dead(model, _init(model, x), x)
+  assert not bool(dead["fc0"]["kernel"].any())

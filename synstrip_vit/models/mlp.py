@@ -7,6 +7,7 @@ target; the classifier head is a plain ``nn.Dense`` and never stripped.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Union
 
 import flax.linen as nn
@@ -52,6 +53,20 @@ def get_activation(name: Union[str, Activation]) -> Activation:
   return ACTIVATION_FNS[name.lower()]
 
 
+def constant_bias(value: float) -> Callable[..., jax.Array]:
+  """Initializer filling a bias with ``value`` (``zeros`` when it is 0).
+
+  Raises:
+    ValueError: ``value`` is not a finite number (named).
+  """
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not math.isfinite(value)):
+    raise ValueError(f"bias_init must be a finite number, got {value!r}")
+  if value == 0:
+    return nn.initializers.zeros
+  return nn.initializers.constant(float(value))
+
+
 def _check_positive(owner: str, **fields: Any) -> None:
   for key, value in fields.items():
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -71,19 +86,25 @@ class MLP(nn.Module):
     num_classes: number of output logits.
     width: neurons per hidden layer.
     depth: number of hidden layers (>= 1).
-    activation: ``'relu'`` or ``'gelu'`` (exact), or a callable.
+    activation: ``'relu'``, ``'gelu'`` (exact) or ``'leaky_relu'``, or a
+      callable.
+    bias_init: constant initial bias of the hidden layers (0, flax's and the
+      original's default); a negative value starts neurons closer to death
+      (the stress study's lever, RESULTS.md).
     dtype: computation dtype; parameters are always float32.
   """
   num_classes: int
   width: int = 256
   depth: int = 3
   activation: Union[str, Activation] = "relu"
+  bias_init: float = 0.0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
     _check_positive(type(self).__name__, num_classes=self.num_classes,
                     width=self.width, depth=self.depth)
     get_activation(self.activation)
+    constant_bias(self.bias_init)
     super().__post_init__()
 
   @nn.compact
@@ -98,10 +119,12 @@ class MLP(nn.Module):
     x = x.reshape((x.shape[0], -1)).astype(self.dtype)
     for i in range(self.depth):
       x = ActDense(self.width, activation=act, dtype=self.dtype,
-                   param_dtype=jnp.float32, name=f"fc{i}")(x)
+                   param_dtype=jnp.float32,
+                   bias_init=constant_bias(self.bias_init), name=f"fc{i}")(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  name="head")(x)
     return x.astype(jnp.float32)
 
 
-__all__ = ["ACTIVATION_FNS", "MLP", "gelu_exact", "get_activation"]
+__all__ = ["ACTIVATION_FNS", "MLP", "constant_bias", "gelu_exact",
+           "get_activation"]

@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 
 from synstrip_jax.linen import ActDense
-from synstrip_vit.models.mlp import Activation, _check_positive, get_activation
+from synstrip_vit.models.mlp import (Activation, _check_positive, constant_bias,
+                                     get_activation)
 
 #: torch's ``nn.LayerNorm`` default epsilon (flax's default is 1e-6).
 LAYER_NORM_EPS = 1e-5
@@ -65,17 +66,19 @@ class MlpBlock(nn.Module):
   mlp_dim: int
   activation: Union[str, Activation] = "relu"
   dropout: float = 0.0
+  bias_init: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     act = get_activation(self.activation)
+    bias = constant_bias(self.bias_init)
     features = x.shape[-1]
     x = ActDense(self.mlp_dim, activation=act, dtype=self.dtype,
-                 param_dtype=jnp.float32, name="fc1")(x)
+                 param_dtype=jnp.float32, bias_init=bias, name="fc1")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = ActDense(features, activation=act, dtype=self.dtype,
-                 param_dtype=jnp.float32, name="fc2")(x)
+                 param_dtype=jnp.float32, bias_init=bias, name="fc2")(x)
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
@@ -93,6 +96,7 @@ class EncoderBlock(nn.Module):
   activation: Union[str, Activation] = "relu"
   dropout: float = 0.0
   attn_scale: Optional[float] = None
+  bias_init: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -120,7 +124,8 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                      param_dtype=jnp.float32, name="ln2")(x)
     y = MlpBlock(self.mlp_dim, activation=self.activation,
-                 dropout=self.dropout, dtype=self.dtype, name="mlp")(
+                 dropout=self.dropout, bias_init=self.bias_init,
+                 dtype=self.dtype, name="mlp")(
                      y, train=train)
     return x + y
 
@@ -145,6 +150,9 @@ class ViT(nn.Module):
       layers (the original uses 0).
     attn_scale: attention logit scale; ``None`` is ``1/sqrt(hidden_size /
       num_heads)``.
+    bias_init: constant initial bias of every MLP layer (``fc1``, ``fc2``);
+      0 is the original's; negative values push neurons towards death (the
+      stress study, RESULTS.md).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters are always
       float32 and the returned logits are float32.
   """
@@ -157,6 +165,7 @@ class ViT(nn.Module):
   activation: Union[str, Activation] = "relu"
   dropout: float = 0.0
   attn_scale: Optional[float] = None
+  bias_init: float = 0.0
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -170,6 +179,7 @@ class ViT(nn.Module):
                        f"hidden_size={self.hidden_size}")
     _check_rate(name, self.dropout)
     get_activation(self.activation)
+    constant_bias(self.bias_init)
     super().__post_init__()
 
   @nn.compact
@@ -209,8 +219,8 @@ class ViT(nn.Module):
     for i in range(self.depth):
       x = EncoderBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                        activation=self.activation, dropout=self.dropout,
-                       attn_scale=self.attn_scale, dtype=self.dtype,
-                       name=f"encoder_block_{i}")(x, train=train)
+                       attn_scale=self.attn_scale, bias_init=self.bias_init,
+                       dtype=self.dtype, name=f"encoder_block_{i}")(x, train=train)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                      param_dtype=jnp.float32, name="head_norm")(x[:, 0])
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
