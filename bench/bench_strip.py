@@ -4,8 +4,10 @@ Builds the original ViT's stripped kernels (7 blocks, fc1 ``[384, 1536]`` and
 fc2 ``[1536, 384]`` in Flax layout, 13,440 neurons), and for dead fractions
 0, 10, 50 and 100 % times, side by side with interleaved repetitions:
 
-* ``jax``: ``strip_params`` called eagerly (it dispatches one jitted
-  program per distinct kernel shape, compiled once);
+* ``jax``: ``strip_params`` called eagerly (the default ``method='auto'``:
+  the host path, NumPy over the dead columns only, nothing compiled);
+* ``compiled``: ``strip_params(..., method='compiled')`` called eagerly (it
+  dispatches one jitted program per distinct kernel shape, compiled once);
 * ``jit``: ``jax.jit(strip_params, static_argnames="stripping_factor")`` (the
   traced path: same-shape kernels stacked under one ``lax.map``);
 * ``numpy``: the original's algorithm as a numpy loop over the dead neurons
@@ -21,12 +23,13 @@ Cold start (``--cold``, the default; ``--no-cold`` skips it): in fresh
 processes (one per measurement, so nothing is compiled yet), the first strip
 event (trace + compile + run) on the default ViT kernels at 50 % dead, the
 warm event, and a second event with a new ``stripping_factor``, for the
-eager call, ``jax.jit(strip_params)``, and the application's call
+eager call (host), the eager compiled call, ``jax.jit(strip_params)``, and
+the application's call
 (``jax.jit(partial(strip_event, stripping_factor=q), out_shardings=
 replicated, donate_argnums=(0, 1))``, and ``strip_event`` called eagerly),
 each beside the numpy loop timed in the same process; and the compile time
 (first call minus warm call, and XLA's backend compile seconds) for the first
-1, 3 and 14 kernels. ``--src DIR`` runs these processes on another checkout's
+1, 3 and 14 kernels (eager host, eager compiled, jit). ``--src DIR`` runs these processes on another checkout's
 ``synstrip_jax`` (e.g. the previous version, for before/after figures).
 
 It checks that ``jax`` and ``numpy`` give the same masks (and counts
@@ -47,6 +50,7 @@ import argparse
 import json
 import os
 import functools
+import inspect
 import statistics
 import subprocess
 import sys
@@ -206,7 +210,8 @@ def timed(fn):
 # ----------------------------------------------------------------------------
 # Cold start: each measurement in a fresh process.
 
-COLD_MODES = ("eager", "jit", "event_jit", "event_eager")
+COLD_MODES = ("eager", "eager_compiled", "jit", "event_jit", "event_eager")
+COMPILE_MODES = ("eager", "eager_compiled", "jit")
 COMPILE_KERNEL_COUNTS = (1, 3, 14)
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -254,9 +259,15 @@ def cold_child(mode: str, kernels: int, seed: int) -> dict:
     durations[e] = 0.0
   compiles[0] = 0
 
-  if mode in ("eager", "jit"):
-    fn = strip_params if mode == "eager" else jax.jit(
-        strip_params, static_argnames="stripping_factor")
+  if mode in ("eager", "eager_compiled", "jit"):
+    fn = {"eager": strip_params,
+          # (A --src checkout without `method` compiles its eager calls.)
+          "eager_compiled": (
+              functools.partial(strip_params, method="compiled")
+              if "method" in inspect.signature(strip_params).parameters
+              else strip_params),
+          "jit": jax.jit(strip_params, static_argnames="stripping_factor"),
+          }[mode]
     state = {"p": params, "m": None}
 
     def event(dead, factor):
@@ -265,7 +276,7 @@ def cold_child(mode: str, kernels: int, seed: int) -> dict:
       # makes the missing masks on the host and uses one program for both.
       state["p"], masks = fn(state["p"], dead, state["m"],
                              stripping_factor=factor)
-      if mode == "eager":
+      if mode != "jit":
         state["m"] = masks
       return masks
   else:
@@ -351,7 +362,7 @@ def run_cold(args) -> list[dict]:
   # The cold-start processes may import another checkout's synstrip_jax.
   env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
   plan = [(m, 14) for m in COLD_MODES]
-  plan += [(m, k) for m in ("eager", "jit") for k in COMPILE_KERNEL_COUNTS
+  plan += [(m, k) for m in COMPILE_MODES for k in COMPILE_KERNEL_COUNTS
            if k != 14]
   rows = []
   for rep in range(args.cold_reps):
@@ -397,13 +408,13 @@ def print_cold(rows, info) -> None:
           f"| {med(mode, 14, 'new_factor_s'):.3f} "
           f"({med(mode, 14, 'new_factor_compiles'):.0f}) |")
   print()
-  print("| kernels | eager compile s (backend) | jit compile s (backend) |")
-  print("|---:|---:|---:|")
+  print("| kernels | " + " | ".join(f"{m} compile s (backend)"
+                                   for m in COMPILE_MODES) + " |")
+  print("|---:|" + "---:|" * len(COMPILE_MODES))
   for k in COMPILE_KERNEL_COUNTS:
-    print(f"| {k} | {med('eager', k, 'compile_s'):.3f} "
-          f"({med('eager', k, 'backend_compile_s'):.3f}) "
-          f"| {med('jit', k, 'compile_s'):.3f} "
-          f"({med('jit', k, 'backend_compile_s'):.3f}) |")
+    print(f"| {k} | " + " | ".join(
+        f"{med(m, k, 'compile_s'):.3f} ({med(m, k, 'backend_compile_s'):.3f})"
+        for m in COMPILE_MODES) + " |")
 
 
 
@@ -473,6 +484,9 @@ def _run(args, reps, sort_every, sample, q, counter, info):
 
   strip = jax.jit(strip_params, static_argnames="stripping_factor")
   run_jax = lambda dead: strip_params(params, dead, masks, stripping_factor=q)
+  run_compiled = lambda dead: strip_params(params, dead, masks,
+                                           stripping_factor=q,
+                                           method="compiled")
   run_jit = lambda dead: strip(params, dead, masks, stripping_factor=q)
 
   # Warm-up / compile everything once (one program per kernel shape for the
@@ -485,6 +499,7 @@ def _run(args, reps, sort_every, sample, q, counter, info):
   compile_s = time.perf_counter() - t0
   compiles_first = counter.total() - c0
   jax.block_until_ready(run_jit(dead0))
+  jax.block_until_ready(run_compiled(dead0))
   thr_ctx = [jnp.zeros((k.shape[-1],), jnp.float32) for k in kernels]
   jax.block_until_ready(full_sort(kernels))
   jax.block_until_ready(one_pass(kernels, thr_ctx))
@@ -522,10 +537,12 @@ def _run(args, reps, sort_every, sample, q, counter, info):
         if exact_threshold(col[col != 0], q) != t_jax[j]:
           thr_exact_diff += 1
 
-    times = {"jax": [], "jit": [], "numpy": [], "sort": [], "pass": []}
+    times = {"jax": [], "compiled": [], "jit": [], "numpy": [], "sort": [],
+             "pass": []}
     thr_pass = [jnp.asarray(np.nan_to_num(t, nan=-np.inf)) for t in np_t]
     for rep in range(reps):
       times["jax"].append(timed(lambda: run_jax(dead))[0])
+      times["compiled"].append(timed(lambda: run_compiled(dead))[0])
       times["jit"].append(timed(lambda: run_jit(dead))[0])
       times["numpy"].append(timed(
           lambda: numpy_strip(kernels_oi, masks_oi, deads, q))[0])
@@ -538,13 +555,14 @@ def _run(args, reps, sort_every, sample, q, counter, info):
     row = {
         "bench": "strip", "dead_percent": pct, "n_dead": n_dead,
         "n_neurons": n_neurons, "stripping_factor": q, "reps": reps,
-        "quick": args.quick, "jax_call": "eager strip_params",
+        "quick": args.quick, "jax_call": "eager strip_params (host path)",
         **{f"{k}_ms": [round(x, 3) for x in v] for k, v in times.items()},
         **{f"{k}_ms_median": round(v, 3) for k, v in med.items()},
         **{f"{k}_ms_min": round(v, 3) for k, v in mn.items()},
         "speedup_median": round(med["numpy"] / med["jax"], 2),
         "speedup_min": round(mn["numpy"] / mn["jax"], 2),
         "jit_speedup_median": round(med["numpy"] / med["jit"], 2),
+        "compiled_speedup_median": round(med["numpy"] / med["compiled"], 2),
         "mask_mismatches": mask_mismatch, "weight_mismatches": weight_mismatch,
         "eager_vs_jit_mismatches": jit_mismatch,
         "threshold_mismatches_vs_numpy": thr_np_diff,
@@ -553,7 +571,8 @@ def _run(args, reps, sort_every, sample, q, counter, info):
         **info,
     }
     rows.append(row)
-    print(f"  {pct:3d}% dead: jax {med['jax']:.2f} ms, jit {med['jit']:.2f} ms,"
+    print(f"  {pct:3d}% dead: jax (host) {med['jax']:.2f} ms, compiled "
+          f"{med['compiled']:.2f} ms, jit {med['jit']:.2f} ms,"
           f" numpy {med['numpy']:.2f} ms, masks differ at {mask_mismatch} "
           f"entries", flush=True)
 
@@ -589,13 +608,14 @@ def _run(args, reps, sort_every, sample, q, counter, info):
         f"{info['cpu_count']} CPUs, jax {info['jax']}, load (1 min) "
         f"{statistics.median(r['load_avg_1m'] for r in rows):.1f}")
   print()
-  print("| dead % | # dead | jax strip ms (eager) | jit(strip_params) ms "
-        "| numpy loop ms | speed-up (numpy/jax) median (min) | full sort ms "
-        "| one pass ms | mask mismatches |")
-  print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print("| dead % | # dead | eager strip_params ms (host) | eager compiled ms "
+        "| jit(strip_params) ms | numpy loop ms | speed-up (numpy/host) median "
+        "(min) | full sort ms | one pass ms | mask mismatches |")
+  print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     f = lambda k: f"{r[k + '_ms_median']:.2f} ({r[k + '_ms_min']:.2f})"
-    print(f"| {r['dead_percent']} | {r['n_dead']} | {f('jax')} | {f('jit')} "
+    print(f"| {r['dead_percent']} | {r['n_dead']} | {f('jax')} "
+          f"| {f('compiled')} | {f('jit')} "
           f"| {f('numpy')} "
           f"| {r['speedup_median']:.2f}x ({r['speedup_min']:.2f}x) "
           f"| {f('sort')} | {f('pass')} "

@@ -32,9 +32,16 @@ once (no gather of the dead columns: a data-dependent gather needs one
 compiled branch per bucket size), behind a ``lax.cond`` that skips a kernel
 without dead neurons.
 
+Eager calls of :func:`strip_params` compute on the host by default
+(:mod:`synstrip_jax._host`: NumPy, no compilation, only the dead columns,
+bit-identical to the compiled program including XLA:CPU's flush-to-zero), so
+a first strip event costs no compile time; ``method='compiled'`` selects the
+XLA program below, which multi-process arrays always use.
+
 Compilation: one small program per distinct kernel (shape, dtype), reused
-across layers and strip events. Called eagerly, :func:`strip_params`
-dispatches a jitted per-kernel program for each kernel; traced (under an
+across layers and strip events. Called eagerly with ``method='compiled'``,
+:func:`strip_params` dispatches a jitted per-kernel program for each kernel;
+traced (under an
 outer ``jit``, ``pmap`` or ``shard_map``), it stacks the kernels of each
 distinct shape and computes their thresholds under one ``lax.map``, so the
 outer program too holds one copy of the computation per shape, not one per
@@ -55,13 +62,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synstrip_jax import _trees
+from synstrip_jax import _host, _trees
 
 PyTree = Any
 Array = jax.Array
 
 #: Default stripping factor of the original implementation.
 DEFAULT_STRIPPING_FACTOR = 0.05
+
+#: How an eager :func:`strip_params` computes (see its ``method``).
+METHODS = ("auto", "host", "compiled")
 
 
 def validate_stripping_factor(stripping_factor: Any) -> float:
@@ -333,9 +343,8 @@ def _raise_on_nan(skipped: list[tuple[str, Any]]) -> None:
   Only called on concrete values (eager); under ``jit`` the neurons are
   skipped instead.
   """
-  if not skipped or not bool(jnp.any(jnp.concatenate(
-      [jnp.ravel(f) for _, f in skipped]))):
-    return  # the common case: one small host transfer
+  if not any(np.asarray(f).any() for _, f in skipped):
+    return  # the common case (NumPy: no op-by-op compilation)
   found = []
   for path, flags in skipped:
     idx = np.flatnonzero(np.asarray(flags))
@@ -353,7 +362,8 @@ def _raise_on_nan(skipped: list[tuple[str, Any]]) -> None:
 def strip_kernel(kernel: Array, dead: Array, mask: Array, *,
                  stripping_factor: Any = DEFAULT_STRIPPING_FACTOR
                  ) -> tuple[Array, Array, Array]:
-  """Strip one kernel.
+  """Strip one kernel (always with the compiled per-kernel program; see
+  :func:`strip_params` for the host path of eager calls).
 
   Args:
     kernel: ``[..., fan_in, n]`` weights (any float dtype; thresholds are
@@ -391,14 +401,65 @@ def strip_kernel(kernel: Array, dead: Array, mask: Array, *,
   return new_kernel, new_mask, thr
 
 
+def _use_host(method: str, *trees: Any) -> bool:
+  """Whether an eager call runs on the host (see :func:`strip_params`).
+
+  Raises:
+    ValueError: an unknown ``method``, or ``'host'`` with arrays that this
+      process cannot read whole (multi-process sharded arrays).
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if method == "compiled":
+    return False
+  readable = all(getattr(x, "is_fully_addressable", True)
+                 for x in jax.tree_util.tree_leaves(trees))
+  if method == "host" and not readable:
+    raise ValueError("method='host' needs arrays this process can read "
+                     "whole; these span several processes: use 'auto' or "
+                     "'compiled'")
+  return readable
+
+
+def _like(x: np.ndarray, ref: Any) -> Array:
+  """``x`` as a JAX array placed like ``ref`` (same sharding if it has one)."""
+  sharding = getattr(ref, "sharding", None)
+  return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+
+
+def _host_strip(kernel: Array, dead: Array, mask: Optional[Array], q: float
+                ) -> tuple[Array, Array, Array]:
+  """``(kernel, mask, skipped)`` computed by :mod:`synstrip_jax._host` (no
+  compilation), placed like the inputs."""
+  lo, hi, w, _ = _interpolation_table(_fan_in(kernel), q)
+  new_k, new_m, skipped = _host.strip_kernel(
+      np.asarray(kernel), np.asarray(dead),
+      None if mask is None else np.asarray(mask), (lo, hi, w))
+  return (_like(new_k, kernel), _like(new_m, kernel if mask is None else mask),
+          skipped)
+
+
+def _compiled_strip(kernel: Array, dead: Array, mask: Optional[Array],
+                    q: float) -> tuple[Array, Array, Array]:
+  """``(kernel, mask, skipped)`` by the jitted per-kernel program (compiled
+  once per kernel shape; a missing mask is made on the host, so the same
+  program serves the first and later events)."""
+  if mask is None:
+    mask = np.ones(kernel.shape, np.bool_)
+  new_k, new_m, _, skipped = _strip_kernel_jit(
+      kernel, dead, mask, quantile_table(_fan_in(kernel), q))
+  return new_k, new_m, skipped
+
+
 def _strip_kernels(kernels: list[Array], deads: list[Array],
-                   masks: list[Optional[Array]], q: float
+                   masks: list[Optional[Array]], q: float,
+                   method: str = "auto"
                    ) -> list[tuple[Array, Array, Array]]:
   """``[(kernel, mask, skipped)]`` of :func:`strip_kernel` for each kernel.
 
-  Eager: one call of the jitted per-kernel program per kernel (compiled once
-  per distinct kernel shape; a missing mask is made on the host, so the
-  same program serves the first and later events). Traced: kernels of the
+  Eager: on the host (:mod:`synstrip_jax._host`, no compilation) when
+  :func:`_use_host`, else one call of the jitted per-kernel program per
+  kernel (compiled once per distinct kernel shape). Traced: kernels of the
   same shape, dtype and mask presence get their thresholds from one
   ``lax.map`` of the per-kernel computation over their stack, so the
   enclosing program holds one copy of it per distinct shape (and a cheap
@@ -406,14 +467,13 @@ def _strip_kernels(kernels: list[Array], deads: list[Array],
   alone for a NaN among their kept weights.
   """
   if not _is_traced(kernels, deads, masks):
-    out = []
-    for k, d, m in zip(kernels, deads, masks):
-      if m is None:
-        m = np.ones(k.shape, np.bool_)
-      new_k, new_m, _, skipped = _strip_kernel_jit(
-          k, d, m, quantile_table(_fan_in(k), q))
-      out.append((new_k, new_m, skipped))
-    return out
+    host = _use_host(method, kernels, deads, masks)
+    return [(_host_strip(k, d, m, q) if host else _compiled_strip(k, d, m, q))
+            for k, d, m in zip(kernels, deads, masks)]
+  if method == "host":
+    raise ValueError("method='host' needs concrete arrays; strip_params is "
+                     "being traced (jit, pmap, shard_map): use 'auto' or "
+                     "'compiled'")
 
   groups: dict[Any, list[int]] = {}
   for i, (k, m) in enumerate(zip(kernels, masks)):
@@ -508,8 +568,8 @@ def validate_sparse_tree(params: PyTree, tree: Optional[PyTree], name: str) -> N
 
 
 def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
-                 *, stripping_factor: float = DEFAULT_STRIPPING_FACTOR
-                 ) -> tuple[PyTree, PyTree]:
+                 *, stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
+                 method: str = "auto") -> tuple[PyTree, PyTree]:
   """Synaptic stripping over a parameter pytree (pure).
 
   Args:
@@ -520,6 +580,13 @@ def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
       the kernel's shape at stripped kernels and ``None`` elsewhere.
     stripping_factor: the quantile ``q`` in ``[0, 1]`` of each dead neuron's
       remaining non-zero incoming weights below which weights are pruned.
+    method: how an eager call computes; the results are bit-identical
+      (tested). ``'auto'``: on the host in NumPy (no compilation; only the
+      dead columns are processed) when this process can read the arrays
+      whole, else ``'compiled'``. ``'host'``: always on the host (an error
+      for traced or multi-process arrays). ``'compiled'``: the jitted
+      per-kernel XLA program (compiled once per kernel shape). Traced calls
+      (under ``jit``, ``pmap``, ``shard_map``) are always compiled.
 
   Returns:
     ``(params, masks)``: new params with pruned weights exactly 0.0 (shapes
@@ -528,9 +595,9 @@ def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
     ``dead`` or the old ``masks`` did.
 
   Raises:
-    ValueError, TypeError: a bad stripping factor, trees that do not align,
-      a dead vector or mask of the wrong shape or dtype; the message names
-      the tree path and the value.
+    ValueError, TypeError: a bad stripping factor or ``method``, trees that
+      do not align, a dead vector or mask of the wrong shape or dtype; the
+      message names the tree path and the value.
     ValueError: in an eager call, a dead neuron has a NaN among its kept
       weights; the message names every such kernel path and neuron. Under
       ``jit`` (where raising on values is impossible) such a neuron is
@@ -542,6 +609,8 @@ def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
   as they are.
   """
   q = validate_stripping_factor(stripping_factor)
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   validate_sparse_tree(params, dead, "dead")
   validate_sparse_tree(params, masks, "masks")
   treedef, paths, leaves, (dead_l, mask_l) = _trees.aligned_leaves(
@@ -550,7 +619,7 @@ def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
   todo = [i for i, d in enumerate(dead_l) if d is not None and leaves[i].size]
   stripped = _strip_kernels([leaves[i] for i in todo],
                             [dead_l[i] for i in todo],
-                            [mask_l[i] for i in todo], q)
+                            [mask_l[i] for i in todo], q, method)
   new_params, new_masks = list(leaves), list(mask_l)
   for i, (p, m, _) in zip(todo, stripped):
     new_params[i], new_masks[i] = p, m

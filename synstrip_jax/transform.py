@@ -196,8 +196,8 @@ def set_masks(opt_state: Any, masks: PyTree) -> Any:
 
 
 def strip_event(params: PyTree, opt_state: Any, dead: PyTree, *,
-                stripping_factor: float = DEFAULT_STRIPPING_FACTOR
-                ) -> tuple[PyTree, Any]:
+                stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
+                method: str = "auto") -> tuple[PyTree, Any]:
   """Strip dead neurons and record the new masks in the optimizer state.
 
   Pure and jit-able (``stripping_factor`` static). No optimizer step is
@@ -210,6 +210,8 @@ def strip_event(params: PyTree, opt_state: Any, dead: PyTree, *,
     dead: the ``dead`` tree of :func:`synstrip_jax.strip_params`; every
       non-``None`` entry must be a targeted kernel.
     stripping_factor: the quantile in ``[0, 1]``.
+    method: how an eager call computes (``'auto'``, ``'host'`` or
+      ``'compiled'``, bit-identical; see :func:`synstrip_jax.strip_params`).
 
   Returns:
     ``(params, opt_state)``.
@@ -222,5 +224,6 @@ def strip_event(params: PyTree, opt_state: Any, dead: PyTree, *,
       raise ValueError(f"dead[{path}] is set but {path} is not a target of "
                        "with_stripping (no mask in the optimizer state)")
   new_params, new_masks = strip_params(params, dead, masks,
-                                       stripping_factor=stripping_factor)
+                                       stripping_factor=stripping_factor,
+                                       method=method)
   return new_params, set_masks(opt_state, new_masks)

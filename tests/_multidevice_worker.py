@@ -284,6 +284,23 @@ def sharded_jit_strip_params_sharded_kernel():
 
 
 @check
+def eager_strip_params_keeps_shardings():
+  """Eager ``strip_params`` on arrays sharded over 8 devices (the host path:
+  NumPy, no compilation) equals the compiled program, and every output is
+  placed like its input (kernels sharded over neurons, masks likewise)."""
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  params, dead = make_params(), make_dead()
+  sp = device_put_tree(params, mesh, param_specs())
+  want = strip_params(sp, dead, stripping_factor=Q, method="compiled")
+  got_p, got_m = strip_params(sp, dead, stripping_factor=Q)
+  assert_bitwise_equal((got_p, got_m), want, "eager host vs compiled")
+  bad = sharding_mismatches(got_p, sp, "params") + sharding_mismatches(
+      {"fc": {"kernel": got_m["fc"]["kernel"]}},
+      {"fc": {"kernel": sp["fc"]["kernel"]}}, "masks")
+  assert not bad, "\n".join(bad)
+
+
+@check
 def pmap_strip_params():
   """``strip_params`` inside ``jax.pmap`` with the params replicated (one
   copy per device): every device returns the single-device result."""

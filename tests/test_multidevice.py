@@ -68,6 +68,12 @@ def test_sharded_jit_strip_params_sharded_kernel(worker):
   check(worker, "sharded_jit_strip_params_sharded_kernel")
 
 
+def test_eager_strip_params_keeps_shardings(worker):
+  """Eager strip_params (host path) on sharded arrays: compiled bits, same
+  placement."""
+  check(worker, "eager_strip_params_keeps_shardings")
+
+
 def test_pmap_strip_params(worker):
   """strip_params inside pmap: the 1-device result on every device."""
   check(worker, "pmap_strip_params")

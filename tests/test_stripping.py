@@ -1,5 +1,7 @@
 """Unit tests of strip_params / strip_kernel, and equivalence with the original."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,26 +218,61 @@ def _layer_dead(params, frac, seed):
 
 
 def test_eager_strip_compiles_once_per_shape_not_per_factor_or_dead_set():
-  """Eager strip_params compiles one program per distinct kernel shape; new
-  dead sets, new factors and masks given or not compile nothing more."""
+  """Eager strip_params with method='compiled' compiles one program per
+  distinct kernel shape; new dead sets, new factors and masks given or not
+  compile nothing more."""
   shapes = [(12, 20), (20, 12), (12, 20), (12, 20), (3, 3, 4, 20)]
   params = _layers(shapes)
+  strip = functools.partial(strip_params, method="compiled")
   # The first event (masks None) may compile; count the shapes it adds.
   before = stripping._strip_kernel_jit._cache_size()
-  p, m = strip_params(params, _layer_dead(params, 0.5, 1), stripping_factor=0.05)
+  p, m = strip(params, _layer_dead(params, 0.5, 1), stripping_factor=0.05)
   added = stripping._strip_kernel_jit._cache_size() - before
   assert added <= 3  # (12, 20), (20, 12), (3, 3, 4, 20)
   with _CompileCounter() as counter:
     for e, (frac, q) in enumerate([(0.0, 0.05), (1.0, 0.3), (0.3, 0.0),
                                    (0.7, 1.0), (0.5, 0.123456789)]):
-      p, m = strip_params(p, _layer_dead(params, frac, 10 + e), m,
-                          stripping_factor=q)
-      strip_params(params, _layer_dead(params, frac, 20 + e),
+      p, m = strip(p, _layer_dead(params, frac, 10 + e), m,
                    stripping_factor=q)
+      strip(params, _layer_dead(params, frac, 20 + e), stripping_factor=q)
     jax.block_until_ready(m)
   # (The jit's dispatch cache may hold a second entry per shape, for a
   # numpy rather than a jax mask, but no program is traced or compiled.)
   assert counter.count == 0
+
+
+def test_eager_default_compiles_nothing_and_equals_compiled():
+  """The default eager path (host) runs no XLA compilation at all, on new
+  shapes, factors and dead sets, and gives the compiled program's bits."""
+  params = _layers([(13, 21), (21, 13), (2, 3, 5, 21)], seed=7)
+  dead1, dead2 = _layer_dead(params, 0.5, 1), _layer_dead(params, 0.9, 2)
+  jax.block_until_ready((params, dead1, dead2))
+  with _CompileCounter() as counter:
+    p, m = strip_params(params, dead1, stripping_factor=0.07)
+    p, m = strip_params(p, dead2, m, stripping_factor=0.31)
+    jax.block_until_ready((p, m))
+  assert counter.count == 0
+  cp, cm = strip_params(params, _layer_dead(params, 0.5, 1),
+                        stripping_factor=0.07, method="compiled")
+  cp, cm = strip_params(cp, _layer_dead(params, 0.9, 2), cm,
+                        stripping_factor=0.31, method="compiled")
+  for w, g in zip(jax.tree.leaves((cp, cm)), jax.tree.leaves((p, m))):
+    assert w.dtype == g.dtype and isinstance(g, jax.Array)
+    np.testing.assert_array_equal(np.asarray(w).view(np.uint8),
+                                  np.asarray(g).view(np.uint8))
+  assert int(sum(np.asarray(x).size - np.asarray(x).sum()
+                 for x in jax.tree.leaves(m))) > 0  # something was pruned
+
+
+def test_method_is_checked():
+  params = _layers([(4, 6)])
+  dead = _layer_dead(params, 1.0, 0)
+  with pytest.raises(ValueError, match="'gpu'"):
+    strip_params(params, dead, method="gpu")
+  with pytest.raises(ValueError, match="method='host'.*traced"):
+    jax.jit(functools.partial(strip_params, method="host"))(params, dead)
+  # 'auto' under jit is the compiled path (no error).
+  jax.jit(strip_params)(params, dead)
 
 
 @pytest.mark.parametrize("with_masks", [False, True])
