@@ -238,9 +238,6 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
 
 # ------------------------------------------------- optimizer and strip events
 
-_strip_event_jit = jax.jit(strip_event, static_argnames=("stripping_factor",))
-
-
 def _like(params: PyTree, tree: PyTree, name: str) -> PyTree:
   """``tree`` (State with or without Variables, or pure dict) with the
   structure of the pure ``params`` State, ``None`` where ``tree`` has none.
@@ -267,10 +264,12 @@ def get_masks(optimizer: nnx.Optimizer) -> PyTree:
 
 
 def strip(model: nnx.Module, optimizer: nnx.Optimizer, dead: PyTree, *,
-          stripping_factor: float = DEFAULT_STRIPPING_FACTOR) -> None:
+          stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
+          method: str = "auto") -> None:
   """A strip event on an NNX model and its ``nnx.Optimizer``, in place.
 
-  :func:`~synstrip_jax.transform.strip_event` (jitted) on
+  :func:`~synstrip_jax.transform.strip_event` (called eagerly: by default
+  on the host, nothing to compile) on
   ``nnx.state(model, optimizer.wrt)`` and the optimizer's state: the dead
   neurons' lowest weights become 0.0 in ``model`` and the new masks are
   written into ``optimizer.opt_state``. No optimizer step is taken.
@@ -282,12 +281,14 @@ def strip(model: nnx.Module, optimizer: nnx.Optimizer, dead: PyTree, *,
       :func:`~synstrip_jax.probe.probe_dead` (``State`` with or without
       ``Param`` leaves, or a pure dict).
     stripping_factor: the quantile in ``[0, 1]``.
+    method: ``'auto'``, ``'host'`` or ``'compiled'`` (same bits; see
+      :func:`synstrip_jax.strip_params`).
   """
   params = nnx.as_pure(nnx.state(model, optimizer.wrt))
   opt_state = nnx.as_pure(optimizer.opt_state)
-  new_params, new_opt_state = _strip_event_jit(
+  new_params, new_opt_state = strip_event(
       params, opt_state, _like(params, dead, "dead"),
-      stripping_factor=stripping_factor)
+      stripping_factor=stripping_factor, method=method)
   nnx.update(model, new_params)
   nnx.update(optimizer.opt_state, nnx.state(new_opt_state))
 
