@@ -9,6 +9,9 @@ Run groups (``python -m experiments.study --study=<group>``):
   stress_vit          the ViT regime: 5 arms x 3 seeds.
   stress_sensitivity  the MLP regime with stripping: factor (0.01, 0.05,
                       0.2) x frequency (1, 5), and the probe on the test set.
+  stress_deadinit     the MLP with every hidden bias initialised to -1 (half
+                      its neurons dead from the start; ReLU does not train):
+                      5 arms x 3 seeds.
 
 Arms: ``relu``, ``relu_strip`` (factor 0.05 every epoch), ``relu_redo``,
 ``leaky_relu`` (slope 0.01, never dead) and ``gelu`` (exact). All arms of a
@@ -33,6 +36,10 @@ from synstrip_vit import loop, steps
 #: The MLP regime: the study's 3 x 256 MLP on MNIST at 10x the learning rate
 #: and without warm-up (40 % of its neurons dead after one epoch).
 MLP_REGIME = {"optimizer.learning_rate": 1e-2, "optimizer.warmup_epochs": 0}
+
+#: The dead-at-initialisation MLP: the study's MLP (lr 1e-3, 1 warm-up
+#: epoch) with hidden biases initialised to -1.
+DEADINIT_REGIME = {"model.bias_init": -1.0}
 
 #: The ViT regime: the study's small ViT at 10x the learning rate, without
 #: warm-up, at batch 512, on 10,000 training images (9,000 after the hold-out).
@@ -82,6 +89,11 @@ ARMS = {
     "gelu": {"model.activation": "gelu", "stripping.enabled": False},
 }
 
+#: The groups that run every arm: ``{group: (model kind, regime)}``.
+ARM_STUDIES = {"stress_mlp": ("mlp", MLP_REGIME),
+               "stress_vit": ("vit", VIT_REGIME),
+               "stress_deadinit": ("mlp", DEADINIT_REGIME)}
+
 FACTORS = (0.01, 0.05, 0.2)
 FREQUENCIES = (1, 5)
 
@@ -115,8 +127,7 @@ def runs_for(study: str, seeds: list[int], mlp_base, vit_base
   """``[(name, config)]`` of a stress group.
 
   Args:
-    study: ``stress_regime``, ``stress_mlp``, ``stress_vit`` or
-      ``stress_sensitivity``.
+    study: one of :data:`STUDIES`.
     seeds: the seeds (``stress_regime`` uses the first only).
     mlp_base, vit_base: the study's base config factories (no arguments).
 
@@ -136,9 +147,8 @@ def runs_for(study: str, seeds: list[int], mlp_base, vit_base
              _with(bases[kind](), off, fields, seed=seeds[0]))
             for kind, group in REGIME_SEARCH.items()
             for name, fields in group.items()]
-  if study in ("stress_mlp", "stress_vit"):
-    kind, regime = (("mlp", MLP_REGIME) if study == "stress_mlp"
-                    else ("vit", VIT_REGIME))
+  if study in ARM_STUDIES:
+    kind, regime = ARM_STUDIES[study]
     return [(f"{arm}_s{seed}", _with(bases[kind](), regime, fields,
                                      seed=seed))
             for arm, fields in ARMS.items() for seed in seeds]
@@ -197,7 +207,8 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> dict[str, int]:
           "both": int((a & b).sum()), "either": int((a | b).sum())}
 
 
-STUDIES = ("stress_regime", "stress_mlp", "stress_vit", "stress_sensitivity")
+STUDIES = ("stress_regime", "stress_mlp", "stress_vit", "stress_sensitivity",
+           "stress_deadinit")
 
-__all__ = ["ARMS", "MLP_REGIME", "REGIME_SEARCH", "STUDIES", "VIT_REGIME",
+__all__ = ["ARMS", "ARM_STUDIES", "DEADINIT_REGIME", "MLP_REGIME", "REGIME_SEARCH", "STUDIES", "VIT_REGIME",
            "probe_overlap", "runs_for", "sensitivity_runs"]

@@ -8,6 +8,7 @@
   python -m experiments.study --study=stress_mlp     # (experiments/stress.py)
   python -m experiments.study --study=stress_vit
   python -m experiments.study --study=stress_sensitivity
+  python -m experiments.study --study=stress_deadinit
 
 Runs execute one after the other in this process (``runs/study/<study>/
 <run>/``: checkpoints, resumable: rerun the same command after a kill); each
@@ -152,7 +153,7 @@ def analyses(study: str, name: str):
   """``[(file suffix, fn(config, workdir) -> dict)]`` run after ``name``."""
   if study == "cifar_vit":
     return [("robustness", robustness)]
-  if study in ("stress_mlp", "stress_vit") and name.startswith("relu_s"):
+  if study in stress.ARM_STUDIES and name.startswith("relu_s"):
     return [("probe_overlap", stress.probe_overlap)]
   return []
 

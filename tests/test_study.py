@@ -30,8 +30,7 @@ def _runs(group):
 
 
 def test_stress_arms_share_the_regime_and_differ_only_in_the_arm():
-  for group, regime in (("stress_mlp", stress.MLP_REGIME),
-                        ("stress_vit", stress.VIT_REGIME)):
+  for group, (_, regime) in stress.ARM_STUDIES.items():
     runs = _runs(group)
     assert sorted(runs) == sorted(f"{a}_s{s}" for a in stress.ARMS
                                   for s in SEEDS)
