@@ -95,7 +95,7 @@ def arms_table(results: Path, study: str, title: str) -> tuple[str, dict]:
   header = ["arm", "n", "final test acc (%)", "best test acc (%)",
             "final dead (%)", "max dead (%)", "final active params",
             "final sparsity (%)", "wall time (s)", "event phase, total (s)",
-            "event phase / epoch time (%)"]
+            "event phase, later epochs (ms)", "event phase / epoch time (%)"]
   rows = []
   for arm, runs in arms.items():
     rows.append([
@@ -108,6 +108,8 @@ def arms_table(results: Path, study: str, title: str) -> tuple[str, dict]:
         _fmt([r.final("sparsity") for r in runs], 100, digits=3),
         _fmt([wall_s(r, d) for r in runs], digits=0),
         _fmt([float(np.nansum(r.series("strip_time_s"))) for r in runs]),
+        _fmt([1e3 * float(np.nanmedian(r.series("strip_time_s")[1:]))
+              for r in runs], digits=1),
         _fmt([strip_share(r) for r in runs], 100, digits=2),
     ])
   out += [rp.md_table(header, rows), "",
