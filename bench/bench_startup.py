@@ -23,8 +23,8 @@ it moves less with the load than the wall time. The load average
 (``os.getloadavg``) is printed and stored with every row.
 
 ``--before DIR`` adds a column: the script of another checkout (e.g. ``git
-archive <rev> | tar -x -C DIR``), run first in every rep without the cache
-option (stages it does not report are ``nan``).
+archive <rev> | tar -x -C DIR``), run cold first in every rep (an empty
+``JAX_COMPILATION_CACHE_DIR``) without the cache option (stages it does not report are ``nan``).
 
 Prints the breakdown side by side (the median over ``--reps`` pairs, default
 2; ``--quick``: 1 pair), whether the issue's targets are met (3-epoch run at
@@ -74,16 +74,17 @@ def run_once(cache_dir: Optional[Path], workdir: Path, epochs: int,
              repo: Path = REPO) -> dict[str, Any]:
   """One run of ``repo``'s script; its stages in seconds.
 
-  ``cache_dir=None``: run without the cache option and without
-  ``JAX_COMPILATION_CACHE_DIR`` (a checkout from before the cache); stages
-  missing from its outputs are NaN.
+  ``cache_dir=None`` (the ``before`` arm): run without the cache option,
+  with ``JAX_COMPILATION_CACHE_DIR`` set to a fresh empty directory, so a
+  checkout with or without a default cache runs cold (compiles everything);
+  stages missing from its outputs are NaN.
   """
   cmd = [sys.executable, str(repo / "experiments" / "train_vit.py"),
          f"--workdir={workdir}", f"--config.run.num_epochs={epochs}",
          "--config.run.progress_bar=False"]
   env = dict(os.environ)
   if cache_dir is None:
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir) + "_empty_cache"
   else:
     cmd.append(f"--config.run.compilation_cache_dir={cache_dir}")
   env["PYTHONPATH"] = str(repo)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +131,13 @@ def nonfinite_leaves(tree: Any) -> list[str]:
   return [jax.tree_util.keystr(path)
           for path, ok in jax.tree_util.tree_leaves_with_path(flags)
           if not bool(ok)]
+
+
+def nonfinite_check_compiler(abstract: Any) -> Callable[[], Any]:
+  """A thunk that compiles :func:`nonfinite_leaves`'s program for trees like
+  ``abstract`` (``jax.ShapeDtypeStruct`` leaves with their shardings), so a
+  thread can compile it before the first check needs it."""
+  return _finite_leaves.lower(abstract).compile
 
 
 # --------------------------------------------------------- metrics repair

@@ -664,7 +664,9 @@ def _check_state(state: steps.TrainState, epoch: int, manager,
   """Raise ``FloatingPointError`` if the params or optimizer state hold a
   NaN/inf (names the leaves) or the test/probe loss is not finite (weights
   blown up to huge finite values); nothing of the epoch is written then."""
-  bad = integrity.nonfinite_leaves((state.params, state.opt_state))
+  # The whole state, as checkpointing.save checks it: one compiled program
+  # serves both checks (a first-epoch compile less).
+  bad = integrity.nonfinite_leaves(state)
   bad += [f"{name} loss" for name, sums in zip(("test", "probe"), evals)
           if not math.isfinite(_mean(sums, "loss_sum"))]
   if bad:
@@ -698,7 +700,8 @@ def _compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          train_step: Callable,
                          eval_steps: Sequence[Callable]
                          ) -> steps.TrainState:
-  """Compile the init, the train step and the eval steps in parallel threads.
+  """Compile the init, the train step, the eval steps and the finite-state
+  check in parallel threads.
 
   XLA compiles (and loads from the persistent cache) without holding the
   GIL, so the three overlap with each other and with the tracing of the
@@ -714,7 +717,7 @@ def _compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
       [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
        ((e,), np.bool_)], mesh)
   with concurrent.futures.ThreadPoolExecutor(
-      max_workers=2 + len(eval_steps)) as pool:
+      max_workers=3 + len(eval_steps)) as pool:
     futures = [pool.submit(init.compile)]
     futures.append(pool.submit(train_step.lower(abstract, *steps.abstract_batch(
         [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
@@ -722,6 +725,9 @@ def _compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
     for step in eval_steps:
       futures.append(pool.submit(
           step.lower(abstract.params, *eval_batch).compile))
+    # The end-of-epoch finite-state check (and the save's): ~0.45 s of the
+    # first epoch otherwise.
+    futures.append(pool.submit(integrity.nonfinite_check_compiler(abstract)))
     compiled_init = [f.result() for f in futures][0]
   return steps.replicate(compiled_init(key), mesh)
 
