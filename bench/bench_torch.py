@@ -26,7 +26,9 @@ every JAX call closed by ``block_until_ready``:
   ``xla_cpu_experimental_ynn_fusion_type=''`` (no YNNPACK fusions: what
   ``experiments/train_vit.py`` sets by default) as a per-compile option, so
   one process compares it with ``jax``;
-* ``jax_ynn_dot``: YNNPACK for dots only (``LIBRARY_FUSION_TYPE_DOT``).
+* ``jax_ynn_dot``: YNNPACK for dots only (``LIBRARY_FUSION_TYPE_DOT``);
+* ``jax_sdpa``: ``jax_ynn_off`` with the ViT's attention computed by
+  ``jax.nn.dot_product_attention`` (``attention='jax'``) instead of Flax's.
 
 Same work on both sides: batch ``--batch`` (128) of uint8 32x32x3 images,
 random crop (zero padding 4) + horizontal flip + normalisation inside the
@@ -64,12 +66,15 @@ MODELS = {
     "small": dict(depth=4, hidden_size=128, num_heads=4, mlp_dim=512),
     "default": dict(depth=7, hidden_size=384, num_heads=8, mlp_dim=1536),
 }
+_YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 JAX_ARMS = {
-    # name: compiler options of the compiled step (None: the process's flags)
-    "jax": None,
-    "jax_ynn_off": {"xla_cpu_experimental_ynn_fusion_type": ""},
-    "jax_ynn_dot": {"xla_cpu_experimental_ynn_fusion_type":
-                    "LIBRARY_FUSION_TYPE_DOT"},
+    # name: (compiler options of the compiled step (None: the process's
+    # flags), extra ViT fields)
+    "jax": (None, {}),
+    "jax_ynn_off": (_YNN_OFF, {}),
+    "jax_ynn_dot": ({"xla_cpu_experimental_ynn_fusion_type":
+                     "LIBRARY_FUSION_TYPE_DOT"}, {}),
+    "jax_sdpa": (_YNN_OFF, {"attention": "jax"}),
 }
 
 
@@ -116,7 +121,8 @@ def make_jax_arm(name, cfg, args, mesh, log):
   from synstrip_vit import steps
   from synstrip_vit.models.vit import ViT
 
-  model = ViT(num_classes=10, patch_size=4, **cfg)
+  opts, fields = JAX_ARMS[name]
+  model = ViT(num_classes=10, patch_size=4, **cfg, **fields)
   schedule = steps.make_schedule(learning_rate=1e-3, min_learning_rate=1e-5,
                                  warmup_steps=100, total_steps=10_000)
   seen = {}
@@ -136,7 +142,6 @@ def make_jax_arm(name, cfg, args, mesh, log):
   augment = bt.augment if args.augment else (lambda key, x: bt.preprocess(x))
   fn = steps.jit_train_step(model, tx, augment, mesh)
   t0 = time.perf_counter()
-  opts = JAX_ARMS[name]
   compiled = (fn.lower(state, gx, gy).compile(compiler_options=opts)
               if opts else fn.lower(state, gx, gy).compile())
   log(f"  {name}: compiled in {time.perf_counter() - t0:.1f} s")

@@ -387,3 +387,17 @@ def test_negative_bias_init_kills_neurons():
   model = MLP(num_classes=3, width=32, depth=1)
   dead, _ = _dead(model, _init(model, x), x)
   assert not bool(dead["fc0"]["kernel"].any())
+
+
+def test_vit_jax_attention_matches_flax_attention(tiny):
+  """attention='jax' (jax.nn.dot_product_attention) computes what Flax's
+  attention computes, with the same parameters, also with attn_scale."""
+  x, params = tiny
+  for scale in (None, 0.3):
+    want = ViT(**TINY, attn_scale=scale).apply({"params": params}, x,
+                                               train=False)
+    got = ViT(**TINY, attn_scale=scale, attention="jax").apply(
+        {"params": params}, x, train=False)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match="attention.*'torch'"):
+    ViT(**TINY, attention="torch")

@@ -48,6 +48,9 @@ from synstrip_jax.linen import ActDense
 from synstrip_vit.models.mlp import (Activation, _check_positive, constant_bias,
                                      get_activation)
 
+#: Attention implementations of :class:`ViT` (its ``attention`` field).
+ATTENTIONS = ("flax", "jax")
+
 #: torch's ``nn.LayerNorm`` default epsilon (flax's default is 1e-6).
 LAYER_NORM_EPS = 1e-5
 
@@ -89,7 +92,10 @@ class EncoderBlock(nn.Module):
   ``nn.MultiHeadDotProductAttention`` (query/key/value/out projections, never
   stripped) with logits scaled by ``attn_scale`` (``None``:
   ``1/sqrt(D / num_heads)``, the standard scaling); its softmax runs in
-  float32 whatever ``dtype``.
+  float32 whatever ``dtype``. ``attention='jax'`` computes the attention
+  with ``jax.nn.dot_product_attention`` (XLA implementation) instead of
+  Flax's ``nn.dot_product_attention`` (same parameters; equal up to float
+  rounding).
   """
   num_heads: int
   mlp_dim: int
@@ -97,6 +103,7 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   attn_scale: Optional[float] = None
   bias_init: float = 0.0
+  attention: str = "flax"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -104,7 +111,17 @@ class EncoderBlock(nn.Module):
     features = x.shape[-1]
     head_dim = features // self.num_heads
     attention_fn = nn.dot_product_attention
-    if self.attn_scale is not None:
+    if self.attention == "jax":
+      scale = self.attn_scale
+
+      def attention_fn(query, key, value, bias=None, mask=None, **unused):
+        # No attention dropout here (rate 0, deterministic), so the rest of
+        # Flax's attention_fn arguments do not apply.
+        del unused
+        return jax.nn.dot_product_attention(query, key, value, bias=bias,
+                                            mask=mask, scale=scale,
+                                            implementation="xla")
+    elif self.attn_scale is not None:
       # dot_product_attention divides the query by sqrt(head_dim); pre-scale it
       # so the logits are attn_scale * q.k.
       rescale = float(self.attn_scale) * math.sqrt(head_dim)
@@ -153,6 +170,8 @@ class ViT(nn.Module):
     bias_init: constant initial bias of every MLP layer (``fc1``, ``fc2``);
       0 is the original's; negative values push neurons towards death (the
       stress study, RESULTS.md).
+    attention: ``'flax'`` (Flax's ``nn.dot_product_attention``, default) or
+      ``'jax'`` (``jax.nn.dot_product_attention``, XLA implementation).
     dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters are always
       float32 and the returned logits are float32.
   """
@@ -166,6 +185,7 @@ class ViT(nn.Module):
   dropout: float = 0.0
   attn_scale: Optional[float] = None
   bias_init: float = 0.0
+  attention: str = "flax"
   dtype: Any = jnp.float32
 
   def __post_init__(self):
@@ -180,6 +200,9 @@ class ViT(nn.Module):
     _check_rate(name, self.dropout)
     get_activation(self.activation)
     constant_bias(self.bias_init)
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"{name}.attention must be one of {ATTENTIONS}, got "
+                       f"{self.attention!r}")
     super().__post_init__()
 
   @nn.compact
@@ -220,7 +243,8 @@ class ViT(nn.Module):
       x = EncoderBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                        activation=self.activation, dropout=self.dropout,
                        attn_scale=self.attn_scale, bias_init=self.bias_init,
-                       dtype=self.dtype, name=f"encoder_block_{i}")(x, train=train)
+                       attention=self.attention, dtype=self.dtype,
+                       name=f"encoder_block_{i}")(x, train=train)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                      param_dtype=jnp.float32, name="head_norm")(x[:, 0])
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
@@ -228,4 +252,4 @@ class ViT(nn.Module):
     return x.astype(jnp.float32)
 
 
-__all__ = ["EncoderBlock", "LAYER_NORM_EPS", "MlpBlock", "ViT"]
+__all__ = ["ATTENTIONS", "EncoderBlock", "LAYER_NORM_EPS", "MlpBlock", "ViT"]
