@@ -404,14 +404,13 @@ def strip_kernel(kernel: Array, dead: Array, mask: Array, *,
 
 
 def _use_host(method: str, *trees: Any) -> bool:
-  """Whether an eager call runs on the host (see :func:`strip_params`).
+  """Whether an eager call runs on the host (see :func:`strip_params`, which
+  has checked ``method``).
 
   Raises:
-    ValueError: an unknown ``method``, or ``'host'`` with arrays that this
-      process cannot read whole (multi-process sharded arrays).
+    ValueError: ``'host'`` with arrays that this process cannot read whole
+      (multi-process sharded arrays).
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   if method == "compiled":
     return False
   readable = all(getattr(x, "is_fully_addressable", True)
@@ -583,6 +582,24 @@ def validate_sparse_tree(params: PyTree, tree: Optional[PyTree], name: str) -> N
       check(path, p, t)
 
 
+def _merge(leaves: list[Any], dead_l: list[Any], mask_l: list[Any],
+           stripped: dict[int, tuple[Array, Array, Any]]
+           ) -> tuple[list[Any], list[Any]]:
+  """The new param and mask leaves of :func:`strip_params`: the stripped
+  kernels (``{leaf index: (kernel, mask, skipped)}``), all-True masks for
+  empty dead-vector kernels, and every other masked leaf with its masked-out
+  entries at 0."""
+  new_params, new_masks = list(leaves), list(mask_l)
+  for i, (p, m, _) in stripped.items():
+    new_params[i], new_masks[i] = p, m
+  for i, (p, m) in enumerate(zip(leaves, mask_l)):
+    if dead_l[i] is not None and m is None and not p.size:
+      new_masks[i] = jnp.ones(p.shape, jnp.bool_)
+    elif dead_l[i] is None and m is not None:
+      new_params[i] = jnp.where(m, p, jnp.zeros((), p.dtype))
+  return new_params, new_masks
+
+
 def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
                  *, stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
                  method: str = "auto") -> tuple[PyTree, PyTree]:
@@ -631,19 +648,12 @@ def strip_params(params: PyTree, dead: PyTree, masks: Optional[PyTree] = None,
   validate_sparse_tree(params, masks, "masks")
   treedef, paths, leaves, (dead_l, mask_l) = _trees.aligned_leaves(
       params, dead, masks)
-  # Empty kernels (a zero-size axis) have nothing to prune.
   todo = [i for i, d in enumerate(dead_l) if d is not None and leaves[i].size]
   stripped = _strip_kernels([leaves[i] for i in todo],
                             [dead_l[i] for i in todo],
                             [mask_l[i] for i in todo], q, method)
-  new_params, new_masks = list(leaves), list(mask_l)
-  for i, (p, m, _) in zip(todo, stripped):
-    new_params[i], new_masks[i] = p, m
-  for i, (p, m) in enumerate(zip(leaves, mask_l)):
-    if dead_l[i] is not None and m is None and not p.size:
-      new_masks[i] = jnp.ones(p.shape, jnp.bool_)
-    elif dead_l[i] is None and m is not None:
-      new_params[i] = jnp.where(m, p, jnp.zeros((), p.dtype))
+  new_params, new_masks = _merge(leaves, dead_l, mask_l,
+                                 dict(zip(todo, stripped)))
   if not _is_traced(leaves, dead_l, mask_l):  # eager calls only
     _raise_on_nan([(f"params[{paths[i]}]", s)
                    for i, (_, _, s) in zip(todo, stripped)])

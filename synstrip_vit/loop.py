@@ -334,8 +334,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   # columns, nothing to compile; bit-identical to the compiled program) when
   # this process holds the arrays whole, else runs one compiled program per
   # kernel shape; outputs are placed like the (replicated) inputs.
-  # bench/bench_strip.py: first event on the default ViT kernels 0.23 s vs
-  # 1.05 s for the compiled program and 1.6 s for a jitted strip_event.
+  # bench/bench_strip.py: first event on the default ViT kernels 0.06 s vs
+  # 0.6 s for the compiled program and 1.0 s for a jitted strip_event.
   strip = functools.partial(strip_event,
                             stripping_factor=config.stripping.factor)
   recycle = (jax.jit(functools.partial(
