@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from synstrip_jax import probe
-from synstrip_vit import loop, steps
+from synstrip_vit import loop
 
 #: The MLP regime: the study's 3 x 256 MLP on MNIST at 10x the learning rate
 #: and without warm-up (40 % of its neurons dead after one epoch).
@@ -172,14 +172,11 @@ def probe_overlap(config: ml_collections.ConfigDict, workdir) -> dict:
   """
   if config.stripping.probe != "train_holdout":
     raise ValueError("probe_overlap needs a run probed on the held-out split")
-  state, model, data = loop.final_state(config, workdir)
-  mesh = steps.make_mesh()
-  _, preprocess = loop.input_fns(config, data)
-  step = steps.jit_eval_step(model, preprocess, mesh, collect_stats=True)
+  state, data, evaluate = loop.final_evaluator(config, workdir,
+                                               collect_stats=True)
 
   def dead_on(x, y):
-    out = steps.evaluate(step, state.params, x, y,
-                         batch_size=config.run.eval_batch_size, mesh=mesh)
+    out = evaluate(x, y)
     tree = probe.dead_tree(state.params, out["stats"], None)
     return {p: np.asarray(v) for p, v in _flat(tree).items()}
 

@@ -17,7 +17,8 @@ finished run's per-epoch metrics are copied to ``experiments/results/
 accuracy under corruptions to ``<run>.robustness.json``. A finished run is
 skipped. ``<run>.wall.json`` records the wall time of the call that
 finished the run (and whether it resumed one). ReLU runs of the stress
-groups also get ``<run>.probe_overlap.json`` (see ``experiments/stress.py``). ``python -m experiments.report`` turns the results into tables/figures.
+groups also get ``<run>.probe_overlap.json`` (see ``experiments/stress.py``).
+``python -m experiments.report`` turns the results into tables/figures.
 
 Scale (chosen to fit a 2-core CPU in a few hours, see RESULTS.md): far
 fewer epochs and a smaller ViT than the paper.
@@ -35,7 +36,7 @@ from absl import logging as absl_logging
 
 from experiments import stress
 from experiments.corruptions import apply_corruption
-from synstrip_vit import loop, steps, writers
+from synstrip_vit import loop, writers
 from synstrip_vit.config import base_config
 from synstrip_vit.paths import shared_dir
 
@@ -130,15 +131,12 @@ def runs_for(study: str, seeds: list[int]):
 
 def robustness(config, workdir) -> dict:
   """Test accuracy of the run's final model on corrupted test images."""
-  state, model, run_data = loop.final_state(config, workdir)
-  mesh = steps.make_mesh()
-  _, preprocess = loop.input_fns(config, run_data)
-  step = steps.jit_eval_step(model, preprocess, mesh, collect_stats=False)
+  _, run_data, evaluate = loop.final_evaluator(config, workdir,
+                                               collect_stats=False)
   out = {}
 
   def accuracy(images):
-    r = steps.evaluate(step, state.params, images, run_data.y_test,
-                       batch_size=config.run.eval_batch_size, mesh=mesh)
+    r = evaluate(images, run_data.y_test)
     return float(r["correct"]) / float(r["count"])
 
   out["clean"] = accuracy(run_data.x_test)

@@ -773,8 +773,31 @@ def final_state(config: ml_collections.ConfigDict, workdir: str | Path
   return restored[1], model, run_data
 
 
+def final_evaluator(config: ml_collections.ConfigDict, workdir: str | Path,
+                    *, collect_stats: bool
+                    ) -> tuple[steps.TrainState, RunData, Callable]:
+  """``(state, run_data, evaluate)`` of a run's latest checkpoint.
+
+  ``evaluate(x, y)`` runs the compiled eval step (with the activation
+  statistics when ``collect_stats``) over every example of ``(x, y)`` and
+  returns its outputs summed (:func:`synstrip_vit.steps.evaluate`).
+  """
+  state, model, run_data = final_state(config, workdir)
+  mesh = steps.make_mesh()
+  _, preprocess = input_fns(config, run_data)
+  step = steps.jit_eval_step(model, preprocess, mesh,
+                             collect_stats=collect_stats)
+
+  def evaluate(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    return steps.evaluate(step, state.params, x, y,
+                          batch_size=config.run.eval_batch_size, mesh=mesh)
+
+  return state, run_data, evaluate
+
+
 __all__ = ["EpochRecord", "Run", "RunData", "RunError",
-           "SHARED_EVAL_MAX_BATCHES", "evaluate_and_probe", "final_state",
+           "SHARED_EVAL_MAX_BATCHES", "evaluate_and_probe", "final_evaluator",
+           "final_state",
            "input_fns", "is_event_epoch", "make_record", "prepare",
            "progress_bar", "restore_or_start", "shares_eval_step",
            "strip_or_recycle", "train_and_evaluate", "train_epoch"]
