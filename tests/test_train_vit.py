@@ -27,8 +27,9 @@ import pytest
 from _shared import (CACHE_DIR, assert_bitwise_equal, finish, start_python,
                      subprocess_env)
 
+from synstrip_jax.transform import get_masks
 from synstrip_vit import (checkpointing, compile_cache, config as config_lib,
-                          loop, timings, writers)
+                          integrity, loop, timings, writers)
 from synstrip_vit.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -603,3 +604,28 @@ def test_readme_stripping_table_matches_the_default_config():
     value = c.stripping[name]
     expected = "unset" if value is None else f"`{value}`"
     assert shown == expected, (name, shown, expected)
+
+
+def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
+  """After prepare, the end-of-epoch finite-state check (compiled with the
+  steps) and the eager strip event (host path) compile nothing."""
+  run, state = loop.prepare(tiny_config(), tmp_path, log=lambda m: None)
+  masks = get_masks(state.opt_state)
+  dead = jax.tree.map(lambda m: np.arange(m.shape[-1]) % 2 == 0, masks)
+  compiled = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    assert integrity.nonfinite_leaves(state) == []
+    params, opt_state = run.strip(state.params, state.opt_state, dead)
+    jax.block_until_ready((params, opt_state))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiled == []
+  assert not all(bool(np.asarray(m).all())
+                 for m in jax.tree.leaves(get_masks(opt_state)))
