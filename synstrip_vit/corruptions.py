@@ -211,18 +211,23 @@ def motion_blur_kernel(radius: float, sigma: float,
 
 
 def _motion_blur(x: np.ndarray, radius: float, sigma: float,
-                 angle: float) -> np.ndarray:
-  """Motion blur of one ``[H, W, C]`` image (0..255 floats), edges repeated,
-  rounded and clipped to 0..255 as ImageMagick's 8-bit output."""
-  weights, offsets = motion_blur_kernel(radius, sigma, angle)
-  h, w = x.shape[:2]
+                 angles: np.ndarray) -> np.ndarray:
+  """Motion blur of ``[N, H, W, C]`` images (0..255 floats), image ``n`` at
+  ``angles[n]`` degrees, edges repeated; a tap reaching past the image ends
+  that image's sum (as ImageMagick). Rounded and clipped to 0..255 as
+  ImageMagick's 8-bit output."""
+  n, h, w = x.shape[:3]
+  kernels = [motion_blur_kernel(radius, sigma, a) for a in angles]
+  offsets = np.stack([k[1] for k in kernels])  # [N, taps, 2]
+  inside = (np.abs(offsets[..., 0]) < h) & (np.abs(offsets[..., 1]) < w)
+  weights = np.stack([k[0] for k in kernels]) * np.cumprod(inside, axis=1)
   out = np.zeros(x.shape, np.float64)
-  for k, (dr, dc) in zip(weights, offsets):
-    if abs(dr) >= h or abs(dc) >= w:
-      break
-    rows = np.clip(np.arange(h) + dr, 0, h - 1)
-    cols = np.clip(np.arange(w) + dc, 0, w - 1)
-    out += k * x[rows][:, cols]
+  rows_n = np.arange(n)[:, None, None]
+  for i in range(offsets.shape[1]):
+    rows = np.clip(np.arange(h) + offsets[:, i, :1], 0, h - 1)  # [N, H]
+    cols = np.clip(np.arange(w) + offsets[:, i, 1:], 0, w - 1)  # [N, W]
+    out += (weights[:, i, None, None, None]
+            * x[rows_n, rows[:, :, None], cols[:, None, :]])
   return np.clip(np.rint(out), 0, 255)
 
 
@@ -406,9 +411,8 @@ def _defocus_blur(u, c, rng):
 
 
 def _motion_blur_images(u, c, rng):
-  radius, sigma = c
-  return _per_image(u.astype(np.float64), rng, lambda img, r: _motion_blur(
-      img, radius, sigma, r.uniform(-45, 45)))
+  return _motion_blur(u.astype(np.float64), c[0], c[1],
+                      rng.uniform(-45, 45, size=len(u)))
 
 
 def _zoom_blur(u, c, rng):
@@ -431,16 +435,15 @@ def _grey(x: np.ndarray) -> np.ndarray:
 def _snow(u, c, rng):
   mean, std, zoom, threshold, radius, sigma, weight = c
 
-  def one(img, r):
-    layer = r.normal(size=img.shape[:2], loc=mean, scale=std)
-    layer = _clipped_zoom(layer[None, :, :, None], zoom)[0]
-    layer[layer < threshold] = 0
-    layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8).astype(np.float64)
-    layer = _motion_blur(layer, radius, sigma, r.uniform(-135, -45)) / 255.0
-    x = weight * img + (1 - weight) * np.maximum(img, _grey(img) * 1.5 + 0.5)
-    return np.clip(x + layer + np.rot90(layer, k=2), 0, 1) * 255
-
-  return _per_image((u / 255.0).astype(np.float32), rng, one)
+  x = (u / 255.0).astype(np.float32)
+  layer = rng.normal(size=x.shape[:3] + (1,), loc=mean, scale=std)
+  layer = _clipped_zoom(layer, zoom)
+  layer[layer < threshold] = 0
+  layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8).astype(np.float64)
+  layer = _motion_blur(layer, radius, sigma,
+                       rng.uniform(-135, -45, size=len(x))) / 255.0
+  x = weight * x + (1 - weight) * np.maximum(x, _grey(x) * 1.5 + 0.5)
+  return np.clip(x + layer + np.rot90(layer, k=2, axes=(1, 2)), 0, 1) * 255
 
 
 def _frost(u, c, rng, frost_dir=None):

@@ -149,9 +149,11 @@ def test_motion_blur_kernel_and_horizontal_blur():
   _, diag = C.motion_blur_kernel(2, 1.0, 45.0)
   np.testing.assert_array_equal(diag, [[0, 0], [1, 1], [1, 1], [2, 2],
                                        [3, 3]])
-  row = np.zeros((1, 40, 1))
-  row[0, 20] = 255.0
-  out = C._motion_blur(row, 6, 2.0, 0.0)[0, :, 0]  # pylint: disable=protected-access
+  row = np.zeros((2, 1, 41, 1))
+  row[:, 0, 20] = 255.0
+  both = C._motion_blur(row, 6, 2.0, np.array([0.0, 180.0]))  # pylint: disable=protected-access
+  out = both[0, 0, :, 0]
+  np.testing.assert_array_equal(both[1, 0, :, 0], out[::-1])
   # Pixel p reads p + i: the spike spreads to the left of column 20.
   np.testing.assert_array_equal(out[8:21], np.rint(255 * weights[::-1]))
   assert out[21:].max() == 0 and out[:7].max() == 0
