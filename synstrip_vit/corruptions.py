@@ -248,10 +248,12 @@ def _pil_each(x: np.ndarray, fn: Callable) -> np.ndarray:
   return np.stack(out).astype(np.float64) if out else x.astype(np.float64)
 
 
-def _plasma_fractal(mapsize: int, decay: float, rng: Rng) -> np.ndarray:
-  """The reference's diamond-square height map ``[mapsize, mapsize]`` in
-  [0, 1] (``mapsize`` a power of two; uniform noise shrinks by ``decay``)."""
-  m = np.zeros((mapsize, mapsize), np.float64)
+def _plasma_fractal(n: int, mapsize: int, decay: float,
+                    rng: Rng) -> np.ndarray:
+  """``n`` of the reference's diamond-square height maps ``[n, mapsize,
+  mapsize]`` in [0, 1] each (``mapsize`` a power of two; the uniform noise
+  shrinks by ``decay`` per level)."""
+  m = np.zeros((n, mapsize, mapsize), np.float64)
   step, wibble = mapsize, 100.0
 
   def wibbled(a):
@@ -259,19 +261,19 @@ def _plasma_fractal(mapsize: int, decay: float, rng: Rng) -> np.ndarray:
 
   while step >= 2:
     half = step // 2
-    corners = m[0::step, 0::step]
-    square = corners + np.roll(corners, -1, axis=0)
-    square += np.roll(square, -1, axis=1)
-    m[half::step, half::step] = wibbled(square)
-    dr, ul = m[half::step, half::step], m[0::step, 0::step]
-    left = (dr + np.roll(dr, 1, axis=0)) + (ul + np.roll(ul, -1, axis=1))
-    m[0::step, half::step] = wibbled(left)
-    top = (dr + np.roll(dr, 1, axis=1)) + (ul + np.roll(ul, -1, axis=0))
-    m[half::step, 0::step] = wibbled(top)
+    corners = m[:, 0::step, 0::step]
+    square = corners + np.roll(corners, -1, axis=1)
+    square += np.roll(square, -1, axis=2)
+    m[:, half::step, half::step] = wibbled(square)
+    dr, ul = m[:, half::step, half::step], m[:, 0::step, 0::step]
+    left = (dr + np.roll(dr, 1, axis=1)) + (ul + np.roll(ul, -1, axis=2))
+    m[:, 0::step, half::step] = wibbled(left)
+    top = (dr + np.roll(dr, 1, axis=2)) + (ul + np.roll(ul, -1, axis=1))
+    m[:, half::step, 0::step] = wibbled(top)
     step //= 2
     wibble /= decay
-  m -= m.min()
-  return m / m.max()
+  m -= m.min(axis=(1, 2), keepdims=True)
+  return m / m.max(axis=(1, 2), keepdims=True)
 
 
 def _disk_kernel(radius: float, alias_blur: float) -> np.ndarray:
@@ -464,12 +466,11 @@ def _fog(u, c, rng):
   h, w = u.shape[1:3]
   mapsize = max(32, 1 << int(math.ceil(math.log2(max(h, w)))))
 
-  def one(x, r):
-    max_val = x.max()
-    x = x + strength * _plasma_fractal(mapsize, decay, r)[:h, :w, None]
-    return np.clip(x * max_val / (max_val + strength), 0, 1) * 255
-
-  return _per_image(u / 255.0, rng, one)
+  x = u / 255.0
+  max_val = x.max(axis=(1, 2, 3), keepdims=True)
+  x = x + strength * _plasma_fractal(len(x), mapsize, decay,
+                                     rng)[:, :h, :w, None]
+  return np.clip(x * max_val / (max_val + strength), 0, 1) * 255
 
 
 def _brightness(u, c, rng):
