@@ -50,6 +50,7 @@ distribution, never its pixels. Other differences from the released files:
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import types
@@ -618,7 +619,7 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int, *,
   c = PARAMS[name][int(severity) - 1] if name in PARAMS else None
   fn = _FUNCTIONS[name]
   if name == "frost":
-    fn = lambda u, c, rng: _frost(u, c, rng, frost_dir=frost_dir)  # noqa
+    fn = functools.partial(_frost, frost_dir=frost_dir)
   rng = np.random.default_rng(int(seed))
   grey = name in _COLOUR and images.shape[-1] == 1
   out = fn(np.repeat(images, 3, axis=-1) if grey else images, c, rng)
