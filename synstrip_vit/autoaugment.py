@@ -58,6 +58,10 @@ OPS: Tuple[str, ...] = (
     "shearX", "shearY", "translateX", "translateY", "rotate", "color",
     "posterize", "solarize", "contrast", "sharpness", "brightness",
     "autocontrast", "equalize", "invert")
+#: The ops that draw a random sign for their magnitude.
+SIGNED_OPS: Tuple[str, ...] = (
+    "shearX", "shearY", "translateX", "translateY", "rotate", "color",
+    "contrast", "sharpness", "brightness")
 
 
 def _bins(start: float, stop: float) -> Tuple[float, ...]:
@@ -297,17 +301,23 @@ def _static_lut(name: str, magnitude: float) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _autocontrast_misses() -> np.ndarray:
   """Sorted ``lo * 65536 + hi * 256 + ix`` (``lo <= ix <= hi``) where PIL's
-  float64 ``int(ix * scale - lo * scale)`` is one below the exact
-  ``255 * (ix - lo) // (hi - lo)``."""
-  lo, hi, ix = np.meshgrid(np.arange(256), np.arange(256), np.arange(256),
-                           indexing="ij")
-  keep = (lo < hi) & (lo <= ix) & (ix <= hi)
-  lo, hi, ix = lo[keep], hi[keep], ix[keep]
-  scale = 255.0 / (hi - lo)
-  pil = np.trunc(ix * scale + -lo * scale).astype(np.int64)
-  miss = pil != 255 * (ix - lo) // (hi - lo)
-  return np.sort(lo[miss] * 65536 + hi[miss] * 256 + ix[miss]).astype(
-      np.int32)
+  float64 ``int(ix * scale - lo * scale)`` (``scale = 255 / (hi - lo)``) is
+  one below the exact ``255 * (ix - lo) // (hi - lo)``.
+
+  That can only happen where the quotient is an integer, i.e. at ``ix - lo``
+  a multiple of ``(hi - lo) / gcd(hi - lo, 255)``; those are the candidates.
+  """
+  keys = []
+  for span in range(1, 256):
+    stride = span // math.gcd(span, 255)
+    lo, j = np.meshgrid(np.arange(256 - span), np.arange(0, span + 1, stride),
+                        indexing="ij")
+    scale = 255.0 / span
+    ix = lo + j
+    pil = np.trunc(ix * scale + -lo * scale).astype(np.int64)
+    miss = pil != 255 * j // span
+    keys.append(lo[miss] * 65536 + (lo[miss] + span) * 256 + ix[miss])
+  return np.sort(np.concatenate(keys)).astype(np.int32)
 
 
 def _histograms(x: Array) -> Array:
@@ -525,30 +535,41 @@ def _check_images(images: Array) -> None:
                      f"{images.dtype} {images.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("name", "magnitude", "sign"))
-def apply_op(images: Array, name: str, magnitude: float, sign: int = 1
-             ) -> Array:
-  """One op of the original's policies applied to every image.
+OpSpec = Tuple[str, float, int]
+
+
+@functools.partial(jax.jit, static_argnames=("ops",))
+def apply_ops(images: Array, ops: Tuple[OpSpec, ...], index: Array) -> Array:
+  """Op ``ops[index[b]]`` applied to image ``b``, all in one gather pass.
 
   Args:
     images: ``[B, H, W, 3]`` uint8.
-    name: one of :data:`OPS`.
-    magnitude: the op's magnitude value as in the original's table (e.g.
+    ops: static tuple of ``(name, magnitude, sign)``: ``name`` one of
+      :data:`OPS`; ``magnitude`` the value as in the original's table (e.g.
       ``0.3`` for a shear, ``4`` posterize bits, a solarize threshold, degrees
-      for rotate, ``m`` of the enhance factor ``1 + m``); ignored by
-      autocontrast, equalize and invert. Static (hashable).
-    sign: ``1`` or ``-1``, the original's random sign (used by shear,
-      translate, rotate, color, contrast, sharpness, brightness).
+      for rotate, ``m`` of the enhance factor ``1 + m``; ignored by
+      autocontrast, equalize and invert); ``sign`` ``1`` or ``-1``, the
+      original's random sign (used by shear, translate, rotate, color,
+      contrast, sharpness, brightness).
+    index: ``[B]`` int, in ``[0, len(ops))``.
 
   Returns:
     ``[B, H, W, 3]`` uint8.
 
   Raises:
-    ValueError: bad images, unknown ``name``, bad ``sign`` or magnitude.
+    ValueError: bad images, an unknown op name, a bad sign or magnitude.
   """
   _check_images(images)
-  plan = _plan(((name, magnitude, sign),), *images.shape[1:3])
-  return _apply_entries(images, jnp.ones(images.shape[0], jnp.int32), plan)
+  plan = _plan(tuple(ops), *images.shape[1:3])
+  return _apply_entries(images, jnp.asarray(index, jnp.int32) + 1, plan)
+
+
+def apply_op(images: Array, name: str, magnitude: float, sign: int = 1
+             ) -> Array:
+  """One op (see :func:`apply_ops`) applied to every ``[B, H, W, 3]`` uint8
+  image; ``name``, ``magnitude`` and ``sign`` are static."""
+  return apply_ops(images, ((name, magnitude, sign),),
+                   jnp.zeros(images.shape[0], jnp.int32))
 
 
 def _policy_entries(policy: Policy) -> Tuple[tuple, ...]:
@@ -589,6 +610,7 @@ def autoaugment(key: Array, images: Array, policy: Policy = CIFAR10_POLICY
   positive = jax.random.bernoulli(sign_key, 0.5, (b, 2)).astype(jnp.int32)
   entry = jnp.where(applied, 1 + (2 * sub[:, None] + jnp.arange(2)) * 2
                     + positive, 0)
-  for slot in range(2):
-    images = _apply_entries(images, entry[:, slot], plan)
+  images, _ = jax.lax.scan(
+      lambda x, slot_entry: (_apply_entries(x, slot_entry, plan), None),
+      images, entry.T)
   return images
