@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from _shared import shared_file_or_skip
+from synstrip_vit import augment
 from synstrip_vit import autoaugment as aa
+from synstrip_vit.input_pipeline import normalize
 
 Image = pytest.importorskip("PIL.Image")
 ImageEnhance = pytest.importorskip("PIL.ImageEnhance")
@@ -98,11 +100,12 @@ def test_apply_op_is_apply_ops_of_one(images):
 
 
 def test_autoaugment_jit_deterministic_and_key_dependent(images):
-  fn = jax.jit(aa.autoaugment, static_argnames=("policy",))
+  # autoaugment is jitted; calling it directly shares its compilation with
+  # the augment_batch test below.
   x = jnp.asarray(images)
-  a = np.asarray(fn(jax.random.key(0), x, policy=aa.CIFAR10_POLICY))
-  b = np.asarray(fn(jax.random.key(0), x, policy=aa.CIFAR10_POLICY))
-  c = np.asarray(fn(jax.random.key(1), x, policy=aa.CIFAR10_POLICY))
+  a = np.asarray(aa.autoaugment(jax.random.key(0), x, aa.CIFAR10_POLICY))
+  b = np.asarray(aa.autoaugment(jax.random.key(0), x, aa.CIFAR10_POLICY))
+  c = np.asarray(aa.autoaugment(jax.random.key(1), x, aa.CIFAR10_POLICY))
   assert a.dtype == np.uint8 and a.shape == images.shape
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
@@ -141,3 +144,35 @@ def test_policy_for():
 def test_apply_op_errors(args, match):
   with pytest.raises(ValueError, match=match):
     aa.apply_op(*args)
+
+
+MEAN, STD = np.array([125.0, 123.0, 114.0]), np.array([63.0, 62.0, 66.0])
+
+
+@pytest.mark.parametrize("dataset,flips", [("cifar10", True),
+                                           ("svhn_cropped", False)])
+def test_original_flip_rule(dataset, flips):
+  assert augment.original_flip(dataset) is flips
+
+
+@pytest.mark.parametrize("autoaugment", [False, True])
+def test_augment_batch_is_crop_flip_then_policy(images, autoaugment):
+  key = jax.random.key(5)
+  x = jnp.asarray(images)
+  out = augment.augment_batch(key, x, mean=MEAN, std=STD, dataset="cifar10",
+                              autoaugment=autoaugment)
+  if autoaugment:
+    crop_key, policy_key = jax.random.split(key)
+    want = aa.autoaugment(policy_key, augment.random_crop_flip(crop_key, x),
+                          aa.CIFAR10_POLICY)
+  else:
+    want = augment.random_crop_flip(key, x)
+  np.testing.assert_allclose(
+      np.asarray(out), np.asarray(normalize(want, MEAN, STD)), rtol=1e-6)
+
+
+def test_augment_batch_needs_uint8():
+  with pytest.raises(ValueError, match="uint8"):
+    augment.augment_batch(jax.random.key(0), jnp.zeros((1, 4, 4, 3)),
+                          mean=MEAN, std=STD, dataset="cifar10",
+                          autoaugment=False)
