@@ -19,9 +19,10 @@ ImageOps = pytest.importorskip("PIL.ImageOps")
 NUM_IMAGES = 24
 FILL = (128, 128, 128)
 # Bicubic shear: PIL evaluates the cubic in float64, this module in float32,
-# so pixels within ~1e-4 of an integer may truncate 1 apart. Measured on
-# CIFAR-10: at most 2e-4 of the values differ, never by more than 1.
-SHEAR_MAX_FRACTION = 1e-3
+# so pixels within ~1e-4 of an integer may truncate 1 apart. Measured on 200
+# CIFAR-10 images at every shear bin and sign: at most 1.4e-3 of the values
+# differ (bins 4 and 8), never by more than 1.
+SHEAR_MAX_FRACTION = 2e-3
 
 
 def _pil_op(image: np.ndarray, name: str, m: float, sign: int) -> np.ndarray:
