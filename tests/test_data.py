@@ -433,13 +433,15 @@ def test_random_flip_only_mirrors():
   assert 10 < mirrored.sum() < 54  # p = 0.5 per example.
 
 
-def test_random_crop_is_a_shift_of_the_zero_padded_image():
+@pytest.mark.parametrize("fill", [{}, {"fill": 0}])
+def test_random_crop_is_a_shift_of_the_grey_padded_image(fill):
   pad = 2
   x = np.asarray(_batch(b=32))
   out = np.asarray(augment.random_crop_flip(jax.random.key(4), jnp.asarray(x),
-                                         padding=pad, flip=False))
+                                         padding=pad, flip=False, **fill))
   h, w = x.shape[1:3]
-  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+                  constant_values=fill.get("fill", 128))
   offsets = set()
   for i in range(len(x)):
     matches = [(dy, dx) for dy in range(2 * pad + 1)
