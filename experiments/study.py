@@ -36,7 +36,7 @@ from absl import logging as absl_logging
 
 from experiments import stress
 from experiments.corruptions import apply_corruption
-from synstrip_vit import loop, writers
+from synstrip_vit import evaluation, loop, resume, writers
 from synstrip_vit.config import base_config
 from synstrip_vit.paths import shared_dir
 
@@ -131,7 +131,7 @@ def runs_for(study: str, seeds: list[int]):
 
 def robustness(config, workdir) -> dict:
   """Test accuracy of the run's final model on corrupted test images."""
-  _, run_data, evaluate = loop.final_evaluator(config, workdir,
+  _, run_data, evaluate = evaluation.final_evaluator(config, workdir,
                                                collect_stats=False)
   out = {}
 
@@ -187,7 +187,7 @@ def main(argv):
     wall = time.time() - t0
     shutil.copyfile(workdir / writers.METRICS_FILE, result)
     (out_dir / f"{name}.config.json").write_text(
-        (workdir / loop.CONFIG_FILE).read_text())
+        (workdir / resume.CONFIG_FILE).read_text())
     if not (out_dir / f"{name}.wall.json").exists() or not resumed:
       (out_dir / f"{name}.wall.json").write_text(json.dumps(
           {"wall_s": round(wall, 2), "resumed": resumed}))
