@@ -39,8 +39,9 @@ class Run:
   ``strip`` and ``recycle`` are ``(params, opt_state, dead[, key]) ->
   (params, opt_state)``, compiled for the mesh (``recycle`` is None without
   ReDo); ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
-  (one compile) when :func:`shares_eval_step`; ``schedule`` is compiled (one
-  program instead of a dozen op-by-op ones per record).
+  (one compile) when :func:`synstrip_vit.rundata.shares_eval_step`;
+  ``schedule`` is compiled (one program instead of a dozen op-by-op ones
+  per record).
   """
   config: ml_collections.ConfigDict
   workdir: Path
