@@ -18,21 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from experiments import stress_report
+from experiments.design import (ABLATION_ARMS, ABLATION_SHAPES, ARMS,
+                                CORRUPTIONS, REDO_ARM, SEEDS, SEVERITIES)
 from experiments.plotting import band, plt, save_figure
-from experiments.tables import (ARM_LABELS, ARM_STYLE, SEEDS, Run, arm_rows,
+from experiments.tables import (ARM_LABELS, ARM_STYLE, Run, arm_rows,
                                 column, curve, fmt, hidden_neurons, load_arms,
                                 load_run, md_table, mean_std, number,
                                 runs_found_line)
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("relu", "relu_strip", "gelu")
-REDO_ARM = "relu_redo"
-CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast")
 CORRUPTION_LABELS = {"gaussian_noise": "Gaussian noise",
                      "gaussian_blur": "Gaussian blur", "contrast": "contrast"}
-SEVERITIES = (1, 3, 5)
-ABLATION_SHAPES = ((1, 128), (2, 128), (4, 128), (8, 128), (4, 32), (4, 512))
-ABLATION_ARMS = ("relu", "strip")
 
 
 # ------------------------------------------------------------------ loading

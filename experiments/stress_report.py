@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import stress, tables
+from experiments.design import SEEDS
 from experiments.plotting import band, plt, save_figure
 from experiments.tables import column, fmt, hidden_neurons, md_table
 
@@ -97,7 +98,7 @@ def arms_table(results: Path, study: str, title: str) -> tuple[str, dict]:
       column(lambda r: strip_share(r), 100, digits=2),
   ], labels=ARM_LABELS)
   out += [md_table(header, rows), "",
-          tables.runs_found_line(arms, len(stress.ARMS) * len(tables.SEEDS)),
+          tables.runs_found_line(arms, len(stress.ARMS) * len(SEEDS)),
           ""]
   return "\n".join(out), arms
 
@@ -113,7 +114,7 @@ def sensitivity_table(results: Path) -> tuple[str, dict]:
     groups[(0.05, 1, "held-out")] = ref["relu_strip"]
   for name in stress.sensitivity_runs():
     runs = [tables.load_run(results / "stress_sensitivity", f"{name}_s{s}")
-            for s in tables.SEEDS]
+            for s in SEEDS]
     runs = [r for r in runs if r is not None]
     if runs:
       c = runs[0].config["stripping"]
@@ -154,7 +155,7 @@ def overlap_table(results: Path) -> str:
   rows = []
   for study in stress.ARM_STUDIES:
     found = [tables.read_json(results / study / f"relu_s{s}.probe_overlap.json")
-             for s in tables.SEEDS]
+             for s in SEEDS]
     found = [f for f in found if f]
     if found:
       rows.append([study, len(found)] + [

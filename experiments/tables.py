@@ -15,10 +15,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from experiments.design import SEEDS
 from synstrip_vit import writers
 from synstrip_vit import workdir as workdir_lib
 
-SEEDS = (0, 1, 2)
 ARM_LABELS = {"relu": "ReLU", "relu_strip": "ReLU + stripping",
               "gelu": "GELU", "relu_redo": "ReLU + ReDo",
               "strip": "ReLU + stripping"}
@@ -200,7 +200,7 @@ def column(value: Callable[[Run], float], scale: float = 1.0,
   return lambda runs: fmt([value(r) for r in runs], scale, digits)
 
 
-__all__ = ["ARM_LABELS", "ARM_STYLE", "Run", "SEEDS", "arm_rows", "column",
-           "curve", "fmt", "hidden_neurons", "load_arms", "load_run",
+__all__ = ["ARM_LABELS", "ARM_STYLE", "Run", "arm_rows", "column", "curve",
+           "fmt", "hidden_neurons", "load_arms", "load_run",
            "md_table", "mean_std", "number", "read_json", "read_records",
            "runs_found_line"]
