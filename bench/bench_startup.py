@@ -47,6 +47,8 @@ from typing import Any, Optional
 
 from _common import append_jsonl, machine_info, make_parser
 
+from synstrip_vit import writers
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_vit.py"
 TARGETS = {"cold": 15.0, "warm": 8.0}
@@ -101,8 +103,7 @@ def run_once(cache_dir: Optional[Path], workdir: Path, epochs: int,
   timings = (json.loads(path.read_text()) if path.exists() else
              {k: nan for k in ("imports", "data", "init_compile", "restore",
                                "epochs", "saves", "plots")} | {"total": nan})
-  records = [json.loads(line) for line in
-             (workdir / "metrics.jsonl").read_text().splitlines() if line]
+  records = writers.read_jsonl(workdir / writers.METRICS_FILE)
   first, later = records[0], records[1:]
   per_epoch = sum(r["train_time_s"] + r["eval_time_s"] + r["strip_time_s"]
                   for r in records)

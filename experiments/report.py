@@ -12,121 +12,26 @@ with n shown, so the script can be rerun as more results arrive.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from experiments import stress_report
+from experiments.design import (ABLATION_ARMS, ABLATION_SHAPES, ARMS,
+                                CORRUPTIONS, REDO_ARM, SEEDS, SEVERITIES)
+from experiments.plotting import band, plt, save_figure
+from experiments.tables import (ARM_LABELS, ARM_STYLE, Run, arm_rows,
+                                column, curve, fmt, hidden_neurons, load_arms,
+                                load_run, md_table, mean_std, number,
+                                runs_found_line)
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = (0, 1, 2)
-ARMS = ("relu", "relu_strip", "gelu")
-REDO_ARM = "relu_redo"
-ARM_LABELS = {"relu": "ReLU", "relu_strip": "ReLU + stripping",
-              "gelu": "GELU", "relu_redo": "ReLU + ReDo",
-              "strip": "ReLU + stripping"}
-ARM_STYLE = {"relu": ("C0", "-"), "relu_strip": ("C1", "-"),
-             "gelu": ("C2", "-"), "relu_redo": ("C3", "-"),
-             "strip": ("C1", "-")}
-CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast")
 CORRUPTION_LABELS = {"gaussian_noise": "Gaussian noise",
                      "gaussian_blur": "Gaussian blur", "contrast": "contrast"}
-SEVERITIES = (1, 3, 5)
-ABLATION_SHAPES = ((1, 128), (2, 128), (4, 128), (8, 128), (4, 32), (4, 512))
-ABLATION_ARMS = ("relu", "strip")
 
 
 # ------------------------------------------------------------------ loading
-
-def _num(v) -> float:
-  """A metric value as float (NaN when missing or not a number)."""
-  if v is None or isinstance(v, bool):
-    return float(v) if isinstance(v, bool) else math.nan
-  try:
-    return float(v)
-  except (TypeError, ValueError):
-    return math.nan
-
-
-def read_records(path: Path) -> list[dict]:
-  """Per-epoch records sorted by epoch (last wins on a duplicate epoch).
-
-  Blank or malformed lines are skipped, so a partly written file never
-  crashes the report.
-  """
-  if not path.exists():
-    return []
-  by_epoch = {}
-  for line in path.read_text(encoding="utf-8").splitlines():
-    line = line.strip()
-    if not line:
-      continue
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(r, dict) and "epoch" in r:
-      by_epoch[int(r["epoch"])] = r
-  return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def read_json(path: Path):
-  try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except (OSError, json.JSONDecodeError):
-    return None
-
-
-class Run:
-  """One finished run: records, config and (maybe) robustness."""
-
-  def __init__(self, name: str, records: list[dict], config, robustness):
-    self.name = name
-    self.records = records
-    self.config = config or {}
-    self.robustness = robustness
-
-  def series(self, key: str) -> np.ndarray:
-    """``key`` per epoch, indexed by the 0-based epoch (NaN where missing)."""
-    n = max(int(r["epoch"]) for r in self.records) + 1
-    out = np.full(n, np.nan)
-    for r in self.records:
-      out[int(r["epoch"])] = _num(r.get(key))
-    return out
-
-  def final(self, key: str) -> float:
-    return _num(self.records[-1].get(key))
-
-  def max(self, key: str) -> float:
-    s = self.series(key)
-    return float(np.nanmax(s)) if np.isfinite(s).any() else math.nan
-
-
-def load_run(study_dir: Path, name: str):
-  records = read_records(study_dir / f"{name}.jsonl")
-  if not records:
-    return None
-  return Run(name, records, read_json(study_dir / f"{name}.config.json"),
-             read_json(study_dir / f"{name}.robustness.json"))
-
-
-def load_arms(results: Path, study: str, arms, seeds=SEEDS,
-              extra_study: str | None = None, extra_arm: str | None = None):
-  """``{arm: [Run]}`` over the seeds found (empty arms are dropped)."""
-  out = {}
-  for arm in arms:
-    runs = [load_run(results / study, f"{arm}_s{s}") for s in seeds]
-    out[arm] = [r for r in runs if r is not None]
-  if extra_study and extra_arm:
-    runs = [load_run(results / extra_study, f"{extra_arm}_s{s}")
-            for s in seeds]
-    out[extra_arm] = [r for r in runs if r is not None]
-  return {a: rs for a, rs in out.items() if rs}
-
 
 def load_ablation(results: Path, seeds=SEEDS):
   """``{(depth, width, arm): [Run]}`` over the seeds found."""
@@ -141,80 +46,12 @@ def load_ablation(results: Path, seeds=SEEDS):
   return out
 
 
-# --------------------------------------------------------------- statistics
-
-def mean_std(values) -> tuple[float, float, int]:
-  """Mean, sample std (ddof=1; NaN for n < 2) and n of the finite values."""
-  v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
-  n = len(v)
-  if n == 0:
-    return math.nan, math.nan, 0
-  return float(v.mean()), (float(v.std(ddof=1)) if n > 1 else math.nan), n
-
-
-def fmt(values, scale: float = 1.0, digits: int = 2) -> str:
-  m, s, n = mean_std([x * scale for x in values])
-  if n == 0:
-    return "–"
-  if digits == 0:
-    ms, ss = f"{m:,.0f}", f"{s:,.0f}"
-  else:
-    ms, ss = f"{m:.{digits}f}", f"{s:.{digits}f}"
-  return f"{ms} ± {ss if math.isfinite(s) else '–'}"
-
-
-def curve(runs: list[Run], key: str):
-  """Per-epoch mean and std (std 0 where fewer than 2 seeds) over runs."""
-  series = [r.series(key) for r in runs]
-  n = max(len(s) for s in series)
-  arr = np.full((len(series), n), np.nan)
-  for i, s in enumerate(series):
-    arr[i, :len(s)] = s
-  mean = np.full(n, np.nan)
-  std = np.zeros(n)
-  for e in range(n):
-    m, s, k = mean_std(arr[:, e])
-    mean[e] = m
-    std[e] = s if k > 1 else 0.0
-  return np.arange(1, n + 1), mean, std
-
-
-def hidden_neurons(run: Run, depth: int, width: int) -> int:
-  """Hidden neurons of an MLP run (config with a ``model`` section, or the
-  flat configs of runs made before the config had sections)."""
-  model = run.config.get("model")
-  model = model if isinstance(model, dict) else run.config
-  return int(model.get("depth", depth)) * int(model.get("width", width))
-
-
 def dead_fraction(run: Run, depth: int, width: int, final=True) -> float:
   dead = run.final("dead_neurons") if final else run.max("dead_neurons")
   return dead / hidden_neurons(run, depth, width)
 
 
 # ------------------------------------------------------------------- tables
-
-def md_table(header, rows) -> str:
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def runs_found_line(groups: dict, expected: int) -> str:
-  total = sum(len(v) for v in groups.values())
-  parts = ", ".join(f"{_label(k)}: {len(v)}" for k, v in groups.items()
-                    ) if len(groups) <= 4 else f"{len(groups)} groups"
-  return (f"_Runs found: {total} of {expected} expected"
-          + (f" ({parts})._" if parts else "._"))
-
-
-def _label(key) -> str:
-  if isinstance(key, tuple):
-    d, w, arm = key
-    return f"d{d}_w{w}_{arm}"
-  return key
-
 
 def main_table(title: str, arms: dict, expected: int) -> str:
   out = [f"## {title}", ""]
@@ -223,24 +60,21 @@ def main_table(title: str, arms: dict, expected: int) -> str:
   header = ["arm", "n", "final test acc (%)", "best test acc (%)",
             "final dead neurons", "max dead neurons", "final active params",
             "final sparsity (%)", "final stripped weights"]
-  rows = []
-  for arm, runs in arms.items():
-    rows.append([
-        ARM_LABELS.get(arm, arm), len(runs),
-        fmt([r.final("test_acc") for r in runs], 100),
-        fmt([r.max("test_acc") for r in runs], 100),
-        fmt([r.final("dead_neurons") for r in runs], digits=1),
-        fmt([r.max("dead_neurons") for r in runs], digits=1),
-        fmt([r.final("active_params") for r in runs], digits=0),
-        fmt([r.final("sparsity") for r in runs], 100, digits=3),
-        fmt([r.final("stripped_weights") for r in runs], digits=0),
-    ])
+  rows = arm_rows(arms, [
+      column(lambda r: r.final("test_acc"), 100),
+      column(lambda r: r.max("test_acc"), 100),
+      column(lambda r: r.final("dead_neurons"), digits=1),
+      column(lambda r: r.max("dead_neurons"), digits=1),
+      column(lambda r: r.final("active_params"), digits=0),
+      column(lambda r: r.final("sparsity"), 100, digits=3),
+      column(lambda r: r.final("stripped_weights"), digits=0),
+  ])
   out += [md_table(header, rows), "", runs_found_line(arms, expected), ""]
   return "\n".join(out)
 
 
 def _rob(run: Run, key: str) -> float:
-  return _num((run.robustness or {}).get(key))
+  return number((run.robustness or {}).get(key))
 
 
 def _mean_corrupted(run: Run) -> float:
@@ -309,19 +143,6 @@ def ablation_table(groups: dict, expected: int) -> str:
 
 # ------------------------------------------------------------------ figures
 
-def _band(ax, x, mean, std, label, color, ls="-", marker=None, alpha=0.2):
-  ax.plot(x, mean, color=color, ls=ls, marker=marker, label=label)
-  ax.fill_between(x, mean - std, mean + std, color=color, alpha=alpha, lw=0)
-
-
-def _save(fig, path: Path, written: list):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
-  written.append(path)
-
-
 def curves_figure(arms: dict, title: str, path: Path, written: list):
   if not arms:
     return
@@ -333,7 +154,7 @@ def curves_figure(arms: dict, title: str, path: Path, written: list):
     for arm, runs in arms.items():
       x, m, s = curve(runs, key)
       color, ls = ARM_STYLE.get(arm, (None, "-"))
-      _band(ax, x, m * scale, s * scale,
+      band(ax, x, m * scale, s * scale,
             f"{ARM_LABELS.get(arm, arm)} (n={len(runs)})", color, ls)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
@@ -341,7 +162,7 @@ def curves_figure(arms: dict, title: str, path: Path, written: list):
     ax.legend(fontsize=8)
   axes[2].ticklabel_format(axis="y", style="plain", useOffset=False)
   fig.suptitle(f"{title} (mean ± std over seeds)")
-  _save(fig, path, written)
+  save_figure(fig, path, written)
 
 
 def robustness_figure(arms: dict, path: Path, written: list):
@@ -358,7 +179,7 @@ def robustness_figure(arms: dict, path: Path, written: list):
       m = np.array([st[0] for st in stats])
       s = np.array([st[1] if st[2] > 1 else 0.0 for st in stats])
       color, ls = ARM_STYLE.get(arm, (None, "-"))
-      _band(ax, x, m, s, f"{ARM_LABELS.get(arm, arm)} (n={len(runs)})",
+      band(ax, x, m, s, f"{ARM_LABELS.get(arm, arm)} (n={len(runs)})",
             color, ls, marker="o")
     ax.set_title(CORRUPTION_LABELS[kind])
     ax.set_xlabel("severity (0 = clean)")
@@ -367,7 +188,7 @@ def robustness_figure(arms: dict, path: Path, written: list):
     ax.legend(fontsize=8)
   axes[0].set_ylabel("test accuracy (%)")
   fig.suptitle("cifar_vit: accuracy under corruptions (mean ± std over seeds)")
-  _save(fig, path, written)
+  save_figure(fig, path, written)
 
 
 def ablation_sweep_figure(groups: dict, vary: str, path: Path, written: list):
@@ -398,7 +219,7 @@ def ablation_sweep_figure(groups: dict, vary: str, path: Path, written: list):
       continue
     plotted = True
     color, ls = ARM_STYLE.get(arm, (None, "-"))
-    _band(ax, np.array(xs), np.array(ms), np.array(ss),
+    band(ax, np.array(xs), np.array(ms), np.array(ss),
           f"{ARM_LABELS.get(arm, arm)} (n={min(ns)}-{max(ns)})"
           if min(ns) != max(ns) else
           f"{ARM_LABELS.get(arm, arm)} (n={ns[0]})", color, ls, marker="o")
@@ -414,7 +235,7 @@ def ablation_sweep_figure(groups: dict, vary: str, path: Path, written: list):
   ax.set_title(f"ablation: dead fraction vs {vary} ({fixed})")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  _save(fig, path, written)
+  save_figure(fig, path, written)
 
 
 def ablation_training_figure(groups: dict, path: Path, written: list):
@@ -429,7 +250,7 @@ def ablation_training_figure(groups: dict, path: Path, written: list):
         continue
       plotted = True
       x, m, s = curve(runs, "dead_neurons")
-      _band(ax, x, m, s, f"depth {d}, {ARM_LABELS.get(arm, arm)} "
+      band(ax, x, m, s, f"depth {d}, {ARM_LABELS.get(arm, arm)} "
             f"(n={len(runs)})", f"C{i}", ls, alpha=0.12)
   if not plotted:
     plt.close(fig)
@@ -440,7 +261,7 @@ def ablation_training_figure(groups: dict, path: Path, written: list):
                "solid = ReLU, dashed = ReLU + stripping")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
-  _save(fig, path, written)
+  save_figure(fig, path, written)
 
 
 # --------------------------------------------------------------------- main
@@ -475,8 +296,6 @@ def main():
                      * n_seeds),
   ]
   written = []
-  # Imported here: stress_report builds on this module's helpers.
-  from experiments import stress_report
   sections += stress_report.sections_and_figures(results, fig_dir, written)
   text = "\n".join(sections).rstrip() + "\n"
   out.mkdir(parents=True, exist_ok=True)

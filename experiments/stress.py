@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from synstrip_jax import probe
-from synstrip_vit import loop
+from synstrip_vit import evaluation
 
 #: The MLP regime: the study's 3 x 256 MLP on MNIST at 10x the learning rate
 #: and without warm-up (40 % of its neurons dead after one epoch).
@@ -172,7 +172,7 @@ def probe_overlap(config: ml_collections.ConfigDict, workdir) -> dict:
   """
   if config.stripping.probe != "train_holdout":
     raise ValueError("probe_overlap needs a run probed on the held-out split")
-  state, data, evaluate = loop.final_evaluator(config, workdir,
+  state, data, evaluate = evaluation.final_evaluator(config, workdir,
                                                collect_stats=True)
 
   def dead_on(x, y):

@@ -9,33 +9,25 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import report as rp
-from experiments import stress
+from experiments import stress, tables
+from experiments.design import SEEDS
+from experiments.plotting import band, plt, save_figure
+from experiments.tables import column, fmt, hidden_neurons, md_table
 
-ARM_LABELS = {**rp.ARM_LABELS, "leaky_relu": "leaky ReLU"}
-ARM_STYLE = {**rp.ARM_STYLE, "leaky_relu": ("C4", "-")}
+ARM_LABELS = {**tables.ARM_LABELS, "leaky_relu": "leaky ReLU"}
+ARM_STYLE = {**tables.ARM_STYLE, "leaky_relu": ("C4", "-")}
 
 
 # ------------------------------------------------------------------ helpers
 
-def hidden_neurons(run: rp.Run) -> int:
-  """Neurons of the stripped layers: MLP ``depth * width``, ViT ``depth *
-  (mlp_dim + hidden_size)`` (both MLP layers of every block)."""
-  m = run.config.get("model", {})
-  if m.get("name") == "vit":
-    return int(m["depth"]) * (int(m["mlp_dim"]) + int(m["hidden_size"]))
-  return int(m["depth"]) * int(m["width"])
-
-
-def dead_pct(run: rp.Run) -> np.ndarray:
+def dead_pct(run: tables.Run) -> np.ndarray:
   """Dead neurons per epoch, % of :func:`hidden_neurons`."""
   return 100.0 * run.series("dead_neurons") / hidden_neurons(run)
 
 
-def strip_share(run: rp.Run) -> float:
+def strip_share(run: tables.Run) -> float:
   """The event phase's time (``strip_time_s``: the strip or ReDo event and
   the end-of-epoch check that the state is finite, which arms without
   events pay too) as a fraction of the epochs' time."""
@@ -45,14 +37,10 @@ def strip_share(run: rp.Run) -> float:
   return float(strip / total) if total else math.nan
 
 
-def wall_s(run: rp.Run, study_dir: Path) -> float:
+def wall_s(run: tables.Run, study_dir: Path) -> float:
   """Wall time of the run (``<run>.wall.json``; NaN if it was resumed)."""
-  w = rp.read_json(study_dir / f"{run.name}.wall.json") or {}
-  return math.nan if w.get("resumed", True) else rp._num(w.get("wall_s"))
-
-
-def _fmt(values, scale=1.0, digits=2) -> str:
-  return rp.fmt(values, scale, digits)
+  w = tables.read_json(study_dir / f"{run.name}.wall.json") or {}
+  return math.nan if w.get("resumed", True) else tables.number(w.get("wall_s"))
 
 
 # ------------------------------------------------------------------- tables
@@ -63,7 +51,7 @@ def regime_table(results: Path) -> tuple[str, dict]:
   runs = {}
   for kind, group in stress.REGIME_SEARCH.items():
     for name in group:
-      r = rp.load_run(d, f"{kind}_{name}_s0")
+      r = tables.load_run(d, f"{kind}_{name}_s0")
       if r is not None:
         runs[(kind, name)] = r
   out = ["## stress_regime: where do ReLU neurons die? (seed 0, no "
@@ -80,7 +68,7 @@ def regime_table(results: Path) -> tuple[str, dict]:
                  f"{pct[0]:.1f}", f"{np.nanmax(pct):.1f}", f"{pct[-1]:.1f}",
                  f"{100 * r.final('test_acc'):.2f}"])
   expected = sum(len(g) for g in stress.REGIME_SEARCH.values())
-  out += [rp.md_table(header, rows), "",
+  out += [md_table(header, rows), "",
           f"_Runs found: {len(runs)} of {expected} expected._", ""]
   return "\n".join(out), runs
 
@@ -88,7 +76,7 @@ def regime_table(results: Path) -> tuple[str, dict]:
 def arms_table(results: Path, study: str, title: str) -> tuple[str, dict]:
   """The five arms in one regime: accuracy, dead neurons, sparsity, cost."""
   d = results / study
-  arms = rp.load_arms(results, study, stress.ARMS)
+  arms = tables.load_arms(results, study, stress.ARMS)
   out = [f"## {study}: {title}", ""]
   if not arms:
     return "\n".join(out + ["_No runs found yet._", ""]), arms
@@ -96,24 +84,22 @@ def arms_table(results: Path, study: str, title: str) -> tuple[str, dict]:
             "final dead (%)", "max dead (%)", "final active params",
             "final sparsity (%)", "wall time (s)", "event phase, total (s)",
             "event phase, later epochs (ms)", "event phase / epoch time (%)"]
-  rows = []
-  for arm, runs in arms.items():
-    rows.append([
-        ARM_LABELS.get(arm, arm), len(runs),
-        _fmt([r.final("test_acc") for r in runs], 100),
-        _fmt([r.max("test_acc") for r in runs], 100),
-        _fmt([dead_pct(r)[-1] for r in runs], digits=1),
-        _fmt([np.nanmax(dead_pct(r)) for r in runs], digits=1),
-        _fmt([r.final("active_params") for r in runs], digits=0),
-        _fmt([r.final("sparsity") for r in runs], 100, digits=3),
-        _fmt([wall_s(r, d) for r in runs], digits=0),
-        _fmt([float(np.nansum(r.series("strip_time_s"))) for r in runs]),
-        _fmt([1e3 * float(np.nanmedian(r.series("strip_time_s")[1:]))
-              for r in runs], digits=1),
-        _fmt([strip_share(r) for r in runs], 100, digits=2),
-    ])
-  out += [rp.md_table(header, rows), "",
-          rp.runs_found_line(arms, len(stress.ARMS) * len(rp.SEEDS)), ""]
+  rows = tables.arm_rows(arms, [
+      column(lambda r: r.final("test_acc"), 100),
+      column(lambda r: r.max("test_acc"), 100),
+      column(lambda r: dead_pct(r)[-1], digits=1),
+      column(lambda r: np.nanmax(dead_pct(r)), digits=1),
+      column(lambda r: r.final("active_params"), digits=0),
+      column(lambda r: r.final("sparsity"), 100, digits=3),
+      column(lambda r: wall_s(r, d), digits=0),
+      column(lambda r: float(np.nansum(r.series("strip_time_s")))),
+      column(lambda r: 1e3 * float(np.nanmedian(
+          r.series("strip_time_s")[1:])), digits=1),
+      column(lambda r: strip_share(r), 100, digits=2),
+  ], labels=ARM_LABELS)
+  out += [md_table(header, rows), "",
+          tables.runs_found_line(arms, len(stress.ARMS) * len(SEEDS)),
+          ""]
   return "\n".join(out), arms
 
 
@@ -121,14 +107,14 @@ def sensitivity_table(results: Path) -> tuple[str, dict]:
   """Factor x frequency (+ probe on test) in the MLP regime, with the
   ``stress_mlp`` ReLU and ReLU + stripping arms as references."""
   groups = {}
-  ref = rp.load_arms(results, "stress_mlp", ("relu", "relu_strip"))
+  ref = tables.load_arms(results, "stress_mlp", ("relu", "relu_strip"))
   if "relu" in ref:
     groups[("none", "–", "–")] = ref["relu"]
   if "relu_strip" in ref:
     groups[(0.05, 1, "held-out")] = ref["relu_strip"]
   for name in stress.sensitivity_runs():
-    runs = [rp.load_run(results / "stress_sensitivity", f"{name}_s{s}")
-            for s in rp.SEEDS]
+    runs = [tables.load_run(results / "stress_sensitivity", f"{name}_s{s}")
+            for s in SEEDS]
     runs = [r for r in runs if r is not None]
     if runs:
       c = runs[0].config["stripping"]
@@ -146,15 +132,15 @@ def sensitivity_table(results: Path) -> tuple[str, dict]:
   for key in order:
     runs = groups[key]
     rows.append([*key, len(runs),
-                 _fmt([r.final("test_acc") for r in runs], 100),
-                 _fmt([r.max("test_acc") for r in runs], 100),
-                 _fmt([dead_pct(r)[-1] for r in runs], digits=1),
-                 _fmt([np.nanmax(dead_pct(r)) for r in runs], digits=1),
-                 _fmt([r.final("sparsity") for r in runs], 100, digits=3),
-                 _fmt([r.final("stripped_weights") for r in runs],
+                 fmt([r.final("test_acc") for r in runs], 100),
+                 fmt([r.max("test_acc") for r in runs], 100),
+                 fmt([dead_pct(r)[-1] for r in runs], digits=1),
+                 fmt([np.nanmax(dead_pct(r)) for r in runs], digits=1),
+                 fmt([r.final("sparsity") for r in runs], 100, digits=3),
+                 fmt([r.final("stripped_weights") for r in runs],
                       digits=0)])
   n = sum(len(v) for v in groups.values())
-  out += [rp.md_table(header, rows), "",
+  out += [md_table(header, rows), "",
           f"_Runs found: {n} of {(len(stress.sensitivity_runs()) + 2) * 3} "
           "expected (incl. the two stress_mlp reference arms)._", ""]
   return "\n".join(out), groups
@@ -168,17 +154,17 @@ def overlap_table(results: Path) -> str:
             "dead on either", "Jaccard (both / either)"]
   rows = []
   for study in stress.ARM_STUDIES:
-    found = [rp.read_json(results / study / f"relu_s{s}.probe_overlap.json")
-             for s in rp.SEEDS]
+    found = [tables.read_json(results / study / f"relu_s{s}.probe_overlap.json")
+             for s in SEEDS]
     found = [f for f in found if f]
     if found:
       rows.append([study, len(found)] + [
-          _fmt([f[k] for f in found], digits=1)
+          fmt([f[k] for f in found], digits=1)
           for k in ("holdout", "test", "both", "either")]
-          + [_fmt([f["jaccard"] for f in found], digits=3)])
+          + [fmt([f["jaccard"] for f in found], digits=3)])
   if not rows:
     return "\n".join(out + ["_No results found yet._", ""])
-  return "\n".join(out + [rp.md_table(header, rows), ""])
+  return "\n".join(out + [md_table(header, rows), ""])
 
 
 # ------------------------------------------------------------------ figures
@@ -199,7 +185,7 @@ def regime_figure(runs: dict, path: Path, written: list) -> None:
     ax.set_ylabel("dead neurons (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  rp._save(fig, path, written)
+  save_figure(fig, path, written)
 
 
 def arms_figure(arms: dict, title: str, path: Path, written: list) -> None:
@@ -215,14 +201,14 @@ def arms_figure(arms: dict, title: str, path: Path, written: list) -> None:
       mean = arr.mean(0)
       std = arr.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
       color, ls = ARM_STYLE.get(arm, (None, "-"))
-      rp._band(ax, np.arange(1, len(mean) + 1), mean, std,
+      band(ax, np.arange(1, len(mean) + 1), mean, std,
                f"{ARM_LABELS.get(arm, arm)} (n={len(runs)})", color, ls)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(f"{title} (mean ± std over seeds)")
-  rp._save(fig, path, written)
+  save_figure(fig, path, written)
 
 
 def sensitivity_figure(groups: dict, path: Path, written: list) -> None:
@@ -238,7 +224,7 @@ def sensitivity_figure(groups: dict, path: Path, written: list) -> None:
     for ax, (fn, ylabel) in zip(axes, (
         (lambda r: 100 * r.final("test_acc"), "final test accuracy (%)"),
         (lambda r: 100 * r.final("sparsity"), "final sparsity (%)"))):
-      stats = [rp.mean_std([fn(r) for r in groups[k]]) for k in keys]
+      stats = [tables.mean_std([fn(r) for r in groups[k]]) for k in keys]
       ax.errorbar([k[0] for k in keys], [s[0] for s in stats],
                   yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
                   marker=marker, capsize=3, label=f"every {freq} epoch(s)")
@@ -249,7 +235,7 @@ def sensitivity_figure(groups: dict, path: Path, written: list) -> None:
       ax.legend(fontsize=8)
   fig.suptitle("MLP regime: sensitivity to the stripping factor and "
                "frequency (mean ± std, 3 seeds)")
-  rp._save(fig, path, written)
+  save_figure(fig, path, written)
 
 
 def sections_and_figures(results: Path, fig_dir: Path, written: list
@@ -277,5 +263,6 @@ def sections_and_figures(results: Path, fig_dir: Path, written: list
   return [regime, mlp, vit, dead_init, sens, overlap_table(results)]
 
 
-__all__ = ["arms_table", "hidden_neurons", "overlap_table", "regime_table",
-           "sections_and_figures", "sensitivity_table"]
+__all__ = ["ARM_LABELS", "ARM_STYLE", "arms_table", "dead_pct",
+           "overlap_table", "regime_table", "sections_and_figures",
+           "sensitivity_table", "strip_share", "wall_s"]

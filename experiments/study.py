@@ -36,20 +36,20 @@ from absl import logging as absl_logging
 
 from experiments import stress
 from experiments.corruptions import apply_corruption
-from synstrip_vit import loop, writers
+from experiments.design import (ABLATION_ARMS, ABLATION_SHAPES, ARMS,
+                                CORRUPTIONS, REDO_ARM, SEEDS, SEVERITIES)
+from synstrip_vit import evaluation, loop, resume, writers
 from synstrip_vit.config import base_config
 from synstrip_vit.paths import shared_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = shared_dir() / "data"
-CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast")
-SEVERITIES = (1, 3, 5)
 
 _STUDY = flags.DEFINE_enum(
     "study", None,
     ["cifar_vit", "mnist_mlp", "ablation", "redo", *stress.STUDIES],
     "which group of runs")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds")
+_SEEDS = flags.DEFINE_list("seeds", [str(s) for s in SEEDS], "seeds")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", str(REPO / "runs" / "study"),
                                 "where checkpoints go (not committed)")
 _OUT = flags.DEFINE_string("out", str(REPO / "experiments" / "results"),
@@ -82,14 +82,6 @@ def mnist_mlp_base():
   return c
 
 
-#: Dotted field overrides of each arm.
-ARMS = {
-    "relu": {"model.activation": "relu", "stripping.enabled": False},
-    "relu_strip": {"model.activation": "relu", "stripping.enabled": True},
-    "gelu": {"model.activation": "gelu", "stripping.enabled": False},
-}
-
-
 def runs_for(study: str, seeds: list[int]):
   """``[(name, config)]`` of a study."""
   out = []
@@ -102,15 +94,13 @@ def runs_for(study: str, seeds: list[int]):
         c.run.seed = seed
         out.append((f"{arm}_s{seed}", c))
   elif study == "ablation":
-    shapes = [(d, 128) for d in (1, 2, 4, 8)] + [(4, w) for w in (32, 512)]
-    for depth, width in shapes:
-      for strip in (False, True):
+    for depth, width in ABLATION_SHAPES:
+      for arm in ABLATION_ARMS:
         for seed in seeds:
           c = mnist_mlp_base()
           c.data.train_limit = 10000
           c.model.update(depth=depth, width=width)
-          c.stripping.enabled, c.run.seed = strip, seed
-          arm = "strip" if strip else "relu"
+          c.stripping.enabled, c.run.seed = arm == "strip", seed
           out.append((f"d{depth}_w{width}_{arm}_s{seed}", c))
   elif study in stress.STUDIES:
     out = stress.runs_for(study, seeds, mnist_mlp_base, cifar_vit_base)
@@ -121,7 +111,7 @@ def runs_for(study: str, seeds: list[int]):
                                     "stripping.enabled": False,
                                     "stripping.redo": True})
       c.run.seed = seed
-      out.append((f"relu_redo_s{seed}", c))
+      out.append((f"{REDO_ARM}_s{seed}", c))
   else:
     raise ValueError(f"unknown study {study!r}")
   return out
@@ -131,7 +121,7 @@ def runs_for(study: str, seeds: list[int]):
 
 def robustness(config, workdir) -> dict:
   """Test accuracy of the run's final model on corrupted test images."""
-  _, run_data, evaluate = loop.final_evaluator(config, workdir,
+  _, run_data, evaluate = evaluation.final_evaluator(config, workdir,
                                                collect_stats=False)
   out = {}
 
@@ -187,7 +177,7 @@ def main(argv):
     wall = time.time() - t0
     shutil.copyfile(workdir / writers.METRICS_FILE, result)
     (out_dir / f"{name}.config.json").write_text(
-        (workdir / loop.CONFIG_FILE).read_text())
+        (workdir / resume.CONFIG_FILE).read_text())
     if not (out_dir / f"{name}.wall.json").exists() or not resumed:
       (out_dir / f"{name}.wall.json").write_text(json.dumps(
           {"wall_s": round(wall, 2), "resumed": resumed}))

@@ -58,6 +58,7 @@ def apply_default_xla_flags(environ=os.environ) -> str:
 apply_default_xla_flags()
 
 from synstrip_vit import checkpointing, compile_cache, distributed, loop  # noqa: E402
+from synstrip_vit import resume  # noqa: E402
 from synstrip_vit import workdir as workdir_lib  # noqa: E402
 from synstrip_vit.timings import StageTimer  # noqa: E402
 
@@ -124,7 +125,7 @@ def main(argv):
   print(f"workdir: {workdir}", flush=True)
   try:
     loop.train_and_evaluate(config, workdir, timer=timer)
-  except (ValueError, loop.RunError, FloatingPointError, OSError,
+  except (ValueError, resume.RunError, FloatingPointError, OSError,
           checkpointing.CheckpointError, workdir_lib.WorkdirError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

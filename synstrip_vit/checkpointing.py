@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from synstrip_vit import integrity
+from synstrip_vit import distributed, finite, integrity
 
 PyTree = Any
 
@@ -88,18 +88,15 @@ def save(manager: ocp.CheckpointManager | Checkpointer, step: int,
   meta = None
   if isinstance(manager, Checkpointer):
     meta, manager = manager.meta, manager.manager
-  bad = integrity.nonfinite_leaves(state)
+  bad = finite.nonfinite_leaves(state)
   if bad:
-    raise FloatingPointError(
-        f"the state at step {step} is not finite (NaN/inf in "
-        f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); not saved. "
-        f"The last good checkpoint (step {manager.latest_step()}) in "
-        f"{manager.directory} is kept; lower optimizer.learning_rate or "
-        "check the data")
+    raise finite.nonfinite_error(
+        f"the state at step {step} is not finite "
+        f"({finite.nonfinite_names(bad)})", "not saved", manager)
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state)), force=True)
   manager.wait_until_finished()
-  if jax.process_index() == 0:
+  if distributed.is_main():
     step_dir = Path(manager.directory) / str(step)
     if meta is not None:
       integrity.write_meta(step_dir, meta())
@@ -109,7 +106,7 @@ def save(manager: ocp.CheckpointManager | Checkpointer, step: int,
     multihost_utils.sync_global_devices(f"synstrip_manifest_{step}")
 
 
-def _abstract(target: PyTree) -> PyTree:
+def abstract(target: PyTree) -> PyTree:
   """ShapeDtypeStructs (with shardings) describing ``target``."""
   def leaf(x):
     sharding = getattr(x, "sharding", None)
@@ -152,15 +149,15 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
   if not steps:
     return None
   errors = []
-  abstract = _abstract(target)
+  like = abstract(target)
   for step in steps:
     try:
       integrity.verify(Path(manager.directory) / str(step))
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
-      bad = integrity.nonfinite_leaves(restored["state"])
+          state=ocp.args.StandardRestore(like)))
+      bad = finite.nonfinite_leaves(restored["state"])
       if bad:
-        raise FloatingPointError(f"NaN/inf in {', '.join(bad[:3])}")
+        raise FloatingPointError(finite.nonfinite_names(bad))
       if errors:
         moved = (f"moved to {quarantine_dir}" if quarantine_dir is not None
                  else "left in place")
@@ -181,7 +178,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
                 dest: str | Path) -> None:
   """Move unreadable checkpoints out of the manager's directory."""
-  if jax.process_index() == 0:
+  if distributed.is_main():
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for step in steps:
@@ -200,5 +197,5 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int],
   manager.reload()
 
 
-__all__ = ["CHECKPOINT_DIR", "CheckpointError", "Checkpointer", "make_manager",
-           "restore_latest", "save"]
+__all__ = ["CHECKPOINT_DIR", "CheckpointError", "Checkpointer", "abstract",
+           "make_manager", "restore_latest", "save"]

@@ -6,8 +6,8 @@ A config has five sections; ``base_config()`` gives every field its default
 
   data       dataset, data_dir, train_limit, test_limit, augment,
              crop_padding, flip
-  model      name + the constructor fields of models.MODELS[name] (passed to
-             it as keyword arguments; see synstrip_vit/models/)
+  model      name + the constructor fields of its class (models.MODELS;
+             passed to it as keyword arguments; see synstrip_vit/models/)
   optimizer  learning_rate, min_learning_rate, warmup_epochs, weight_decay
   stripping  enabled, factor, frequency, probe, probe_fraction, tau, redo
   run        num_epochs, batch_size, eval_batch_size, seed,
@@ -47,7 +47,7 @@ _NOT_CONFIGURED = ("num_classes", "parent", "name")
 
 
 def model_config(name: str = "vit") -> ml_collections.ConfigDict:
-  """The ``model`` section of ``models.MODELS[name]``.
+  """The ``model`` section of the model ``name`` (``models.MODELS``).
 
   ``name`` plus every constructor field of the model class that has a plain
   default (str, int, float, bool; ``dtype`` by its name), with that default:
@@ -56,9 +56,7 @@ def model_config(name: str = "vit") -> ml_collections.ConfigDict:
   Raises:
     ValueError: unknown model name.
   """
-  cls = models.MODELS.get(name)
-  if cls is None:
-    raise ValueError(f"unknown model {name!r}; known: {sorted(models.MODELS)}")
+  cls = models.model_spec(name).cls
   section = {"name": name}
   for field in dataclasses.fields(cls):
     default = field.default

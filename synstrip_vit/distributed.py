@@ -113,4 +113,10 @@ def initialize_from_flags() -> bool:
       timeout_s=f.distributed_timeout)
 
 
-__all__ = ["define_flags", "initialize", "initialize_from_flags"]
+def is_main() -> bool:
+  """Whether this is process 0, the one that logs and writes the run's
+  files (every process saves its checkpoint shards)."""
+  return jax.process_index() == 0
+
+
+__all__ = ["define_flags", "initialize", "initialize_from_flags", "is_main"]

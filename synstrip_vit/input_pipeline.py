@@ -295,3 +295,8 @@ def normalize(images: Array, mean: Array, std: Array) -> Array:
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
   return (images - mean) / std
+
+
+__all__ = ["EvalBatches", "batch_indices", "channel_stats", "check_nonneg_int",
+           "check_normalizable", "check_pos_int", "epoch_permutation",
+           "eval_batches", "normalize", "split_holdout"]

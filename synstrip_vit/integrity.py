@@ -23,12 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
-
-import jax
-import jax.numpy as jnp
+from typing import Any, Mapping, Optional, Sequence
 
 from synstrip_vit import workdir as workdir_lib
+from synstrip_vit import writers
 
 MANIFEST_FILE = "synstrip_manifest.json"
 META_FILE = "synstrip_meta.json"
@@ -117,56 +115,7 @@ def read_meta(step_dir: str | Path) -> Optional[dict[str, Any]]:
   return meta if status == "ok" and isinstance(meta, dict) else None
 
 
-@jax.jit
-def _finite_leaves(tree: Any) -> Any:
-  return jax.tree.map(
-      lambda x: (jnp.all(jnp.isfinite(x))
-                 if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)),
-      tree)
-
-
-def nonfinite_leaves(tree: Any) -> list[str]:
-  """Paths of the floating-point leaves of ``tree`` holding a NaN or inf."""
-  flags = jax.device_get(_finite_leaves(tree))
-  return [jax.tree_util.keystr(path)
-          for path, ok in jax.tree_util.tree_leaves_with_path(flags)
-          if not bool(ok)]
-
-
-def nonfinite_check_compiler(abstract: Any) -> Callable[[], Any]:
-  """A thunk that compiles :func:`nonfinite_leaves`'s program for trees like
-  ``abstract`` (``jax.ShapeDtypeStruct`` leaves with their shardings), so a
-  thread can compile it before the first check needs it."""
-  return _finite_leaves.lower(abstract).compile
-
-
 # --------------------------------------------------------- metrics repair
-
-def read_jsonl_lenient(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-  """``(records, number of damaged lines)`` of a JSONL file (missing: []).
-
-  Unlike :func:`synstrip_vit.writers.read_jsonl` a damaged line anywhere
-  (truncated, binary garbage, not an object) is counted and skipped.
-  """
-  try:
-    raw = Path(path).read_bytes()
-  except FileNotFoundError:
-    return [], 0
-  records, damaged = [], 0
-  for line in raw.split(b"\n"):
-    if not line.strip():
-      continue
-    try:
-      r = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-      damaged += 1
-      continue
-    if isinstance(r, dict) and isinstance(r.get("epoch"), int):
-      records.append(r)
-    else:
-      damaged += 1
-  return records, damaged
-
 
 def jsonl_text(records: Sequence[Mapping[str, Any]]) -> str:
   """The ``metrics.jsonl`` content of ``records`` (one line each)."""
@@ -193,7 +142,8 @@ def reconcile_metrics(path: str | Path, epoch: int,
     records the file's damaged lines are dropped with a warning.
   """
   path = Path(path)
-  found, damaged = read_jsonl_lenient(path)
+  found, damaged_lines, _ = writers.scan_jsonl(path)
+  damaged = len(damaged_lines)
   kept = [r for r in found if r["epoch"] < epoch]
   warning = None
   if checkpointed is not None:
@@ -214,5 +164,5 @@ def reconcile_metrics(path: str | Path, epoch: int,
 
 
 __all__ = ["IntegrityError", "MANIFEST_FILE", "META_FILE", "jsonl_text",
-           "manifest", "nonfinite_leaves", "read_jsonl_lenient", "read_meta",
-           "reconcile_metrics", "verify", "write_manifest", "write_meta"]
+           "manifest", "read_meta", "reconcile_metrics", "verify",
+           "write_manifest", "write_meta"]

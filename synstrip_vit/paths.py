@@ -43,3 +43,7 @@ def shared_file(*parts: str) -> Path:
         f"shared data {'/'.join(parts)!r} not found at {str(path)!r} (set "
         f"{SHARED_ENV} to the folder holding {'/'.join(parts)})")
   return path
+
+
+__all__ = ["REPO", "SHARED_ENV", "SharedDataNotFoundError", "shared_dir",
+           "shared_file"]

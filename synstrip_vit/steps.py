@@ -376,3 +376,11 @@ def _add_trees(a: PyTree, b: PyTree) -> PyTree:
 def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:
   """Sum two metric/statistic trees (``total=None`` starts the sum)."""
   return new if total is None else _add_trees(total, new)
+
+
+__all__ = ["DATA_AXIS", "TrainState", "abstract_batch", "abstract_replicated",
+           "accumulate", "check_batch_size", "create_train_state",
+           "cross_entropy", "data_sharded", "eval_step", "evaluate",
+           "global_batch", "init_program", "jit_eval_step", "jit_train_step",
+           "make_mesh", "make_optimizer", "make_schedule", "replicate",
+           "replicated", "train_step", "zero_sums"]

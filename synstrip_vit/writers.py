@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 from synstrip_vit.workdir import atomic_write_bytes
 
@@ -42,27 +42,58 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
     os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-  """All records of a JSONL file (``[]`` if it does not exist).
+class JsonlRecords(NamedTuple):
+  """What :func:`scan_jsonl` read from a file of epoch records.
 
-  A truncated last line (a run killed while writing) is ignored; a malformed
-  line elsewhere raises ``ValueError`` naming the line number.
+  Attributes:
+    records: the JSON objects with an integer ``epoch``, in file order.
+    damaged: 1-based numbers of the other non-blank lines (truncated, binary
+      garbage, not JSON, not such an object).
+    lines: the number of lines of the file.
   """
-  path = Path(path)
-  if not path.exists():
-    return []
-  lines = path.read_text(encoding="utf-8").splitlines()
-  out = []
-  for i, line in enumerate(lines):
+  records: list[dict[str, Any]]
+  damaged: list[int]
+  lines: int
+
+
+def scan_jsonl(path: str | Path) -> JsonlRecords:
+  """Every epoch record of a JSONL file, and its damaged lines (the one
+  reader of ``metrics.jsonl`` and the study's result files).
+
+  A missing file reads as ``JsonlRecords([], [], 0)``; blank lines are
+  skipped.
+  """
+  try:
+    lines = Path(path).read_bytes().splitlines()
+  except FileNotFoundError:
+    return JsonlRecords([], [], 0)
+  records, damaged = [], []
+  for number, line in enumerate(lines, start=1):
     if not line.strip():
       continue
     try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError as e:
-      if i == len(lines) - 1:
-        break
-      raise ValueError(f"{path}:{i + 1}: malformed JSON line: {e}") from e
-  return out
+      r = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      r = None
+    if isinstance(r, dict) and isinstance(r.get("epoch"), int):
+      records.append(r)
+    else:
+      damaged.append(number)
+  return JsonlRecords(records, damaged, len(lines))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+  """The epoch records of a JSONL file (``[]`` if it does not exist).
+
+  A damaged last line (a run killed while writing) is ignored; a damaged
+  line elsewhere raises ``ValueError`` naming the line number.
+  """
+  scan = scan_jsonl(path)
+  inner = [n for n in scan.damaged if n != scan.lines]
+  if inner:
+    raise ValueError(f"{path}:{inner[0]}: malformed JSON line (not a JSON "
+                     "object with an integer 'epoch')")
+  return scan.records
 
 
 def preload_plotting() -> None:
@@ -216,7 +247,7 @@ def make_writer(workdir: str | Path, *, is_main: bool,
   return MultiWriter(writers)
 
 
-__all__ = ["JsonlWriter", "METRICS_FILE", "MetricWriter", "MultiWriter",
-           "TENSORBOARD_DIR", "TensorBoardWriter", "append_jsonl",
-           "jsonable", "make_writer", "plot_metrics", "read_jsonl",
-           "tensorboard_available"]
+__all__ = ["JsonlRecords", "JsonlWriter", "METRICS_FILE", "MetricWriter",
+           "MultiWriter", "TENSORBOARD_DIR", "TensorBoardWriter",
+           "append_jsonl", "jsonable", "make_writer", "plot_metrics",
+           "read_jsonl", "scan_jsonl", "tensorboard_available"]

@@ -28,7 +28,8 @@ from _shared import assert_bitwise_equal, finish, start_python
 from test_train_vit import (SCRIPT, _write_npz, overrides_argv, script_env,
                             strip_times, tiny_config)
 
-from synstrip_vit import checkpointing, integrity, loop, steps, writers
+from synstrip_vit import (checkpointing, evaluation, integrity, loop, resume,
+                          rundata, startup, steps, writers)
 from synstrip_vit import workdir as workdir_lib
 
 FAST = {"data.train_limit": 128, "data.test_limit": 64, "run.num_epochs": 2}
@@ -44,11 +45,11 @@ def trained(tmp_path_factory):
   config = tiny_config(FAST)
   workdir = tmp_path_factory.mktemp("trained") / "wd"
   records = loop.train_and_evaluate(config, workdir, **QUIET)
-  run_data = loop.RunData(config)
-  _, _, target, _ = loop._build(config, run_data, steps.make_mesh())  # pylint: disable=protected-access
+  run_data = rundata.RunData(config)
+  _, _, target, _ = startup.build_state(config, run_data, steps.make_mesh())
   manager = checkpointing.make_manager(workdir)
   states = {s: manager.restore(s, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(checkpointing._abstract(target))))  # pylint: disable=protected-access
+      state=ocp.args.StandardRestore(checkpointing.abstract(target))))
             ["state"] for s in manager.all_steps()}
   manager.close()
   assert sorted(states) == [3, 6]
@@ -145,7 +146,7 @@ def test_corrupt_latest_then_resume_end_to_end(trained, tmp_path):
   assert strip_times(out) == strip_times(records)
   assert any(l.startswith("warning:") and "checkpoint 6" in l
              and "resuming from checkpoint 3" in l for l in lines), lines
-  state, _, _ = loop.final_state(config, workdir)
+  state, _, _ = evaluation.final_state(config, workdir)
   assert_bitwise_equal(jax.device_get(states[6].params),
                        jax.device_get(state.params))
 
@@ -253,7 +254,7 @@ def test_unreadable_config_without_identity_is_one_line_error(trained,
   for step in ("3", "6"):
     (workdir / "checkpoints" / step / integrity.META_FILE).unlink()
     (workdir / "checkpoints" / step / integrity.MANIFEST_FILE).unlink()
-  with pytest.raises(loop.RunError, match="config.json is missing or "
+  with pytest.raises(resume.RunError, match="config.json is missing or "
                      "unreadable"):
     loop.train_and_evaluate(config, workdir, **QUIET)
 
@@ -289,10 +290,10 @@ def test_swapped_dataset_is_refused(trained, tmp_path, monkeypatch):
     return dataclasses.replace(ds, x_train=x)
   monkeypatch.setattr(datasets, "load_digits", swapped)
   before = {p.name: p.read_bytes() for p in workdir.glob("*.json*")}
-  with pytest.raises(loop.RunError, match="other data"):
+  with pytest.raises(resume.RunError, match="other data"):
     loop.train_and_evaluate(config, workdir, **QUIET)
   (workdir / "run.json").unlink()  # the checkpoint records it too
-  with pytest.raises(loop.RunError, match="checkpoint 6 .* other data"):
+  with pytest.raises(resume.RunError, match="checkpoint 6 .* other data"):
     loop.train_and_evaluate(config, workdir, **QUIET)
   after = {p.name: p.read_bytes() for p in workdir.glob("*.json*")}
   assert after == {k: v for k, v in before.items() if k != "run.json"}
@@ -305,7 +306,7 @@ def test_hand_edited_config_is_refused(trained, tmp_path):
   workdir = copy_run(trained, tmp_path)
   other = tiny_config({**FAST, "run.seed": 7})
   (workdir / "config.json").write_text(other.to_json())
-  with pytest.raises(loop.RunError, match="other config"):
+  with pytest.raises(resume.RunError, match="other config"):
     loop.train_and_evaluate(other, workdir, **QUIET)
 
 
@@ -406,7 +407,7 @@ def test_kill_during_save_then_resume(tmp_path, trained):
   _, stderr = finish(proc, 300, "resume")
   assert proc.returncode == 0, stderr[-3000:]
   ref = tiny_config(extra)
-  state, _, _ = loop.final_state(ref, workdir)
+  state, _, _ = evaluation.final_state(ref, workdir)
   assert_bitwise_equal(jax.device_get(states[6].params),
                        jax.device_get(state.params))
   assert strip_times(writers.read_jsonl(workdir / "metrics.jsonl")) == \

@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from synstrip_jax import linen as ss_linen, probe
+from synstrip_vit import models
 from synstrip_vit.models import (MLP, ViT, create_model, gelu_exact,
                                  get_activation)
 
@@ -349,6 +350,26 @@ def test_create_model_and_get_activation():
   assert get_activation(fn) is fn
   with pytest.raises(ValueError, match="tanhh"):
     get_activation("tanhh")
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit"])
+def test_registry_builds_the_model_and_its_outgoing_map(name):
+  """One registry: a name's class is what create_model builds, and its
+  outgoing builder is what outgoing_map applies to that model's params."""
+  kwargs = TINY if name == "vit" else {"num_classes": 4, "width": 8}
+  model = create_model(name.upper(), **kwargs)
+  spec = models.model_spec(name)
+  assert type(model) is spec.cls  # pylint: disable=unidiomatic-typecheck
+  params = model.init(jax.random.PRNGKey(0),
+                      jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+  outgoing = models.outgoing_map(params, name)
+  assert outgoing and outgoing == spec.outgoing(params)
+
+
+def test_registry_names_the_known_models():
+  assert sorted(models.MODELS) == ["mlp", "vit"]
+  with pytest.raises(ValueError, match=r"resnet.*\['mlp', 'vit'\]"):
+    models.model_spec("resnet")
 
 
 # --------------------------------------------------------------- bias init

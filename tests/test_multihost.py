@@ -22,7 +22,7 @@ import pytest
 
 from _shared import REPO, start_python
 
-from synstrip_vit import loop, writers
+from synstrip_vit import evaluation, writers
 from synstrip_vit.config import base_config
 from synstrip_jax.transform import get_masks
 
@@ -98,7 +98,7 @@ def two_process_cmds(workdir, devices_each=2, timeout_s=30, **kw):
 
 
 def final(workdir, **kw):
-  state, _, _ = loop.final_state(config(**kw), workdir)
+  state, _, _ = evaluation.final_state(config(**kw), workdir)
   return jax.device_get(state.params), jax.device_get(get_masks(
       state.opt_state)), int(state.step)
 

@@ -7,13 +7,12 @@ comparison of the two probes counts what a direct computation counts.
 
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from experiments import stress, study
 from synstrip_jax import probe
-from synstrip_vit import loop, steps
+from synstrip_vit import evaluation, loop, rundata
 
 SEEDS = [0, 1, 2]
 
@@ -85,8 +84,8 @@ def test_probe_overlap_counts_the_dead_sets_of_both_probes(tmp_path):
   loop.train_and_evaluate(c, tmp_path, log=lambda m: None)
   got = stress.probe_overlap(c, tmp_path)
   # Direct: the final parameters applied to each split, dead iff sum == 0.
-  state, model, data = loop.final_state(c, tmp_path)
-  _, preprocess = loop.input_fns(c, data)
+  state, model, data = evaluation.final_state(c, tmp_path)
+  _, preprocess = rundata.input_fns(c, data)
 
   def dead(x):
     _, sown = model.apply({"params": state.params}, preprocess(x),

@@ -29,7 +29,8 @@ from _shared import (CACHE_DIR, assert_bitwise_equal, finish, start_python,
 
 from synstrip_jax.transform import get_masks
 from synstrip_vit import (checkpointing, compile_cache, config as config_lib,
-                          integrity, loop, timings, writers)
+                          evaluation, finite, loop, resume, startup, timings,
+                          writers)
 from synstrip_vit.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def strip_times(records):
 
 def final_params(config, workdir):
   """The final params and ``(epoch, batch) = divmod(step, steps/epoch)``."""
-  state, _, run_data = loop.final_state(config, workdir)
+  state, _, run_data = evaluation.final_state(config, workdir)
   steps_per_epoch = len(run_data.x_train) // config.run.batch_size
   return (jax.device_get(state.params),
           divmod(int(state.step), steps_per_epoch))
@@ -238,7 +239,7 @@ def test_stripped_weights_never_come_back(script_run):
   assert stripped == sorted(stripped)
   # The final masks: every stripped weight is exactly 0.0 in the params.
   config = tiny_config()
-  state, _, _ = loop.final_state(config, workdir)
+  state, _, _ = evaluation.final_state(config, workdir)
   from synstrip_jax.transform import get_masks  # pylint: disable=import-outside-toplevel
   masks = get_masks(state.opt_state)
   for p, m in zip(jax.tree.leaves(state.params),
@@ -461,7 +462,7 @@ def test_metrics_without_checkpoints_is_refused(tmp_path):
   workdir = tmp_path / "wd"
   loop.train_and_evaluate(config, workdir, log=lambda _: None)
   shutil.rmtree(workdir / "checkpoints")
-  with pytest.raises(loop.RunError, match="refusing to start over"):
+  with pytest.raises(resume.RunError, match="refusing to start over"):
     loop.train_and_evaluate(config, workdir, log=lambda _: None)
 
 
@@ -516,7 +517,7 @@ def test_bfloat16_computation_keeps_float32_state(tmp_path):
   records = loop.train_and_evaluate(config, tmp_path / "wd",
                                     log=lambda _: None)
   assert np.isfinite(records[0]["train_loss"])
-  state, model, _ = loop.final_state(config, tmp_path / "wd")
+  state, model, _ = evaluation.final_state(config, tmp_path / "wd")
   assert model.dtype == jax.numpy.bfloat16
   for leaf in jax.tree.leaves(state.params):
     assert leaf.dtype == np.float32
@@ -609,7 +610,7 @@ def test_readme_stripping_table_matches_the_default_config():
 def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
   """After prepare, the end-of-epoch finite-state check (compiled with the
   steps) and the eager strip event (host path) compile nothing."""
-  run, state = loop.prepare(tiny_config(), tmp_path, log=lambda m: None)
+  run, state = startup.prepare(tiny_config(), tmp_path, log=lambda m: None)
   masks = get_masks(state.opt_state)
   dead = jax.tree.map(lambda m: np.arange(m.shape[-1]) % 2 == 0, masks)
   compiled = []
@@ -621,7 +622,7 @@ def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    assert integrity.nonfinite_leaves(state) == []
+    assert finite.nonfinite_leaves(state) == []
     params, opt_state = run.strip(state.params, state.opt_state, dead)
     jax.block_until_ready((params, opt_state))
   finally:

@@ -7,7 +7,7 @@ Which kernel consumes which layer's neurons is model-specific; see
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Optional
 
 from flax.core import FrozenDict
 
@@ -72,28 +72,4 @@ def vit_outgoing(params: PyTree) -> Outgoing:
   return FrozenDict(out)
 
 
-#: Model names understood by :func:`outgoing_map` (as ``models.create_model``).
-OUTGOING_BUILDERS: dict[str, Callable[[PyTree], Outgoing]] = {
-    "mlp": mlp_outgoing,
-    "vit": vit_outgoing,
-}
-
-
-def outgoing_map(params: PyTree, model_name: str) -> Outgoing:
-  """``outgoing`` for the params of ``models.create_model(model_name)``.
-
-  The result is a hashable ``flax.core.FrozenDict``, so it can be a static
-  argument: ``jax.jit(recycle, static_argnames=('outgoing',))``.
-
-  Raises:
-    ValueError: unknown model name (lists the known ones) or params that do
-      not belong to that model.
-  """
-  key = model_name.lower() if isinstance(model_name, str) else model_name
-  if key not in OUTGOING_BUILDERS:
-    raise ValueError(f"unknown model {model_name!r} for outgoing_map; known: "
-                     f"{sorted(OUTGOING_BUILDERS)}")
-  return OUTGOING_BUILDERS[key](params)
-
-
-__all__ = ["OUTGOING_BUILDERS", "mlp_outgoing", "outgoing_map", "vit_outgoing"]
+__all__ = ["mlp_outgoing", "vit_outgoing"]

@@ -37,6 +37,7 @@ and the statistics sit at ``activations/encoder_block_i/mlp/fc{1,2}/post_act``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional, Union
 
@@ -85,7 +86,28 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
-class EncoderBlock(nn.Module):
+def _option(default: Any) -> Any:
+  return dataclasses.field(default=default, kw_only=True)
+
+
+class EncoderOptions(nn.Module):
+  """The keyword-only fields that :class:`ViT` passes on to every
+  :class:`EncoderBlock` (see :class:`ViT` for their meaning)."""
+  activation: Union[str, Activation] = _option("relu")
+  dropout: float = _option(0.0)
+  attn_scale: Optional[float] = _option(None)
+  bias_init: float = _option(0.0)
+  attention: str = _option("flax")
+  dtype: Any = _option(jnp.float32)
+
+  def encoder_options(self) -> dict[str, Any]:
+    """The :class:`EncoderOptions` fields of this module, by name."""
+    return {f.name: getattr(self, f.name)
+            for f in dataclasses.fields(EncoderOptions)
+            if f.name not in ("parent", "name")}
+
+
+class EncoderBlock(EncoderOptions):
   """Pre-LayerNorm encoder block; ``[B, T, D] -> [B, T, D]``.
 
   ``x = x + Dropout(attn(ln1(x))); x = x + mlp(ln2(x))``. The attention is
@@ -99,12 +121,6 @@ class EncoderBlock(nn.Module):
   """
   num_heads: int
   mlp_dim: int
-  activation: Union[str, Activation] = "relu"
-  dropout: float = 0.0
-  attn_scale: Optional[float] = None
-  bias_init: float = 0.0
-  attention: str = "flax"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -147,7 +163,7 @@ class EncoderBlock(nn.Module):
     return x + y
 
 
-class ViT(nn.Module):
+class ViT(EncoderOptions):
   """CIFAR Vision Transformer of the original (see the module docstring).
 
   Image size and channel count follow from the input: the positional
@@ -181,12 +197,6 @@ class ViT(nn.Module):
   depth: int = 7
   num_heads: int = 8
   mlp_dim: int = 1536
-  activation: Union[str, Activation] = "relu"
-  dropout: float = 0.0
-  attn_scale: Optional[float] = None
-  bias_init: float = 0.0
-  attention: str = "flax"
-  dtype: Any = jnp.float32
 
   def __post_init__(self):
     name = type(self).__name__
@@ -241,9 +251,7 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for i in range(self.depth):
       x = EncoderBlock(num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                       activation=self.activation, dropout=self.dropout,
-                       attn_scale=self.attn_scale, bias_init=self.bias_init,
-                       attention=self.attention, dtype=self.dtype,
+                       **self.encoder_options(),
                        name=f"encoder_block_{i}")(x, train=train)
     x = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype,
                      param_dtype=jnp.float32, name="head_norm")(x[:, 0])
@@ -252,4 +260,5 @@ class ViT(nn.Module):
     return x.astype(jnp.float32)
 
 
-__all__ = ["ATTENTIONS", "EncoderBlock", "LAYER_NORM_EPS", "MlpBlock", "ViT"]
+__all__ = ["ATTENTIONS", "EncoderBlock", "EncoderOptions", "LAYER_NORM_EPS",
+           "MlpBlock", "ViT"]

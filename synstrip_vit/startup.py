@@ -1,0 +1,199 @@
+"""The start-up of a run: data, mesh, model, optimizer and compiled steps.
+
+:func:`prepare` builds the fixed parts of a run (:class:`Run`) and its
+initial state, raising every error of the config or the data before
+anything is trained or written. The init, the train step, the eval steps and
+the finite-state check compile in parallel threads
+(:func:`compile_in_parallel`); :func:`model_and_schedule` and
+:func:`build_state` also serve the after-training evaluation
+(:mod:`synstrip_vit.evaluation`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from synstrip_jax import redo
+from synstrip_jax.transform import strip_event
+from synstrip_vit import config as config_lib, distributed, finite, models
+from synstrip_vit import rundata, steps
+from synstrip_vit.rundata import RunData
+from synstrip_vit.timings import StageTimer
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """The fixed parts of a run, built once by :func:`prepare`.
+
+  ``strip`` and ``recycle`` are ``(params, opt_state, dead[, key]) ->
+  (params, opt_state)``, compiled for the mesh (``recycle`` is None without
+  ReDo); ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
+  (one compile) when :func:`synstrip_vit.rundata.shares_eval_step`;
+  ``schedule`` is compiled (one program instead of a dozen op-by-op ones
+  per record).
+  """
+  config: ml_collections.ConfigDict
+  workdir: Path
+  data: RunData
+  mesh: Mesh
+  model: nn.Module
+  schedule: optax.Schedule
+  steps_per_epoch: int
+  train_step: Callable
+  eval_step: Callable
+  probe_step: Callable
+  strip: Callable
+  recycle: Optional[Callable]
+  log: Callable[[str], None]
+
+  @property
+  def is_main(self) -> bool:
+    """Whether this is process 0 (:func:`distributed.is_main`)."""
+    return distributed.is_main()
+
+  def position(self, step: int) -> tuple[int, int]:
+    """``(epoch, batch)`` of a global step: ``divmod(step,
+    steps_per_epoch)``, both 0-based."""
+    return divmod(int(step), self.steps_per_epoch)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: Path,
+            log: Callable[[str], None], *, timer: Optional[StageTimer] = None
+            ) -> tuple[Run, steps.TrainState]:
+  """Load the data and build the mesh, model, optimizer and compiled steps.
+
+  Every error of the config or the data is raised here, before anything is
+  trained or written. Returns the run and its initial (replicated) state.
+  ``timer`` gets the ``data`` and ``init_compile`` stages.
+  """
+  timer = StageTimer() if timer is None else timer
+  with timer.stage("data"):
+    run_data = RunData(config)
+  mesh = steps.make_mesh()
+  steps.check_batch_size(config.run.batch_size, mesh, "run.batch_size")
+  steps.check_batch_size(config.run.eval_batch_size, mesh,
+                         "run.eval_batch_size")
+  n_train = len(run_data.x_train)
+  if config.run.batch_size > n_train:
+    raise ValueError(f"config.run.batch_size={config.run.batch_size} exceeds "
+                     f"the {n_train} training images")
+  _, notice = config_lib.warmup_epochs(config)
+  if notice:
+    log(notice)
+  augment, preprocess = rundata.input_fns(config, run_data)
+  with timer.stage("init_compile"):
+    model, schedule, tx_factory = model_and_schedule(config, run_data)
+    init, key, tx = steps.init_program(model, tx_factory,
+                                       run_data.image_shape, config.run.seed)
+    train_step = steps.jit_train_step(model, tx, augment, mesh)
+    probe_step = steps.jit_eval_step(model, preprocess, mesh,
+                                     collect_stats=True)
+    eval_step = (probe_step if rundata.shares_eval_step(config, run_data) else
+                 steps.jit_eval_step(model, preprocess, mesh,
+                                     collect_stats=False))
+    state = compile_in_parallel(
+        config, run_data, mesh, init, key, train_step,
+        (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
+  repl = steps.replicated(mesh)
+  # Called eagerly: strip_event then strips on the host (NumPy over the dead
+  # columns, nothing to compile; bit-identical to the compiled program) when
+  # this process holds the arrays whole, else runs one compiled program per
+  # kernel shape; outputs are placed like the (replicated) inputs.
+  # bench/bench_strip.py: first event on the default ViT kernels 0.06 s vs
+  # 0.6 s for the compiled program and 1.0 s for a jitted strip_event.
+  strip = functools.partial(strip_event,
+                            stripping_factor=config.stripping.factor)
+  recycle = (jax.jit(functools.partial(
+      redo.recycle, outgoing=models.outgoing_map(state.params,
+                                                 config.model.name)),
+                     out_shardings=repl, donate_argnums=(0, 1))
+             if config.stripping.redo else None)
+  run = Run(config=config, workdir=workdir, data=run_data, mesh=mesh,
+            model=model, schedule=jax.jit(schedule),
+            steps_per_epoch=rundata.steps_per_epoch(config, run_data),
+            train_step=train_step, eval_step=eval_step, probe_step=probe_step,
+            strip=strip, recycle=recycle, log=log)
+  return run, state
+
+
+def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
+                         mesh: Mesh, init: jax.stages.Lowered, key: jax.Array,
+                         train_step: Callable,
+                         eval_steps: Sequence[Callable]
+                         ) -> steps.TrainState:
+  """Compile the init, the train step, the eval steps and the finite-state
+  check in parallel threads.
+
+  XLA compiles (and loads from the persistent cache) without holding the
+  GIL, so the three overlap with each other and with the tracing of the
+  steps here, in this thread, for the shapes the loop calls them with (from
+  the init's traced output, before its values exist). A later call of a
+  step finds the compiled program in JAX's in-memory caches. Returns the
+  replicated initial state.
+  """
+  abstract = steps.abstract_replicated(init.out_info, mesh)
+  d, image = run_data, tuple(run_data.image_shape)
+  b, e = config.run.batch_size, config.run.eval_batch_size
+  eval_batch = steps.abstract_batch(
+      [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
+       ((e,), np.bool_)], mesh)
+  with concurrent.futures.ThreadPoolExecutor(
+      max_workers=3 + len(eval_steps)) as pool:
+    futures = [pool.submit(init.compile)]
+    futures.append(pool.submit(train_step.lower(abstract, *steps.abstract_batch(
+        [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
+        mesh)).compile))
+    for step in eval_steps:
+      futures.append(pool.submit(
+          step.lower(abstract.params, *eval_batch).compile))
+    # The end-of-epoch finite-state check (and the save's): ~0.45 s of the
+    # first epoch otherwise.
+    futures.append(pool.submit(finite.nonfinite_check_compiler(abstract)))
+    compiled_init = [f.result() for f in futures][0]
+  return steps.replicate(compiled_init(key), mesh)
+
+
+def model_and_schedule(config: ml_collections.ConfigDict, run_data: RunData
+                        ) -> tuple[nn.Module, optax.Schedule, Callable]:
+  """``(model, schedule, tx_factory)`` of a run (``targets -> optimizer``)."""
+  steps_per_epoch = rundata.steps_per_epoch(config, run_data)
+  model = config_lib.create_model(config.model, run_data.num_classes)
+  warmup, _ = config_lib.warmup_epochs(config)
+  schedule = steps.make_schedule(
+      learning_rate=config.optimizer.learning_rate,
+      min_learning_rate=config.optimizer.min_learning_rate,
+      warmup_steps=warmup * steps_per_epoch,
+      total_steps=config.run.num_epochs * steps_per_epoch)
+
+  def tx_factory(targets):
+    return steps.make_optimizer(
+        schedule, weight_decay=config.optimizer.weight_decay,
+        targets=targets, strip=config.stripping.enabled)
+
+  return model, schedule, tx_factory
+
+
+def build_state(config: ml_collections.ConfigDict, run_data: RunData,
+                mesh: Mesh
+                ) -> tuple[nn.Module, optax.Schedule, steps.TrainState,
+                           optax.GradientTransformation]:
+  """``(model, schedule, replicated initial state, optimizer)`` of a run."""
+  model, schedule, tx_factory = model_and_schedule(config, run_data)
+  state, tx = steps.create_train_state(model, tx_factory,
+                                       run_data.image_shape, config.run.seed)
+  return model, schedule, steps.replicate(state, mesh), tx
+
+
+__all__ = ["Run", "build_state", "compile_in_parallel", "model_and_schedule",
+           "prepare"]
