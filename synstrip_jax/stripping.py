@@ -260,6 +260,13 @@ def _program(shardings: Optional[tuple[Any, Any]]) -> Any:
                  out_shardings=(s, s, r, r))
 
 
+def _put(x: Any, sharding: Any) -> Array:
+  """``x`` placed by ``sharding`` (unchanged when it already is: no copy)."""
+  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    return x
+  return jax.device_put(x, sharding)
+
+
 def _eager_strip(kernel: Array, dead: Array, mask: Optional[Array],
                  q: float) -> tuple[Array, Array, Array, Array]:
   """``(kernel, mask, thresholds, skipped)`` of one kernel by the per-kernel
@@ -271,8 +278,7 @@ def _eager_strip(kernel: Array, dead: Array, mask: Optional[Array],
   shardings = _shardings(kernel)
   if shardings is not None:  # inputs where the program expects them
     s, r = shardings
-    dead, mask, table = (jax.device_put(dead, r), jax.device_put(mask, s),
-                         jax.device_put(table, r))
+    dead, mask, table = _put(dead, r), _put(mask, s), _put(table, r)
   return _program(shardings)(kernel, dead, mask, table)
 
 

@@ -701,7 +701,7 @@ def accumulate(chunks, order):
   if order == "update":
     s = acts.init_stats(n)
     for c in chunks:
-      s = acts.update_stats(s, c)
+      s = acts.merge_stats(s, acts.batch_stats(c))
     return s
   if order == "right":
     s = parts[-1]
@@ -777,5 +777,6 @@ def test_dead_mask_invariant_to_probe_split_relu(case, order, nonfinite):
   np.testing.assert_array_equal(acts.nonfinite_neurons(merged),
                                 ~np.all(np.isfinite(flat), axis=0))
   tree = {"a": whole, "b": {"c": merged}}
-  got = acts.dead_masks(tree)
+  got = jax.tree.map(acts.dead_mask, tree,
+                     is_leaf=lambda x: isinstance(x, acts.ActivationStats))
   np.testing.assert_array_equal(got["a"], got["b"]["c"])
