@@ -4,8 +4,8 @@ a compilation counter, small models and dead trees, hypothesis profiles."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
+from hypothesis import settings
 
 from _shared import CACHE_DIR, load_fixtures
 
@@ -63,3 +63,21 @@ class CompileCounter:
 def count_compiles():
   """``with count_compiles() as c: ...`` then ``c.count``."""
   return CompileCounter
+
+
+# Hypothesis: a quarter of each property's examples by default, all of them
+# when the slow tests are selected (``-m slow``).
+settings.register_profile("quick", max_examples=25)
+settings.register_profile("full", max_examples=100)
+
+
+def pytest_configure(config):
+  markexpr = config.getoption("markexpr", "") or ""
+  full = "slow" in markexpr and "not slow" not in markexpr
+  settings.load_profile("full" if full else "quick")
+
+
+def examples(n: int) -> int:
+  """``n`` examples scaled by the loaded profile (all of them under
+  ``-m slow``, a quarter by default, at least 3)."""
+  return max(n * settings.default.max_examples // 100, 3)
