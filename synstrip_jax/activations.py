@@ -9,7 +9,8 @@ other axis (batch, tokens, spatial) and over probe batches:
 * ``abs_total``: sum of ``|output|`` (for a ReDo-style dormancy score).
 * ``nonfinite``: number of NaN/inf outputs. A neuron with a non-finite output
   is never counted as dead *or* silently as alive: :func:`dead_mask` reports it
-  through :func:`nonfinite_neurons` and :func:`find_dead` raises on it.
+  through :func:`nonfinite_neurons`, and :func:`check_finite` (which
+  :func:`synstrip_jax.dead_tree` runs on concrete statistics) raises on it.
 * ``count``: number of elements each neuron summed (scalar).
 
 Everything is a pure function of arrays and works under ``jit``, ``pmap`` and
@@ -25,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from synstrip_jax import _trees
+from synstrip_jax import trees
+from synstrip_jax._deprecated import TOP_LEVEL, deprecated_getattr
 
 PyTree = Any
 Array = jax.Array
@@ -155,18 +157,6 @@ def merge_stats(a: ActivationStats, b: ActivationStats) -> ActivationStats:
   return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def update_stats(stats: ActivationStats, x: Array, *,
-                 axis_name: AxisName = None,
-                 where: Optional[Array] = None) -> ActivationStats:
-  """``merge_stats(stats, batch_stats(x))``."""
-  return merge_stats(stats, batch_stats(x, axis_name=axis_name, where=where))
-
-
-def psum_stats(stats: PyTree, axis_name: AxisName) -> PyTree:
-  """Sum a tree of statistics across the devices of ``axis_name``."""
-  return jax.lax.psum(stats, axis_name)
-
-
 def dormancy_score(stats: ActivationStats) -> Array:
   """ReDo's score: mean ``|a_i|`` over the layer's average mean ``|a|``.
 
@@ -203,12 +193,6 @@ def _is_stats(x: Any) -> bool:
   return isinstance(x, ActivationStats)
 
 
-def dead_masks(stats_tree: PyTree, tau: Optional[float] = None) -> PyTree:
-  """:func:`dead_mask` at every :class:`ActivationStats` of a tree (jit-able)."""
-  return jax.tree_util.tree_map(lambda s: dead_mask(s, tau), stats_tree,
-                                is_leaf=_is_stats)
-
-
 def check_finite(stats_tree: PyTree) -> None:
   """Raise ``ValueError`` naming every layer with non-finite activations.
 
@@ -221,14 +205,17 @@ def check_finite(stats_tree: PyTree) -> None:
     if _is_stats(s):
       n_bad = int(np.sum(np.asarray(s.nonfinite) > 0))
       if n_bad:
-        bad.append(f"{_trees.path_str(path)} ({n_bad} neurons)")
+        bad.append(f"{trees.path_str(path)} ({n_bad} neurons)")
   if bad:
     raise ValueError(
         "non-finite (NaN/inf) activations in " + ", ".join(bad) +
         ": cannot decide which neurons are dead")
 
 
-def find_dead(stats_tree: PyTree, tau: Optional[float] = None) -> PyTree:
-  """Host-side :func:`dead_masks` that first runs :func:`check_finite`."""
-  check_finite(stats_tree)
-  return dead_masks(stats_tree, tau)
+__all__ = ["ActivationStats", "batch_stats", "check_finite", "dead_mask",
+           "dormancy_score", "example_stats", "init_stats", "merge_stats",
+           "nonfinite_neurons", "reduce_examples"]
+
+__getattr__ = deprecated_getattr(__name__, {
+    name: TOP_LEVEL[name]
+    for name in ("dead_masks", "find_dead", "psum_stats", "update_stats")})

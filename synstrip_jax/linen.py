@@ -21,9 +21,10 @@ import flax.linen as nn
 import jax
 
 from synstrip_jax.activations import example_stats
-from synstrip_jax.probe import (POST_ACT, Layer, Select, Selection,
-                                accumulate_sown, check_selection, no_stats,
-                                output_stats, rekey_stats, stats_by_layer)
+from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
+                                  accumulate_sown, check_selection, no_stats,
+                                  output_stats, rekey_stats)
+from synstrip_jax.probe import stats_by_layer
 
 PyTree = Any
 
@@ -244,5 +245,6 @@ def candidate_layers(model: nn.Module, variables: Mapping[str, Any],
   return list(seen.values())
 
 
-__all__ = ["ACTIVATIONS", "ActConv", "ActDense", "CAPTURE", "candidate_layers",
+__all__ = ["ACTIVATIONS", "ActConv", "ActDense", "CAPTURE", "Layer", "Select",
+           "candidate_layers",
            "capture_stats", "linen_stats"]

@@ -15,30 +15,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from synstrip_jax import _trees
-from synstrip_jax.stripping import validate_sparse_tree
+from synstrip_jax import trees
+from synstrip_jax.validation import present_bool_leaves, validate_sparse_tree
 
 PyTree = Any
 Array = jax.Array
-
-
-def _present_bool_leaves(tree: PyTree, name: str, ndim: Optional[int] = None
-                         ) -> list[tuple[str, Array]]:
-  """``[(path, leaf)]`` of the non-``None`` leaves, each checked to be a bool
-  array (of rank ``ndim`` if given); ``TypeError``/``ValueError`` name the
-  path and what was found."""
-  out = []
-  for path, x in _trees.leaves_with_path(tree, keep_none=True):
-    if x is None:
-      continue
-    if getattr(x, "dtype", None) != jnp.bool_:
-      raise TypeError(f"{name}[{path}] must be a bool array, got "
-                      f"{_trees.describe(x)}")
-    if ndim is not None and x.ndim != ndim:
-      raise ValueError(f"{name}[{path}] must have rank {ndim}, got shape "
-                       f"{tuple(x.shape)}")
-    out.append((path, x))
-  return out
 
 
 def dead_counts(dead: PyTree) -> dict[str, Array]:
@@ -48,7 +29,7 @@ def dead_counts(dead: PyTree) -> dict[str, Array]:
     TypeError, ValueError: a dead vector that is not a 1-D bool array.
   """
   return {path: jnp.sum(d, dtype=jnp.int32)
-          for path, d in _present_bool_leaves(dead, "dead", ndim=1)}
+          for path, d in present_bool_leaves(dead, "dead", ndim=1)}
 
 
 def _kernel_entries(params: PyTree, dead: Optional[PyTree],
@@ -61,7 +42,7 @@ def _kernel_entries(params: PyTree, dead: Optional[PyTree],
   """
   validate_sparse_tree(params, dead, "dead")
   validate_sparse_tree(params, masks, "masks")
-  _, paths, leaves, (dead_l, mask_l) = _trees.aligned_leaves(params, dead, masks)
+  _, paths, leaves, (dead_l, mask_l) = trees.aligned_leaves(params, dead, masks)
   return [(path, p, d, m) for path, p, d, m in zip(paths, leaves, dead_l, mask_l)
           if d is not None or m is not None]
 
@@ -101,7 +82,7 @@ def sparsity(masks: PyTree) -> dict[str, Array]:
   naming the path for a mask that is not a bool array.
   """
   pruned, sizes, out = 0, 0, {}
-  for path, m in _present_bool_leaves(masks, "masks"):
+  for path, m in present_bool_leaves(masks, "masks"):
     n_pruned = jnp.sum(~m, dtype=jnp.int32)
     out[path] = (n_pruned.astype(jnp.float32) / m.size if m.size
                  else jnp.zeros((), jnp.float32))
@@ -132,3 +113,6 @@ def summary(params: PyTree, dead: PyTree, masks: Optional[PyTree]) -> dict[str, 
   out.update({f"dead/{k}": v for k, v in dc.items()})
   out.update({f"active/{k}": v for k, v in ap.items()})
   return out
+
+
+__all__ = ["active_params", "dead_counts", "sparsity", "summary"]

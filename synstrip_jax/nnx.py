@@ -17,7 +17,7 @@ NNX trees, one way: pass ``params = nnx.state(model, nnx.Param)`` to
 and the trees come out with that structure. ``targets`` then goes straight
 into ``nnx.Optimizer(model, with_stripping(tx, targets), wrt=nnx.Param)``;
 :func:`strip` applies a strip event to the model and the optimizer in place,
-:func:`get_masks` reads the keep-masks back.
+:func:`synstrip_jax.get_masks` reads the keep-masks back from the optimizer.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from typing import Any, Callable, Optional, Union
 import jax
 from flax import nnx
 
-from synstrip_jax import _trees
+from synstrip_jax import trees
 from synstrip_jax.activations import example_stats
-from synstrip_jax.probe import (POST_ACT, Layer, Select, Selection,
-                                accumulate_sown, check_selection, no_stats,
-                                output_stats, path_name, rekey_stats,
-                                stats_by_layer)
+from synstrip_jax._deprecated import deprecated_getattr
+from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
+                                  accumulate_sown, check_selection, no_stats,
+                                  output_stats, path_name, rekey_stats)
+from synstrip_jax.probe import stats_by_layer
 from synstrip_jax.stripping import DEFAULT_STRIPPING_FACTOR
-from synstrip_jax.transform import get_masks as _get_masks
 from synstrip_jax.transform import strip_event
 
 PyTree = Any
@@ -244,9 +244,9 @@ def _like(params: PyTree, tree: PyTree, name: str) -> PyTree:
   """
   if isinstance(tree, nnx.State):
     tree = nnx.as_pure(tree)
-  by_path = dict(_trees.leaves_with_path(tree, keep_none=True))
+  by_path = dict(trees.leaves_with_path(tree, keep_none=True))
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_trees.path_str(p) for p, _ in flat]
+  paths = [trees.path_str(p) for p, _ in flat]
   extra = sorted(set(by_path) - set(paths))
   if extra:
     raise ValueError(f"`{name}` has paths that are not params of the "
@@ -254,22 +254,11 @@ def _like(params: PyTree, tree: PyTree, name: str) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, [by_path.get(p) for p in paths])
 
 
-def get_masks(optimizer: nnx.Optimizer) -> PyTree:
-  """The keep-masks of a ``with_stripping`` state held by ``optimizer``.
-
-  Returns a pure ``State`` (arrays, ``None`` at untargeted params) with the
-  structure of ``nnx.as_pure(nnx.state(model, optimizer.wrt))``.
-  """
-  return _get_masks(nnx.as_pure(optimizer.opt_state))
-
-
 def strip(model: nnx.Module, optimizer: nnx.Optimizer, dead: PyTree, *,
-          stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
-          method: str = "auto") -> None:
+          stripping_factor: float = DEFAULT_STRIPPING_FACTOR) -> None:
   """A strip event on an NNX model and its ``nnx.Optimizer``, in place.
 
-  :func:`~synstrip_jax.transform.strip_event` (called eagerly: by default
-  on the host, nothing to compile) on
+  :func:`~synstrip_jax.transform.strip_event` (called eagerly) on
   ``nnx.state(model, optimizer.wrt)`` and the optimizer's state: the dead
   neurons' lowest weights become 0.0 in ``model`` and the new masks are
   written into ``optimizer.opt_state``. No optimizer step is taken.
@@ -281,17 +270,19 @@ def strip(model: nnx.Module, optimizer: nnx.Optimizer, dead: PyTree, *,
       :func:`~synstrip_jax.probe.probe_dead` (``State`` with or without
       ``Param`` leaves, or a pure dict).
     stripping_factor: the quantile in ``[0, 1]``.
-    method: ``'auto'``, ``'host'`` or ``'compiled'`` (same bits; see
-      :func:`synstrip_jax.strip_params`).
   """
   params = nnx.as_pure(nnx.state(model, optimizer.wrt))
   opt_state = nnx.as_pure(optimizer.opt_state)
   new_params, new_opt_state = strip_event(
       params, opt_state, _like(params, dead, "dead"),
-      stripping_factor=stripping_factor, method=method)
+      stripping_factor=stripping_factor)
   nnx.update(model, new_params)
   nnx.update(optimizer.opt_state, nnx.state(new_opt_state))
 
 
-__all__ = ["ActConv", "ActLinear", "candidate_layers", "capture_stats",
-           "get_masks", "strip"]
+__all__ = ["ActConv", "ActLinear", "Layer", "Select", "candidate_layers",
+           "capture_stats", "strip"]
+
+__getattr__ = deprecated_getattr(__name__, {
+    "get_masks": ("synstrip_jax.transform", "get_masks",
+                  "synstrip_jax.get_masks (it takes an nnx.Optimizer)")})

@@ -13,7 +13,7 @@ devices.
 Models written without any library layer (plain ``nn.Dense``/``nn.Conv``,
 ``nnx.Linear``/``nnx.Conv``) give the same statistics tree through
 :func:`synstrip_jax.linen.capture_stats` / :func:`synstrip_jax.nnx.capture_stats`,
-which select layers with the :data:`Select` forms resolved here.
+which select layers with the ``select`` forms of :data:`synstrip_jax.linen.Select`.
 :func:`probe_stats` / :func:`probe_dead` run any such statistics function over
 an iterable of batches.
 
@@ -26,39 +26,33 @@ NNX trees: pass ``nnx.state(model, nnx.Param)`` as ``params`` and the
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
+import functools
+import sys
+from typing import Any, Callable, Iterable, Optional
 
 import jax
-from flax import nnx
 
-from synstrip_jax import _trees
+from synstrip_jax import trees
+from synstrip_jax._select import POST_ACT
 from synstrip_jax.activations import (ActivationStats, check_finite,
                                       dead_mask, merge_stats, reduce_examples)
 
 PyTree = Any
 
-#: Name of the sown statistics inside a layer's scope.
-POST_ACT = "post_act"
-
-
-def accumulate_sown(prev: Optional[ActivationStats], new: ActivationStats) -> ActivationStats:
-  # A layer applied several times in one call adds its statistics up.
-  return new if prev is None else merge_stats(prev, new)
-
-
-def no_stats() -> None:
-  return None
-
-
 def _is_stats(x: Any) -> bool:
   return isinstance(x, ActivationStats)
 
 
+def _nnx() -> Any:
+  """``flax.nnx`` if it is imported, else ``None``: NNX objects exist only
+  once it is, so the library never imports it to recognise them."""
+  return sys.modules.get("flax.nnx")
+
+
 def _as_plain(tree: PyTree) -> PyTree:
   """An NNX ``State`` (or any mapping tree) as nested plain dicts."""
-  if isinstance(tree, nnx.State):
+  nnx = _nnx()
+  if nnx is not None and isinstance(tree, nnx.State):
     tree = tree.to_pure_dict()
   return tree
 
@@ -71,16 +65,18 @@ def _param_leaves(params: PyTree) -> tuple[Any, list[str], list[Any]]:
   ``fc1/kernel/value``): outputs built on ``treedef`` mirror the input form.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  pure = nnx.as_pure(params) if _has_variables(params) else params
+  pure = _nnx().as_pure(params) if _has_variables(params) else params
   pflat, _ = jax.tree_util.tree_flatten_with_path(pure)
   if len(pflat) != len(flat):  # pragma: no cover - as_pure keeps the leaves
     raise ValueError("could not see through the NNX Variables of params")
-  return treedef, [_trees.path_str(p) for p, _ in pflat], [x for _, x in pflat]
+  return treedef, [trees.path_str(p) for p, _ in pflat], [x for _, x in pflat]
 
 
 def _has_variables(tree: PyTree) -> bool:
-  return any(isinstance(x, nnx.Variable) for x in jax.tree_util.tree_leaves(
-      tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  nnx = _nnx()
+  return nnx is not None and any(
+      isinstance(x, nnx.Variable) for x in jax.tree_util.tree_leaves(
+          tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def stats_by_layer(stats_tree: PyTree) -> dict[str, ActivationStats]:
@@ -94,7 +90,7 @@ def stats_by_layer(stats_tree: PyTree) -> dict[str, ActivationStats]:
                                                  is_leaf=_is_stats)
   out: dict[str, ActivationStats] = {}
   for path, leaf in flat:
-    name = _trees.path_str(path)
+    name = trees.path_str(path)
     if not _is_stats(leaf):
       raise ValueError(f"statistics tree leaf at {name} is not an "
                        f"ActivationStats: {type(leaf).__name__}")
@@ -136,8 +132,14 @@ def dead_tree(params: PyTree, stats_tree: PyTree, tau: Optional[float] = None,
 
   Raises:
     ValueError: statistics with no kernel at ``<layer>/kernel``, or whose
-      neuron count differs from the kernel's last axis (names the path).
+      neuron count differs from the kernel's last axis (names the path);
+      called on concrete statistics, a layer with NaN/inf activations
+      (:func:`~synstrip_jax.activations.check_finite`; under ``jit`` such
+      neurons are simply never dead).
   """
+  if not any(isinstance(x, jax.core.Tracer)
+             for x in jax.tree_util.tree_leaves(stats_tree)):
+    check_finite(_as_plain(stats_tree))
   layers = stats_by_layer(stats_tree)
   treedef, paths, leaves = _param_leaves(params)
   dead_leaves, used = [], set()
@@ -180,186 +182,6 @@ def target_tree(params: PyTree, stats_tree: PyTree) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, flags)
 
 
-# ------------------------------------------------------------- selection
-#
-# Shared by synstrip_jax.linen.capture_stats and synstrip_jax.nnx.capture_stats.
-
-#: How ``capture_stats`` selects the layers whose outputs feed the activation:
-#:
-#: * a glob string (``fnmatch`` on the full module path ``a/b/c``; ``*`` also
-#:   matches ``/``), or a sequence of them: the matching supported layers;
-#: * a compiled ``re.Pattern``: the supported layers whose path it fullmatches;
-#: * a predicate ``(path, module) -> bool``, asked about every supported
-#:   layer that is called;
-#: * a mapping ``{source path: kernel path}``: the statistics of the *source*
-#:   module's output (any module, e.g. a BatchNorm after a Conv) are paired
-#:   with the kernel of the *kernel* layer (a supported layer), e.g.
-#:   ``{"block/bn1": "block/conv1"}``.
-Select = Union[str, "re.Pattern[str]", Sequence[str],
-               Callable[[str, Any], bool], Mapping[str, str]]
-
-
-class Layer(NamedTuple):
-  """A strippable layer found in a model (see ``candidate_layers``).
-
-  Attributes:
-    path: module path ``a/b/c`` (its kernel is ``params[a][b][c]['kernel']``).
-    kind: the layer's class name (``Dense``, ``Conv``, ``Linear``...).
-    kernel_shape: ``[..., fan_in, n]``; the last axis indexes the neurons.
-    output_shape: shape of the layer's output in the traced call (``None``
-      when the model was not run).
-  """
-  path: str
-  kind: str
-  kernel_shape: tuple[int, ...]
-  output_shape: Optional[tuple[int, ...]]
-
-
-def path_name(parts: Sequence[Any]) -> str:
-  """``('a', 0, 'b') -> 'a/0/b'`` (``''`` for the root module)."""
-  return "/".join(str(p) for p in parts)
-
-
-class Selection:
-  """A resolved :data:`Select`: which module calls to capture, and where to.
-
-  ``sources(path, module, supported)`` says whether a call of ``module`` (at
-  ``path``) is a statistics source; ``kernel_of(path)`` the kernel layer path
-  its statistics belong to.
-  """
-
-  def __init__(self, select: Select):
-    self.pairs: Optional[dict[str, str]] = None
-    self.match: Callable[[str, Any], bool]
-    self.exact: set[str] = set()
-    if isinstance(select, Mapping):
-      if not select:
-        raise ValueError("select mapping is empty")
-      pairs = {str(k): str(v) for k, v in select.items()}
-      kernels = list(pairs.values())
-      dup = sorted({k for k in kernels if kernels.count(k) > 1})
-      if dup:
-        raise ValueError(f"select pairs several sources with kernel {dup}: "
-                         "one statistics source per kernel")
-      self.pairs = pairs
-      self.match = lambda path, module: path in pairs
-    elif isinstance(select, re.Pattern):
-      self.match = lambda path, module: select.fullmatch(path) is not None
-    elif isinstance(select, str) or (
-        isinstance(select, Sequence) and select
-        and all(isinstance(x, str) for x in select)):
-      globs = [select] if isinstance(select, str) else list(select)
-      self.exact = {g for g in globs if not any(c in g for c in "*?[")}
-      self.match = lambda path, module: any(
-          fnmatch.fnmatchcase(path, g) for g in globs)
-    elif callable(select):
-      self.match = lambda path, module: bool(select(path, module))
-    else:
-      raise TypeError(
-          "select must be a glob string (or a list of them), a re.Pattern, a "
-          "predicate (path, module) -> bool or a mapping {source path: kernel "
-          f"path}}, got {select!r}")
-    self.select = select
-
-  def is_source(self, path: str, module: Any, supported: bool,
-                problem: Optional[str] = None) -> bool:
-    """Whether this call is a statistics source (raises on a bad selection).
-
-    ``problem``: why a Dense/Conv-like layer cannot be stripped (e.g. a
-    ``DenseGeneral`` with two output axes); raised if the selection picks it.
-    """
-    if self.pairs is not None:
-      return path in self.pairs
-    if problem is not None:
-      if path in self.exact or self.match(path, module):
-        raise ValueError(problem)
-      return False
-    if supported:
-      return self.match(path, module)
-    if path in self.exact:
-      raise ValueError(
-          f"select picks module {path!r} of type {type(module).__name__}, "
-          "which is not a Dense/Conv layer with a kernel [..., fan_in, n]; "
-          "to pair another module's output with a kernel use a mapping "
-          f"{{{path!r}: '<kernel layer path>'}}")
-    return False
-
-  def kernel_of(self, path: str) -> str:
-    return path if self.pairs is None else self.pairs[path]
-
-
-def check_selection(selection: Selection, seen: Mapping[str, Layer],
-                    captured: Sequence[str], unsupported: Mapping[str, str]
-                    ) -> None:
-  """Errors after a traced call: nothing matched, mapping paths missing.
-
-  Args:
-    selection: the resolved selection.
-    seen: every supported layer called, by path.
-    captured: the source paths whose statistics were recorded.
-    unsupported: ``{path: type name}`` of the other modules called.
-  """
-  candidates = sorted(seen)
-  if selection.pairs is not None:
-    for src, ker in selection.pairs.items():
-      if src not in captured:
-        raise ValueError(
-            f"select maps {src!r} -> {ker!r} but no module {src!r} was called "
-            f"by the model (modules called: {sorted(set(seen) | set(unsupported))})")
-      if ker not in seen:
-        what = (f"is a {unsupported[ker]}, not a Dense/Conv layer with a "
-                "kernel [..., fan_in, n]" if ker in unsupported
-                else "was not called by the model")
-        raise ValueError(
-            f"select maps {src!r} -> {ker!r} but {ker!r} {what}; candidate "
-            f"kernel layers: {candidates}")
-  elif not captured:
-    raise ValueError(
-        f"select={selection.select!r} matches no Dense/Conv layer called by "
-        f"the model; candidate layers: {candidates}")
-
-
-def rekey_stats(stats_by_source: Mapping[str, ActivationStats],
-                selection: Selection, seen: Mapping[str, Layer],
-                keys: Mapping[str, tuple[Any, ...]]) -> dict:
-  """Nested ``{...: {kernel layer: {'post_act': stats}}}`` tree.
-
-  Args:
-    stats_by_source: statistics by source path.
-    selection: gives the kernel layer of each source.
-    seen: supported layers by path (to check neuron counts).
-    keys: the key tuple (str/int parts) of every module path, so that the
-      tree's keys match those of the params tree.
-  """
-  out: dict = {}
-  for src, stats in stats_by_source.items():
-    ker = selection.kernel_of(src)
-    n = seen[ker].kernel_shape[-1]
-    if stats.total.shape[-1] != n:
-      raise ValueError(
-          f"statistics of {src!r} have {stats.total.shape[-1]} neurons but "
-          f"the kernel of {ker!r} has {n} (shape {seen[ker].kernel_shape})")
-    node = out
-    for k in keys[ker]:
-      node = node.setdefault(k, {})
-    node[POST_ACT] = stats
-  return out
-
-
-def output_stats(path: str, y: Any, activation: Callable[[jax.Array], jax.Array]
-                 ) -> ActivationStats:
-  """:func:`example_stats` of ``activation(y)``, or an error naming ``path``."""
-  from synstrip_jax.activations import example_stats  # pylint: disable=g-import-not-at-top
-  if not isinstance(y, jax.Array) and not hasattr(y, "shape"):
-    raise ValueError(f"module {path!r} returned {type(y).__name__}, not an "
-                     "array: cannot take per-neuron statistics of its output")
-  if y.ndim < 2:
-    raise ValueError(
-        f"module {path!r} returned shape {tuple(y.shape)}: per-neuron "
-        "statistics need an example axis and a neuron axis [B, ..., n]")
-  return example_stats(activation(y))
-
-
 # ------------------------------------------------------------------ probe
 
 def _probe_step(state: Any, batch: Any, *, stats_fn: Callable[[Any, Any], PyTree],
@@ -372,6 +194,20 @@ def _probe_step(state: Any, batch: Any, *, stats_fn: Callable[[Any, Any], PyTree
 
 _probe_step_jit = jax.jit(_probe_step,
                           static_argnames=("stats_fn", "where_fn", "axis_name"))
+
+
+@functools.lru_cache(maxsize=32)
+def _pmapped_step(stats_fn: Callable[[Any, Any], PyTree],
+                  where_fn: Optional[Callable[[Any], jax.Array]],
+                  axis_name: Any) -> Callable[[Any, Any], PyTree]:
+  """The ``pmap`` probe step, made once per ``(stats_fn, where_fn,
+  axis_name)`` so that later probes reuse its compiled program."""
+  pstep = jax.pmap(
+      functools.partial(_probe_step, stats_fn=stats_fn, where_fn=where_fn,
+                        axis_name=axis_name),
+      axis_name=axis_name, in_axes=(None, 0))
+  # After the psum every device holds the same sums: keep the first.
+  return lambda st, b: jax.tree_util.tree_map(lambda x: x[0], pstep(st, b))
 
 
 #: Sum of two statistics trees, compiled once per tree structure.
@@ -402,6 +238,9 @@ def probe_stats(stats_fn: Callable[[Any, Any], PyTree], state: Any,
       device axis of the batch with this axis name, ``state`` broadcast (not
       replicated), statistics summed over the devices.
 
+  The compiled step is cached per ``(stats_fn, where_fn, axis_name)`` (and
+  the shapes), so a second probe with the same functions compiles nothing.
+
   Returns:
     The reduced statistics tree (``[n]`` leaves, one
     :class:`~synstrip_jax.activations.ActivationStats` per layer), summed
@@ -414,12 +253,7 @@ def probe_stats(stats_fn: Callable[[Any, Any], PyTree], state: Any,
     step = lambda st, b: _probe_step_jit(st, b, stats_fn=stats_fn,
                                          where_fn=where_fn, axis_name=None)
   else:
-    pstep = jax.pmap(
-        lambda st, b: _probe_step(st, b, stats_fn=stats_fn, where_fn=where_fn,
-                                  axis_name=axis_name),
-        axis_name=axis_name, in_axes=(None, 0))
-    # After the psum every device holds the same sums: keep the first.
-    step = lambda st, b: jax.tree_util.tree_map(lambda x: x[0], pstep(st, b))
+    step = _pmapped_step(stats_fn, where_fn, axis_name)
   total = None
   for batch in batches:
     stats = step(state, batch)
@@ -437,7 +271,7 @@ def probe_dead(stats_fn: Callable[[Any, Any], PyTree], state: Any,
   """The ``dead`` tree of a probe set: :func:`probe_stats` then :func:`dead_tree`.
 
   Host-side: raises (naming the layers) if any activation was NaN/inf
-  (:func:`~synstrip_jax.activations.check_finite`).
+  (:func:`dead_tree` runs :func:`~synstrip_jax.activations.check_finite`).
 
   Args:
     stats_fn, state, batches, where_fn, axis_name: as :func:`probe_stats`.
@@ -452,14 +286,12 @@ def probe_dead(stats_fn: Callable[[Any, Any], PyTree], state: Any,
   """
   stats = probe_stats(stats_fn, state, batches, where_fn=where_fn,
                       axis_name=axis_name)
-  check_finite(stats)
   if params is None:
-    params = nnx.state(state, nnx.Param) if isinstance(state, nnx.Module) else state
+    nnx = _nnx()
+    params = (nnx.state(state, nnx.Param)
+              if nnx is not None and isinstance(state, nnx.Module) else state)
   return dead_tree(params, stats, tau)
 
 
-__all__ = [
-    "Layer", "POST_ACT", "Select", "accumulate_sown", "dead_tree", "no_stats",
-    "probe_dead", "probe_stats", "reduce_stats_tree", "stats_by_layer",
-    "target_tree",
-]
+__all__ = ["POST_ACT", "dead_tree", "probe_dead", "probe_stats",
+           "reduce_stats_tree", "stats_by_layer", "target_tree"]

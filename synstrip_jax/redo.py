@@ -23,7 +23,7 @@ fan_in, n]`` (Flax layout, last axis = neurons) and a dormant neuron ``j``:
 
 Which kernel consumes which layer is model-specific, so it is passed
 explicitly as ``outgoing``: a mapping from the ``'/'``-joined path of an
-incoming kernel (as :func:`synstrip_jax._trees.path_str` writes it, e.g.
+incoming kernel (as :func:`synstrip_jax.trees.path_str` writes it, e.g.
 ``'fc0/kernel'`` or ``'encoder_block_0/mlp/fc1/kernel'``) to the path of the
 kernel whose axis ``-2`` is indexed by that layer's neurons (applied to the
 layer's output directly or through channel-preserving ops such as dropout or
@@ -63,8 +63,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from synstrip_jax import _trees
-from synstrip_jax.stripping import validate_sparse_tree
+from synstrip_jax import trees
+from synstrip_jax.validation import check_aligned, validate_sparse_tree
 from synstrip_jax.transform import MASKS_FIELD, get_masks
 
 PyTree = Any
@@ -150,7 +150,7 @@ class _Plan:
       raise TypeError("dead must be a tree with the params' structure "
                       "(use probe.dead_tree), got None")
     validate_sparse_tree(params, dead, "dead")
-    self.treedef, self.paths, self.leaves, (dead_l,) = _trees.aligned_leaves(
+    self.treedef, self.paths, self.leaves, (dead_l,) = trees.aligned_leaves(
         params, dead)
     index = {p: i for i, p in enumerate(self.paths)}
     outgoing = _check_outgoing(outgoing, index, self.leaves)
@@ -290,7 +290,7 @@ def recycle_params(params: PyTree, dead: PyTree, key: Array, *,
   plan = _Plan(params, dead, outgoing)
   validate_sparse_tree(params, masks, "masks")
   mask_l = ([None] * len(plan.leaves) if masks is None
-            else _trees.aligned_leaves(params, masks)[3][0])
+            else trees.aligned_leaves(params, masks)[3][0])
   out = [_recycle_leaf(*args, key=key, init_fn=init_fn)
          for args in zip(plan.paths, plan.leaves, plan.incoming, plan.rows,
                          plan.bias, mask_l)]
@@ -318,8 +318,8 @@ def _recycle_leaf(path: str, leaf: Array, d: Optional[Array],
 
 
 def _validate_recycled(params: PyTree, recycled: PyTree) -> None:
-  _trees.check_aligned(params, recycled, "recycled")
-  _, paths, leaves, (rec_l,) = _trees.aligned_leaves(params, recycled)
+  check_aligned(params, recycled, "recycled")
+  _, paths, leaves, (rec_l,) = trees.aligned_leaves(params, recycled)
   for path, p, m in zip(paths, leaves, rec_l):
     if m is None:
       continue
@@ -387,7 +387,7 @@ def reset_moments(opt_state: Any, params: PyTree, recycled: PyTree) -> Any:
   if p_def.num_leaves == 0:
     return opt_state
   shapes = [tuple(p.shape) for p in jax.tree_util.tree_leaves(params)]
-  _, _, _, (rec_l,) = _trees.aligned_leaves(params, recycled)
+  _, _, _, (rec_l,) = trees.aligned_leaves(params, recycled)
 
   entries = functools.partial(_params_entries, p_def=p_def, shapes=shapes)
 

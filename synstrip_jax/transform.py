@@ -21,15 +21,17 @@ without an optimizer step and without touching any other weight.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from synstrip_jax import _trees
-from synstrip_jax.stripping import (DEFAULT_STRIPPING_FACTOR, check_mask_leaf,
-                                    strip_params, validate_sparse_tree)
+from synstrip_jax import trees
+from synstrip_jax.stripping import DEFAULT_STRIPPING_FACTOR, strip_params
+from synstrip_jax.validation import (check_aligned, check_new_masks,
+                                     validate_sparse_tree)
 
 PyTree = Any
 Targets = Union[PyTree, Callable[[PyTree], PyTree]]
@@ -51,8 +53,8 @@ class StrippingState(NamedTuple):
 
 def _resolve_targets(targets: Targets, params: PyTree) -> list[bool]:
   tree = targets(params) if callable(targets) else targets
-  _trees.check_aligned(params, tree, "targets")
-  _, paths, leaves, (flags,) = _trees.aligned_leaves(params, tree)
+  check_aligned(params, tree, "targets")
+  _, paths, leaves, (flags,) = trees.aligned_leaves(params, tree)
   out = []
   for path, p, flag in zip(paths, leaves, flags):
     if not isinstance(flag, (bool, type(None))) and not (
@@ -70,7 +72,7 @@ def _resolve_targets(targets: Targets, params: PyTree) -> list[bool]:
 def init_masks(params: PyTree, targets: Targets) -> PyTree:
   """All-True keep-masks at the targeted kernels, ``None`` elsewhere."""
   flags = _resolve_targets(targets, params)
-  treedef, _, leaves, _ = _trees.aligned_leaves(params)
+  treedef, _, leaves, _ = trees.aligned_leaves(params)
   masks = [jnp.ones_like(p, dtype=jnp.bool_) if f else None
            for p, f in zip(leaves, flags)]
   return jax.tree_util.tree_unflatten(treedef, masks)
@@ -78,7 +80,7 @@ def init_masks(params: PyTree, targets: Targets) -> PyTree:
 
 def _apply_masks(tree: PyTree, masks: PyTree, fill: Optional[PyTree]) -> PyTree:
   """``where(mask, x, fill)`` at masked leaves (``fill=None``: zeros)."""
-  treedef, _, leaves, (mask_l, fill_l) = _trees.aligned_leaves(
+  treedef, _, leaves, (mask_l, fill_l) = trees.aligned_leaves(
       tree, masks, fill)
   out = []
   for x, m, f in zip(leaves, mask_l, fill_l):
@@ -148,9 +150,21 @@ def with_stripping(inner: optax.GradientTransformation,
 def get_masks(opt_state: Any) -> PyTree:
   """The keep-masks held by a :func:`with_stripping` state nested anywhere.
 
+  Args:
+    opt_state: an optax state, or an ``nnx.Optimizer`` (its ``opt_state``
+      is read; the masks come back as a pure ``State`` with the structure of
+      ``nnx.as_pure(nnx.state(model, optimizer.wrt))``).
+
+  Returns:
+    The params' structure with a bool keep-mask at each target, ``None``
+    elsewhere.
+
   Raises:
     ValueError: no :class:`StrippingState` in ``opt_state``.
   """
+  nnx = sys.modules.get("flax.nnx")  # an NNX object implies flax.nnx loaded
+  if nnx is not None and isinstance(opt_state, nnx.Optimizer):
+    opt_state = nnx.as_pure(opt_state.opt_state)
   found = optax.tree_utils.tree_get_all_with_path(opt_state, MASKS_FIELD)
   found = [v for _, v in found]
   if len(found) != 1:
@@ -158,27 +172,6 @@ def get_masks(opt_state: Any) -> PyTree:
         f"expected exactly one StrippingState in the optimizer state, found "
         f"{len(found)}: build the optimizer with synstrip_jax.with_stripping")
   return found[0]
-
-
-def _check_new_masks(old: PyTree, new: PyTree) -> None:
-  """``new`` must have a bool mask of the same shape wherever ``old`` has one
-  and ``None`` elsewhere (the targets are fixed at ``init``). Static checks
-  only (jit-safe); errors name the path, what was found and what is expected.
-  """
-  _trees.check_aligned(old, new, "masks")  # same containers; None kept
-  for (path, o), (_, n) in zip(_trees.leaves_with_path(old, keep_none=True),
-                               _trees.leaves_with_path(new, keep_none=True)):
-    if o is None and n is not None:
-      raise ValueError(
-          f"masks[{path}] is set but {path} is not a target of "
-          f"with_stripping (None in the current masks); got "
-          f"{_trees.describe(n)}")
-    if o is not None and n is None:
-      raise ValueError(
-          f"masks[{path}] is None but {path} is a target of with_stripping: "
-          f"expected a bool mask of shape {tuple(o.shape)}")
-    if o is not None:
-      check_mask_leaf(path, o, n)
 
 
 def set_masks(opt_state: Any, masks: PyTree) -> Any:
@@ -191,18 +184,21 @@ def set_masks(opt_state: Any, masks: PyTree) -> Any:
       elsewhere; the message names the path, the shape/dtype found and the
       one expected.
   """
-  _check_new_masks(get_masks(opt_state), masks)
+  check_new_masks(get_masks(opt_state), masks)
   return optax.tree_utils.tree_set(opt_state, **{MASKS_FIELD: masks})
 
 
 def strip_event(params: PyTree, opt_state: Any, dead: PyTree, *,
-                stripping_factor: float = DEFAULT_STRIPPING_FACTOR,
-                method: str = "auto") -> tuple[PyTree, Any]:
+                stripping_factor: float = DEFAULT_STRIPPING_FACTOR
+                ) -> tuple[PyTree, Any]:
   """Strip dead neurons and record the new masks in the optimizer state.
 
-  Pure and jit-able (``stripping_factor`` static). No optimizer step is
-  taken: only the stripped weights of dead neurons change (to 0.0), plus any
-  weight already masked that was not yet zero.
+  Pure. No optimizer step is taken: only the stripped weights of dead
+  neurons change (to 0.0), plus any weight already masked that was not yet
+  zero. Call it eagerly (one compiled program per kernel shape, outputs
+  placed like the inputs; :func:`synstrip_jax.stripping.compile_strip`
+  compiles them ahead of time) or inside a jitted step
+  (``stripping_factor`` static).
 
   Args:
     params: the parameter pytree.
@@ -210,20 +206,21 @@ def strip_event(params: PyTree, opt_state: Any, dead: PyTree, *,
     dead: the ``dead`` tree of :func:`synstrip_jax.strip_params`; every
       non-``None`` entry must be a targeted kernel.
     stripping_factor: the quantile in ``[0, 1]``.
-    method: how an eager call computes (``'auto'``, ``'host'`` or
-      ``'compiled'``, bit-identical; see :func:`synstrip_jax.strip_params`).
 
   Returns:
     ``(params, opt_state)``.
   """
   masks = get_masks(opt_state)
   validate_sparse_tree(params, dead, "dead")
-  _, paths, _, (dead_l, mask_l) = _trees.aligned_leaves(params, dead, masks)
+  _, paths, _, (dead_l, mask_l) = trees.aligned_leaves(params, dead, masks)
   for path, d, m in zip(paths, dead_l, mask_l):
     if d is not None and m is None:
       raise ValueError(f"dead[{path}] is set but {path} is not a target of "
                        "with_stripping (no mask in the optimizer state)")
   new_params, new_masks = strip_params(params, dead, masks,
-                                       stripping_factor=stripping_factor,
-                                       method=method)
+                                       stripping_factor=stripping_factor)
   return new_params, set_masks(opt_state, new_masks)
+
+
+__all__ = ["MASKS_FIELD", "StrippingState", "get_masks", "init_masks",
+           "masked_params", "set_masks", "strip_event", "with_stripping"]

@@ -28,7 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from _shared import assert_bitwise_equal
 
 from synstrip_jax import activations as acts
-from synstrip_jax.stripping import strip_params
+from synstrip_jax.stripping import compile_strip, strip_params
 from synstrip_jax.transform import get_masks, strip_event, with_stripping
 
 NDEV = 8
@@ -110,6 +110,12 @@ def sharding_mismatches(tree, params, what):
   return bad
 
 
+def _dead_masks(stats_tree):
+  return jax.tree_util.tree_map(
+      acts.dead_mask, stats_tree,
+      is_leaf=lambda x: isinstance(x, acts.ActivationStats))
+
+
 def device_put_tree(tree, mesh, specs):
   return jax.tree_util.tree_map(
       lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
@@ -131,7 +137,7 @@ def check(fn):
 def pmap_batch_stats():
   """Per-device ``batch_stats(shard, axis_name='d')`` under ``jax.pmap``
   equals the single-device statistics of the full batch, bit for bit, on
-  every device; so do ``update_stats`` over two probe batches, the
+  every device; so do ``merge_stats`` over two probe batches, the
   ``example_stats``/``reduce_examples`` path and ``where`` padding; the dead
   masks agree (including a neuron alive on one device only)."""
   x = probe_activations()
@@ -144,8 +150,9 @@ def pmap_batch_stats():
   @functools.partial(jax.pmap, axis_name="d")
   def probe(xs, xs2, w):
     s = acts.batch_stats(xs, axis_name="d")
-    acc = acts.update_stats(acts.init_stats(xs.shape[-1]), xs, axis_name="d")
-    acc = acts.update_stats(acc, xs2, axis_name="d")
+    acc = acts.merge_stats(acts.init_stats(xs.shape[-1]),
+                           acts.batch_stats(xs, axis_name="d"))
+    acc = acts.merge_stats(acc, acts.batch_stats(xs2, axis_name="d"))
     per_ex = acts.reduce_examples(acts.example_stats(xs), axis_name="d")
     padded = acts.batch_stats(xs, axis_name="d", where=w)
     return s, acc, per_ex, padded, acts.dead_mask(s), acts.dead_mask(acc)
@@ -173,7 +180,7 @@ def pmap_batch_stats():
 def sharded_jit_batch_stats():
   """``jit`` with the batch sharded ``P('data')`` over 8 devices:
   ``batch_stats`` bit-identical to the 1-device result (integer-valued
-  activations), ``dead_masks`` identical (integer and float ReLU outputs)."""
+  activations), dead masks identical (integer and float ReLU outputs)."""
   mesh = Mesh(np.array(jax.devices()), ("data",))
   batch = NamedSharding(mesh, P("data"))
   x, xf = probe_activations(), float_relu_activations()
@@ -183,13 +190,13 @@ def sharded_jit_batch_stats():
   @jax.jit
   def probe(a, b):
     stats = {"mlp": {"fc1": acts.batch_stats(a)}, "fc2": acts.batch_stats(b)}
-    return stats, acts.dead_masks(stats)
+    return stats, _dead_masks(stats)
 
   stats, dead = probe(xs, xfs)
   ref_stats = {"mlp": {"fc1": acts.batch_stats(x)}, "fc2": acts.batch_stats(xf)}
-  ref_dead = acts.dead_masks(ref_stats)
+  ref_dead = _dead_masks(ref_stats)
   assert_bitwise_equal(stats["mlp"], ref_stats["mlp"], "int batch_stats")
-  assert_bitwise_equal(dead, ref_dead, "dead_masks")
+  assert_bitwise_equal(dead, ref_dead, "dead masks")
   np.testing.assert_allclose(stats["fc2"].total, ref_stats["fc2"].total, rtol=1e-6)
   assert_bitwise_equal(stats["fc2"].count, ref_stats["fc2"].count, "count")
   assert np.flatnonzero(np.asarray(dead["fc2"])).tolist() == [0, 5]
@@ -285,19 +292,58 @@ def sharded_jit_strip_params_sharded_kernel():
 
 @check
 def eager_strip_params_keeps_shardings():
-  """Eager ``strip_params`` on arrays sharded over 8 devices (the host path:
-  NumPy, no compilation) equals the compiled program, and every output is
-  placed like its input (kernels sharded over neurons, masks likewise)."""
+  """Eager ``strip_params`` on arrays sharded over 8 devices equals the
+  single-device result and the jitted call, and every output is placed like
+  its input (kernels sharded over neurons, masks likewise)."""
   mesh = Mesh(np.array(jax.devices()), ("data",))
   params, dead = make_params(), make_dead()
   sp = device_put_tree(params, mesh, param_specs())
-  want = strip_params(sp, dead, stripping_factor=Q, method="compiled")
+  want = strip_params(params, dead, stripping_factor=Q)
   got_p, got_m = strip_params(sp, dead, stripping_factor=Q)
-  assert_bitwise_equal((got_p, got_m), want, "eager host vs compiled")
+  assert_bitwise_equal((got_p, got_m), want, "eager sharded vs one device")
+  jitted = jax.jit(strip_params, static_argnames="stripping_factor")
+  assert_bitwise_equal(jitted(sp, dead, stripping_factor=Q), want, "jit")
   bad = sharding_mismatches(got_p, sp, "params") + sharding_mismatches(
       {"fc": {"kernel": got_m["fc"]["kernel"]}},
       {"fc": {"kernel": sp["fc"]["kernel"]}}, "masks")
   assert not bad, "\n".join(bad)
+
+
+@check
+def eager_strip_event_then_sharded_step():
+  """After ``compile_strip`` from shapes, an eager ``strip_event`` on
+  mesh-sharded params compiles nothing and keeps every sharding, so a jitted
+  step with a mesh-sharded batch runs on its outputs."""
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  tx = make_tx()
+  params = device_put_tree(make_params(), mesh, param_specs())
+  state = tx.init(params)  # eager: masks sharded like the kernels
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      params)
+  assert compile_strip(abstract, TARGETS) == 2  # fc and conv kernels
+  compiles = []
+  listen = lambda event, _, **kw: compiles.append(kw.get("fun_name")) if event == (
+      "/jax/core/compile/backend_compile_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    new_params, new_state = strip_event(params, state, make_dead(),
+                                        stripping_factor=Q)
+    jax.block_until_ready(new_params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert not compiles, f"eager strip_event compiled {compiles}"
+  errors = (sharding_mismatches(new_params, params, "params")
+            + _opt_sharding_errors(new_params, new_state, "strip_event:"))
+  assert not errors, "\n".join(errors)
+  batch = jax.device_put(np.ones((16, 16), np.float32),
+                         NamedSharding(mesh, P("data")))
+  loss = jax.jit(lambda p, x: jax.numpy.sum(
+      jax.nn.relu(x @ p["fc"]["kernel"]) @ p["head"]["kernel"]))
+  grads = jax.grad(lambda p: loss(p, batch))(new_params)
+  updates, _ = jax.jit(tx.update)(grads, new_state, new_params)
+  assert np.isfinite(float(loss(optax.apply_updates(new_params, updates),
+                                batch)))
 
 
 @check

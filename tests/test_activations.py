@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import synstrip_jax as ss
-from synstrip_jax import linen as ss_linen, probe
+from synstrip_jax import activations as acts, linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
 
 
@@ -16,7 +16,8 @@ def test_detection_matches_original(reference):
   act = reference["detect__act"]
   stats = ss.init_stats(act.shape[-1])
   for b in range(2):  # two probe batches of 8, as the original's hooks saw them
-    stats = ss.update_stats(stats, jnp.asarray(act[8 * b: 8 * (b + 1)]))
+    stats = ss.merge_stats(stats,
+                           ss.batch_stats(jnp.asarray(act[8 * b: 8 * (b + 1)])))
   np.testing.assert_array_equal(ss.dead_mask(stats), reference["detect__dead"])
   # Feature 13 holds a single 1e-30: alive (exact rule, not a tolerance).
   assert not bool(ss.dead_mask(stats)[13])
@@ -49,19 +50,25 @@ def test_bf16_activations_accumulate_in_f32():
 def test_nonfinite_are_reported_not_counted_alive():
   x = jnp.zeros((4, 3)).at[0, 1].set(jnp.nan).at[2, 2].set(jnp.inf)
   s = ss.batch_stats(x)
-  np.testing.assert_array_equal(ss.nonfinite_neurons(s), [False, True, True])
+  np.testing.assert_array_equal(acts.nonfinite_neurons(s), [False, True, True])
   np.testing.assert_array_equal(ss.dead_mask(s), [True, False, False])
-  with pytest.raises(ValueError, match=r"layer_a.*2 neurons"):
-    ss.find_dead({"layer_a": s, "layer_b": ss.batch_stats(jnp.ones((2, 3)))})
-  ok = ss.find_dead({"b": ss.batch_stats(jnp.zeros((2, 3)))})
-  assert bool(jnp.all(ok["b"]))
+  params = {name: {"kernel": jnp.ones((2, 3))} for name in ("a", "b")}
+  bad = {"a": {"post_act": s}, "b": {"post_act": ss.batch_stats(jnp.ones((2, 3)))}}
+  with pytest.raises(ValueError, match=r"a/post_act.*2 neurons"):
+    ss.dead_tree(params, bad)
+  # Under jit the check cannot raise: non-finite neurons are never dead.
+  traced = jax.jit(ss.dead_tree)(params, bad)
+  np.testing.assert_array_equal(traced["a"]["kernel"], [True, False, False])
+  ok = ss.dead_tree(params, {"a": {"post_act": ss.batch_stats(jnp.zeros((2, 3)))},
+                             "b": {"post_act": ss.batch_stats(jnp.ones((2, 3)))}})
+  assert bool(jnp.all(ok["a"]["kernel"])) and not bool(jnp.any(ok["b"]["kernel"]))
 
 
 def test_dormancy_threshold_redo():
   x = jnp.stack([jnp.full(10, 1.0), jnp.full(10, 0.05), jnp.zeros(10)], -1)
   s = ss.batch_stats(x)
   # mean |a| = [1, .05, 0]; layer mean .35; scores [2.86, .143, 0]
-  np.testing.assert_allclose(ss.dormancy_score(s), [1 / 0.35, 0.05 / 0.35, 0], rtol=1e-6)
+  np.testing.assert_allclose(acts.dormancy_score(s), [1 / 0.35, 0.05 / 0.35, 0], rtol=1e-6)
   np.testing.assert_array_equal(ss.dead_mask(s, tau=0.0), [False, False, True])
   np.testing.assert_array_equal(ss.dead_mask(s, tau=0.2), [False, True, True])
   np.testing.assert_array_equal(ss.dead_mask(s), [False, False, True])
@@ -71,7 +78,7 @@ def test_merge_is_split_invariant_and_jittable():
   x = jax.nn.relu(jax.random.normal(jax.random.key(0), (32, 7, 16)) - 1.5)
   whole = ss.batch_stats(x)
   parts = ss.init_stats(16)
-  step = jax.jit(ss.update_stats)
+  step = jax.jit(lambda s, x: ss.merge_stats(s, ss.batch_stats(x)))
   for i in range(0, 32, 5):
     parts = step(parts, x[i:i + 5])
   np.testing.assert_allclose(parts.total, whole.total, rtol=1e-6)

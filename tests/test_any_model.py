@@ -497,16 +497,16 @@ def _nnx_run(model, stats_fn, x, y, batches, events=3):
     stats = probe.probe_stats(stats_fn, model, batches, where_fn=_where)
     dead = probe.dead_tree(nnx.state(model, nnx.Param), stats)
     before = _flat(nnx.state(model, nnx.Param))
-    m0 = _flat(ss_nnx.get_masks(optimizer))
+    m0 = _flat(ss.get_masks(optimizer))
     ss_nnx.strip(model, optimizer, dead, stripping_factor=FACTOR)
     _check_strip(before, _flat(nnx.state(model, nnx.Param)), _flat(dead), m0,
-                 _flat(ss_nnx.get_masks(optimizer)))
+                 _flat(ss.get_masks(optimizer)))
     for i in range(2):
       _nnx_train(model, optimizer, x[4 * i:4 * i + 4], y[4 * i:4 * i + 4])
     _check_zero(_flat(nnx.state(model, nnx.Param)),
-                _flat(ss_nnx.get_masks(optimizer)))
+                _flat(ss.get_masks(optimizer)))
     history.append((stats, _flat(dead), _flat(nnx.state(model, nnx.Param)),
-                    _flat(ss_nnx.get_masks(optimizer))))
+                    _flat(ss.get_masks(optimizer))))
   return history
 
 

@@ -74,6 +74,13 @@ def test_eager_strip_params_keeps_shardings(worker):
   check(worker, "eager_strip_params_keeps_shardings")
 
 
+def test_eager_strip_event_then_sharded_step(worker):
+  """After compile_strip, an eager strip_event on mesh-sharded params
+  compiles nothing and keeps the shardings: a jitted step with a sharded
+  batch runs on its outputs."""
+  check(worker, "eager_strip_event_then_sharded_step")
+
+
 def test_pmap_strip_params(worker):
   """strip_params inside pmap: the 1-device result on every device."""
   check(worker, "pmap_strip_params")

@@ -35,6 +35,8 @@ from fractions import Fraction
 from absl.testing import parameterized
 import chex
 from hypothesis import HealthCheck, given, settings
+
+from conftest import examples
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 import jax
@@ -191,7 +193,7 @@ def test_oracle_reproduces_original_thresholds(reference):
 # strip_kernel / strip_params invariants
 # ----------------------------------------------------------------------------
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(case=strip_case(), more_dead=st.lists(
     hnp.arrays(np.bool_, 12), min_size=1, max_size=3))
 def test_masks_only_shrink(case, more_dead):
@@ -259,7 +261,7 @@ def check_strip_kernel(kernel, dead, mask, q):
   return stripped
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=examples(60), **SETTINGS)
 @given(case=strip_case())
 def test_thresholds_and_pruned_counts_float32(case):
   """Per dead neuron with a non-zero weight: the threshold is torch's float32
@@ -270,7 +272,7 @@ def test_thresholds_and_pruned_counts_float32(case):
   check_strip_kernel(*case)
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=examples(30), **SETTINGS)
 @given(case=strip_case(dtype=BF16, factors=BF16_FACTORS, shapes=BF16_SHAPES))
 def test_thresholds_and_pruned_counts_bfloat16(case):
   """As the float32 test, for bfloat16 kernels (dtype kept, thresholds in
@@ -309,7 +311,7 @@ def test_thresholds_on_seeded_data():
   assert exact / total >= 0.9, (exact, total)
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(case=strip_case(factors=[0.0]))
 def test_factor_zero_prunes_nothing(case):
   """``stripping_factor=0``: the threshold is the minimum non-zero weight and
@@ -358,7 +360,7 @@ def param_tree(draw, dtype, dense_shapes=((40, 12), (2, 3))):
   return params, dead
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(dtype=st.sampled_from([np.float32, BF16]), data=st.data())
 def test_untouched_leaves_and_live_columns_are_bit_identical(dtype, data):
   """``strip_params`` with no prior masks: live neurons' columns, biases and
@@ -393,7 +395,7 @@ def test_untouched_leaves_and_live_columns_are_bit_identical(dtype, data):
   assert masks["scale"] is None
 
 
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=examples(40), **SETTINGS)
 @given(case=strip_case(), empty=st.data())
 def test_dead_neuron_without_nonzero_weight_is_left_alone(case, empty):
   """A dead neuron whose column is all zero (zeros in the kernel or fully
@@ -422,7 +424,7 @@ def test_dead_neuron_without_nonzero_weight_is_left_alone(case, empty):
 _STRIP_PARAMS_JIT = jax.jit(strip_params, static_argnames="stripping_factor")
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=examples(15), **SETTINGS)
 @given(data=st.data())
 def test_inputs_are_never_modified(data):
   """numpy params, dead, masks and gradients are the same (bits, dtype,
@@ -510,7 +512,7 @@ def make_steps(name):
   return tx, steps
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=examples(8), **SETTINGS)
 @given(name=st.sampled_from(sorted(OPTIMIZERS)),
        q=st.just(0.5),
        seed=st.integers(0, 2**31 - 1),
@@ -572,7 +574,7 @@ class JitAgreementTest(chex.TestCase):
   """``chex.variants``: the same function with and without ``jax.jit``."""
 
   @chex.variants(with_jit=True, without_jit=True)
-  @settings(max_examples=30, **SETTINGS)
+  @settings(max_examples=examples(30), **SETTINGS)
   @given(data=st.data())
   def test_strip_params(self, data):
     """``strip_params`` (and a second call with masks): bit-identical params,
@@ -590,7 +592,7 @@ class JitAgreementTest(chex.TestCase):
       assert_bitwise_equal(a, b)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @settings(max_examples=10, **SETTINGS)
+  @settings(max_examples=examples(10), **SETTINGS)
   @given(seed=st.integers(0, 2**31 - 1), q=st.just(0.5))
   def test_strip_event(self, seed, q):
     """``strip_event``: params and the whole optimizer state bit-identical."""
@@ -609,7 +611,7 @@ class JitAgreementTest(chex.TestCase):
       assert_bitwise_equal(a, b)
 
   @chex.variants(with_jit=True, without_jit=True)
-  @settings(max_examples=10, **SETTINGS)
+  @settings(max_examples=examples(10), **SETTINGS)
   @given(seed=st.integers(0, 2**31 - 1))
   def test_update_with_fma_free_inner_is_bit_identical(self, seed):
     """With an inner optimizer whose arithmetic is one operation per element
@@ -701,7 +703,7 @@ def accumulate(chunks, order):
   if order == "update":
     s = acts.init_stats(n)
     for c in chunks:
-      s = acts.update_stats(s, c)
+      s = acts.merge_stats(s, acts.batch_stats(c))
     return s
   if order == "right":
     s = parts[-1]
@@ -715,7 +717,7 @@ def accumulate(chunks, order):
   return parts[0]
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=examples(15), **SETTINGS)
 @given(case=activation_case("int"),
        order=st.sampled_from(["update", "right", "tree"]))
 def test_batch_stats_split_invariant_exact_for_integers(case, order):
@@ -738,7 +740,7 @@ def test_batch_stats_split_invariant_exact_for_integers(case, order):
       acts.dead_mask(whole), np.all(x.reshape(-1, x.shape[-1]) == 0, axis=0))
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=examples(15), **SETTINGS)
 @given(case=activation_case("float"),
        order=st.sampled_from(["update", "right", "tree"]))
 def test_batch_stats_split_invariant_floats(case, order):
@@ -756,7 +758,7 @@ def test_batch_stats_split_invariant_floats(case, order):
   assert float(whole.count) == x.size // x.shape[-1]
 
 
-@settings(max_examples=15, **SETTINGS)
+@settings(max_examples=examples(15), **SETTINGS)
 @given(case=activation_case("relu"),
        order=st.sampled_from(["update", "right", "tree"]),
        nonfinite=st.booleans())
@@ -777,5 +779,6 @@ def test_dead_mask_invariant_to_probe_split_relu(case, order, nonfinite):
   np.testing.assert_array_equal(acts.nonfinite_neurons(merged),
                                 ~np.all(np.isfinite(flat), axis=0))
   tree = {"a": whole, "b": {"c": merged}}
-  got = acts.dead_masks(tree)
+  got = jax.tree.map(acts.dead_mask, tree,
+                     is_leaf=lambda x: isinstance(x, acts.ActivationStats))
   np.testing.assert_array_equal(got["a"], got["b"]["c"])

@@ -36,7 +36,7 @@ import optax
 
 from _shared import assert_bitwise_equal
 
-from synstrip_jax import _trees, probe, redo
+from synstrip_jax import probe, redo, trees
 from synstrip_jax import linen as ss_linen
 from synstrip_vit import models
 from synstrip_vit.models import create_model
@@ -89,7 +89,7 @@ def init_params(model, seed: int, x):
   rng = np.random.default_rng(seed)
 
   def fill(path, sd):
-    name = _trees.path_str(path)
+    name = trees.path_str(path)
     if name.endswith("scale"):
       return jnp.ones(sd.shape, sd.dtype)
     if name.endswith("kernel"):
@@ -349,7 +349,7 @@ class FunctionPreservedTest(chex.TestCase):
                                         init_fn=init_fn))
     before = apply(model, params, x)
     only_fc1 = jax.tree_util.tree_map(lambda d: d, dead,  # fresh containers
-                                      is_leaf=_trees.is_none)
+                                      is_leaf=trees.is_none)
     only_fc1["encoder_block_0"]["mlp"]["fc2"]["kernel"] = None
     only_fc1["encoder_block_1"]["mlp"]["fc2"]["kernel"] = None
     new = recycle(params, only_fc1, jax.random.PRNGKey(3))
@@ -416,7 +416,7 @@ def check_reset(test, old_state, new_state, params, rec, fields):
     news = optax.tree_utils.tree_get_all_with_path(new_state, field)
     test.assertEqual(len(olds), len(news))
     p_def = jax.tree_util.tree_structure(params)
-    paths = [p for p, _ in _trees.leaves_with_path(params)]
+    paths = [p for p, _ in trees.leaves_with_path(params)]
     for (_, o), (_, n) in zip(olds, news):
       o_l, n_l, r_l = (p_def.flatten_up_to(t) for t in (o, n, rec))
       for path, ol, nl, r in zip(paths, o_l, n_l, r_l):
@@ -429,8 +429,8 @@ def check_reset(test, old_state, new_state, params, rec, fields):
           test.assertTrue(np.all(np.asarray(ol)[np.asarray(r)] != 0))
           n_checked += 1
   test.assertGreater(n_checked, 0)
-  old_l = _trees.leaves_with_path(old_state)
-  new_l = _trees.leaves_with_path(new_state)
+  old_l = trees.leaves_with_path(old_state)
+  new_l = trees.leaves_with_path(new_state)
   test.assertEqual([p for p, _ in old_l], [p for p, _ in new_l])
   for (path, o), (_, n) in zip(old_l, new_l):
     if not _field_of(path, fields):
@@ -484,7 +484,7 @@ class MomentsTest(chex.TestCase, parameterized.TestCase):
     rng = np.random.default_rng(3)
     masks = jax.tree_util.tree_map(
         lambda m: None if m is None else jnp.asarray(rng.random(m.shape) > 0.4),
-        get_masks(state), is_leaf=_trees.is_none)
+        get_masks(state), is_leaf=trees.is_none)
     state = set_masks(state, masks)
     params = masked_params(params, state)
     dead = make_dead()
@@ -538,7 +538,7 @@ class OutgoingMapTest(parameterized.TestCase):
     self.assertEqual(models.outgoing_map(params, "MLP"),
                      {"fc0/kernel": "fc1/kernel", "fc1/kernel": "head/kernel"})
     dead, _ = probe_dead(model, params, X)
-    set_paths = {p for p, d in _trees.leaves_with_path(dead, keep_none=True)
+    set_paths = {p for p, d in trees.leaves_with_path(dead, keep_none=True)
                  if d is not None}
     self.assertEqual(set_paths, set(models.outgoing_map(params, "mlp")))
     _, deeper = mlp_setup(depth=4)
@@ -556,7 +556,7 @@ class OutgoingMapTest(parameterized.TestCase):
       want[f"{b}/fc2/kernel"] = None
     self.assertEqual(out, want)
     dead, _ = probe_dead(model, params, x)
-    set_paths = {p for p, d in _trees.leaves_with_path(dead, keep_none=True)
+    set_paths = {p for p, d in trees.leaves_with_path(dead, keep_none=True)
                  if d is not None}
     self.assertEqual(set_paths, set(out))
 
@@ -685,8 +685,8 @@ def test_property_chain_invariants(case):
   new, rec, fresh, moments, state = jax.tree_util.tree_map(
       lambda x: None if x is None else np.asarray(x),
       _chain_run(params, dead, jax.random.PRNGKey(seed)),
-      is_leaf=_trees.is_none)
-  _, paths, olds, (news, recs, moms, mus, nus) = _trees.aligned_leaves(
+      is_leaf=trees.is_none)
+  _, paths, olds, (news, recs, moms, mus, nus) = trees.aligned_leaves(
       params, new, rec, moments, state.mu, state.nu)
   for path, o, nw, r, mo, mu, nu in zip(paths, olds, news, recs, moms, mus, nus):
     r = np.zeros(o.shape, bool) if r is None else r

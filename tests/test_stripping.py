@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _shared import assert_bitwise_equal
 from synstrip_jax import stripping
 from synstrip_jax.stripping import strip_kernel, strip_params
 
@@ -182,27 +183,6 @@ def test_no_recompilation_for_new_dead_sets():
   assert len(traces) == 1
 
 
-class _CompileCounter:
-  """Counts XLA backend compilations (``jax.monitoring`` duration events)."""
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-
-  def __init__(self):
-    self.count = 0
-
-  def _listen(self, event, duration, **kwargs):
-    del duration, kwargs
-    if event == self.EVENT:
-      self.count += 1
-
-  def __enter__(self):
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
-    return self
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
 def _layers(shapes, seed=0):
   """Params with one ``{'kernel', 'bias'}`` layer per shape."""
   rng = np.random.default_rng(seed)
@@ -217,62 +197,48 @@ def _layer_dead(params, frac, seed):
               "bias": None} for k, v in params.items()}
 
 
-def test_eager_strip_compiles_once_per_shape_not_per_factor_or_dead_set():
-  """Eager strip_params with method='compiled' compiles one program per
-  distinct kernel shape; new dead sets, new factors and masks given or not
-  compile nothing more."""
+def test_eager_strip_compiles_once_per_shape_not_per_factor_or_dead_set(
+    count_compiles):
+  """Eager strip_params compiles one program per distinct kernel shape; new
+  dead sets, new factors and masks given or not compile nothing more."""
   shapes = [(12, 20), (20, 12), (12, 20), (12, 20), (3, 3, 4, 20)]
   params = _layers(shapes)
-  strip = functools.partial(strip_params, method="compiled")
-  # The first event (masks None) may compile; count the shapes it adds.
-  before = stripping._strip_kernel_jit._cache_size()
-  p, m = strip(params, _layer_dead(params, 0.5, 1), stripping_factor=0.05)
-  added = stripping._strip_kernel_jit._cache_size() - before
-  assert added <= 3  # (12, 20), (20, 12), (3, 3, 4, 20)
-  with _CompileCounter() as counter:
+  with count_compiles() as first:
+    p, m = strip_params(params, _layer_dead(params, 0.5, 1),
+                        stripping_factor=0.05)
+  # One program per shape: (12, 20), (20, 12), (3, 3, 4, 20) at most.
+  assert first.count_of("_strip_kernel_impl") <= 3, first.names
+  with count_compiles() as counter:
     for e, (frac, q) in enumerate([(0.0, 0.05), (1.0, 0.3), (0.3, 0.0),
                                    (0.7, 1.0), (0.5, 0.123456789)]):
-      p, m = strip(p, _layer_dead(params, frac, 10 + e), m,
+      p, m = strip_params(p, _layer_dead(params, frac, 10 + e), m,
+                          stripping_factor=q)
+      strip_params(params, _layer_dead(params, frac, 20 + e),
                    stripping_factor=q)
-      strip(params, _layer_dead(params, frac, 20 + e), stripping_factor=q)
     jax.block_until_ready(m)
-  # (The jit's dispatch cache may hold a second entry per shape, for a
-  # numpy rather than a jax mask, but no program is traced or compiled.)
   assert counter.count == 0
 
 
-def test_eager_default_compiles_nothing_and_equals_compiled():
-  """The default eager path (host) runs no XLA compilation at all, on new
-  shapes, factors and dead sets, and gives the compiled program's bits."""
+def test_compile_strip_ahead_of_time_leaves_nothing_to_compile(
+    count_compiles):
+  """compile_strip from shapes compiles every program an eager strip event
+  then runs: the events compile nothing, and give the jitted call's bits."""
   params = _layers([(13, 21), (21, 13), (2, 3, 5, 21)], seed=7)
+  targets = jax.tree.map(lambda x: x.ndim >= 2, params)
+  assert stripping.compile_strip(jax.eval_shape(lambda: params), targets) == 3
   dead1, dead2 = _layer_dead(params, 0.5, 1), _layer_dead(params, 0.9, 2)
   jax.block_until_ready((params, dead1, dead2))
-  with _CompileCounter() as counter:
+  with count_compiles() as counter:
     p, m = strip_params(params, dead1, stripping_factor=0.07)
     p, m = strip_params(p, dead2, m, stripping_factor=0.31)
     jax.block_until_ready((p, m))
   assert counter.count == 0
-  cp, cm = strip_params(params, _layer_dead(params, 0.5, 1),
-                        stripping_factor=0.07, method="compiled")
-  cp, cm = strip_params(cp, _layer_dead(params, 0.9, 2), cm,
-                        stripping_factor=0.31, method="compiled")
-  for w, g in zip(jax.tree.leaves((cp, cm)), jax.tree.leaves((p, m))):
-    assert w.dtype == g.dtype and isinstance(g, jax.Array)
-    np.testing.assert_array_equal(np.asarray(w).view(np.uint8),
-                                  np.asarray(g).view(np.uint8))
+  jitted = jax.jit(strip_params, static_argnames="stripping_factor")
+  jp, jm = jitted(params, dead1, stripping_factor=0.07)
+  jp, jm = jitted(jp, dead2, jm, stripping_factor=0.31)
+  assert_bitwise_equal((p, m), (jp, jm), "eager vs jit")
   assert int(sum(np.asarray(x).size - np.asarray(x).sum()
                  for x in jax.tree.leaves(m))) > 0  # something was pruned
-
-
-def test_method_is_checked():
-  params = _layers([(4, 6)])
-  dead = _layer_dead(params, 1.0, 0)
-  with pytest.raises(ValueError, match="'gpu'"):
-    strip_params(params, dead, method="gpu")
-  with pytest.raises(ValueError, match="method='host'.*traced"):
-    jax.jit(functools.partial(strip_params, method="host"))(params, dead)
-  # 'auto' under jit is the compiled path (no error).
-  jax.jit(strip_params)(params, dead)
 
 
 @pytest.mark.parametrize("with_masks", [False, True])
@@ -311,19 +277,21 @@ def test_traced_program_size_does_not_grow_with_same_shape_kernels():
   assert two < 2 * one and twelve < 2 * two, (one, two, twelve)
 
 
-def test_every_dead_count_gets_its_thresholds():
+def test_every_dead_count_gets_its_thresholds(count_compiles):
   """Each dead neuron gets the threshold of its whole column, every other
   neuron NaN, for every dead count (one compiled program for all)."""
   w = jax.random.normal(jax.random.key(1), (40, 33))
   full = stripping.column_thresholds(w, 0.2, axis=0)
   thresholds = jax.jit(stripping.kernel_thresholds,
                        static_argnames="stripping_factor")
-  for count in range(0, 34):
-    dead = jnp.arange(33) < count
-    thr = thresholds(w, dead, stripping_factor=0.2)
-    np.testing.assert_array_equal(thr, jnp.where(dead, full, jnp.nan))
-    assert int(jnp.sum(~jnp.isnan(thr))) == count
-  assert thresholds._cache_size() == 1
+  with count_compiles() as counter:
+    for count in range(0, 34):
+      dead = jnp.arange(33) < count
+      thr = thresholds(w, dead, stripping_factor=0.2)
+      np.testing.assert_array_equal(thr, jnp.where(dead, full, jnp.nan))
+      assert int(jnp.sum(~jnp.isnan(thr))) == count
+  # One program for every dead set (none if an earlier test compiled it).
+  assert counter.count_of("kernel_thresholds") <= 1, counter.names
 
 
 # ---------------------------------------------------------------- bad input

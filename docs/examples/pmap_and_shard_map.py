@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
+from synstrip_jax.transform import init_masks
 from synstrip_vit.models import create_model
 
 STRIPPING_FACTOR = 0.05
@@ -157,7 +158,7 @@ def main():
   _, state = model.apply({"params": params}, x[:1], train=False,
                          mutable=[ss_linen.ACTIVATIONS])
   targets = probe.target_tree(params, ss_linen.linen_stats(state))
-  masks = ss.init_masks(params, targets)
+  masks = init_masks(params, targets)
 
   # (d) One device, whole batch, no padding.
   ref = jax.jit(probe_and_strip)(params, masks, x, None)
