@@ -61,12 +61,6 @@ def test_removed_top_level_names_warn(name):
     getattr(synstrip_jax, "no_such_name")
 
 
-def test_private_trees_module_warns_and_points_at_trees():
-  from synstrip_jax import _trees  # pylint: disable=import-outside-toplevel
-  with pytest.warns(DeprecationWarning, match="synstrip_jax.trees.path_str"):
-    assert _trees.path_str is synstrip_jax.trees.path_str
-
-
 def test_path_format_is_slash_joined_keys():
   tree = {"enc": [{"fc1": {"kernel": np.zeros((2, 3))}}]}
   (path, _), = jax.tree_util.tree_flatten_with_path(tree)[0]

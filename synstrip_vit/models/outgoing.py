@@ -11,7 +11,7 @@ from typing import Optional
 
 from flax.core import FrozenDict
 
-from synstrip_jax import _trees
+from synstrip_jax import trees
 from synstrip_jax.redo import Outgoing, sequential_outgoing
 
 PyTree = object
@@ -31,7 +31,7 @@ def mlp_outgoing(params: PyTree) -> Outgoing:
     ValueError: the params are not those of an MLP (no ``fc0/kernel``,
       non-contiguous layer indices or no ``head/kernel``).
   """
-  paths = [p for p, _ in _trees.leaves_with_path(params)]
+  paths = [p for p, _ in trees.leaves_with_path(params)]
   idx = sorted(int(m.group(1)) for m in map(_MLP_FC.match, paths) if m)
   if not idx or idx != list(range(len(idx))):
     raise ValueError("params are not those of models.MLP: expected kernels "
@@ -54,7 +54,7 @@ def vit_outgoing(params: PyTree) -> Outgoing:
     ValueError: no ``<block>/mlp/fc1/kernel`` in params, or an ``fc1``
       without its ``fc2``.
   """
-  paths = [p for p, _ in _trees.leaves_with_path(params)]
+  paths = [p for p, _ in trees.leaves_with_path(params)]
   path_set = set(paths)
   out: dict[str, Optional[str]] = {}
   for p in paths:
