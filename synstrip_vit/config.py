@@ -31,7 +31,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from synstrip_jax import DEFAULT_STRIPPING_FACTOR
-from synstrip_jax.stripping import validate_stripping_factor
+from synstrip_jax.validation import validate_stripping_factor
 from synstrip_vit import models
 
 PROBES = ("train_holdout", "test")

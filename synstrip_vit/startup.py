@@ -25,7 +25,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from synstrip_jax import redo
-from synstrip_jax.transform import strip_event
+from synstrip_jax import get_masks, strip_event
+from synstrip_jax.stripping import compile_strip
 from synstrip_vit import config as config_lib, distributed, finite, models
 from synstrip_vit import rundata, steps
 from synstrip_vit.rundata import RunData
@@ -106,12 +107,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
         config, run_data, mesh, init, key, train_step,
         (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
   repl = steps.replicated(mesh)
-  # Called eagerly: strip_event then strips on the host (NumPy over the dead
-  # columns, nothing to compile; bit-identical to the compiled program) when
-  # this process holds the arrays whole, else runs one compiled program per
-  # kernel shape; outputs are placed like the (replicated) inputs.
-  # bench/bench_strip.py: first event on the default ViT kernels 0.06 s vs
-  # 0.6 s for the compiled program and 1.0 s for a jitted strip_event.
+  # Called eagerly: strip_event runs one compiled program per kernel shape
+  # (compiled at start-up by compile_in_parallel) and places its outputs
+  # like the (replicated) inputs.
   strip = functools.partial(strip_event,
                             stripping_factor=config.stripping.factor)
   recycle = (jax.jit(functools.partial(
@@ -132,8 +130,8 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          train_step: Callable,
                          eval_steps: Sequence[Callable]
                          ) -> steps.TrainState:
-  """Compile the init, the train step, the eval steps and the finite-state
-  check in parallel threads.
+  """Compile the init, the train step, the eval steps, the finite-state
+  check and (with stripping) the strip programs in parallel threads.
 
   XLA compiles (and loads from the persistent cache) without holding the
   GIL, so the three overlap with each other and with the tracing of the
@@ -149,7 +147,7 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
       [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
        ((e,), np.bool_)], mesh)
   with concurrent.futures.ThreadPoolExecutor(
-      max_workers=3 + len(eval_steps)) as pool:
+      max_workers=4 + len(eval_steps)) as pool:
     futures = [pool.submit(init.compile)]
     futures.append(pool.submit(train_step.lower(abstract, *steps.abstract_batch(
         [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
@@ -160,6 +158,10 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
     # The end-of-epoch finite-state check (and the save's): ~0.45 s of the
     # first epoch otherwise.
     futures.append(pool.submit(finite.nonfinite_check_compiler(abstract)))
+    if config.stripping.enabled:
+      # The eager strip events' programs: the first event compiles nothing.
+      futures.append(pool.submit(compile_strip, abstract.params,
+                                 get_masks(abstract.opt_state)))
     compiled_init = [f.result() for f in futures][0]
   return steps.replicate(compiled_init(key), mesh)
 

@@ -497,6 +497,7 @@ def _max_diffs(a, b, rel_floor=1e-6):
 def _worker() -> dict:
   """Runs on 8 fake CPU devices (see the module docstring)."""
   import synstrip_jax  # pylint: disable=import-outside-toplevel
+  is_stats = lambda x: isinstance(x, synstrip_jax.ActivationStats)
   results = {"devices": jax.device_count()}
   model = tiny_vit()
   state0, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
@@ -561,7 +562,8 @@ def _worker() -> dict:
   results["eval_stats_bit_identical"] = bitwise_equal(s1, s8)
   results["eval_stats_max_rel_diff"] = _max_diffs(s1, s8)[1]
   results["eval_dead_masks_equal"] = bitwise_equal(
-      synstrip_jax.dead_masks(s1), synstrip_jax.dead_masks(s8))
+      jax.tree.map(synstrip_jax.dead_mask, s1, is_leaf=is_stats),
+      jax.tree.map(synstrip_jax.dead_mask, s8, is_leaf=is_stats))
   results["eval_count"] = [float(r["evals"][f]["count"])
                            for r in (one, many) for f in (True, False)]
   results["eval_metrics_max_rel_diff"] = max(

@@ -609,7 +609,7 @@ def test_readme_stripping_table_matches_the_default_config():
 
 def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
   """After prepare, the end-of-epoch finite-state check (compiled with the
-  steps) and the eager strip event (host path) compile nothing."""
+  steps) and the eager strip event (compiled at start-up) compile nothing."""
   run, state = startup.prepare(tiny_config(), tmp_path, log=lambda m: None)
   masks = get_masks(state.opt_state)
   dead = jax.tree.map(lambda m: np.arange(m.shape[-1]) % 2 == 0, masks)

@@ -1,6 +1,6 @@
 """Plain MLP for the width/depth ablation, and the activation registry.
 
-Every hidden layer is an :class:`~synstrip_jax.ss_linen.ActDense` (Dense +
+Every hidden layer is an :class:`~synstrip_jax.linen.ActDense` (Dense +
 activation that sows its post-activation statistics), so it is a stripping
 target; the classifier head is a plain ``nn.Dense`` and never stripped.
 """

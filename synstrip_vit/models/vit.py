@@ -65,7 +65,7 @@ class MlpBlock(nn.Module):
   """``Dropout(act(fc2(Dropout(act(fc1(x))))))``: ``[..., D] -> [..., D]``.
 
   Both ``fc1`` (``[D, mlp_dim]``) and ``fc2`` (``[mlp_dim, D]``) are
-  :class:`~synstrip_jax.ss_linen.ActDense` layers that sow their statistics.
+  :class:`~synstrip_jax.linen.ActDense` layers that sow their statistics.
   """
   mlp_dim: int
   activation: Union[str, Activation] = "relu"
