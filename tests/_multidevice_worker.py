@@ -26,6 +26,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from _shared import assert_bitwise_equal
+from conftest import random_dead, small_params
 
 from synstrip_jax import activations as acts
 from synstrip_jax.stripping import compile_strip, strip_params
@@ -62,19 +63,20 @@ def float_relu_activations(seed=1, per_device=4, n=16):
   return x
 
 
+# Neuron counts divisible by the 8 devices (kernels are sharded over them).
+SHAPES = {"fc": (16, 32), "conv": (3, 3, 4, 16), "head": (32, 8)}
+
+
 def make_params(seed=0):
-  rng = np.random.default_rng(seed)
-  f = lambda *s: rng.normal(size=s).astype(np.float32)
-  return {"fc": {"kernel": f(16, 32), "bias": f(32)},
-          "conv": {"kernel": f(3, 3, 4, 16), "bias": f(16)},
-          "head": {"kernel": f(32, 8), "bias": f(8)}}
+  """conftest's :func:`small_params` of ``SHAPES``, as host (numpy) arrays."""
+  return jax.tree_util.tree_map(np.asarray, small_params(SHAPES, seed))
 
 
 def make_dead(seed=0):
-  rng = np.random.default_rng(seed + 100)
-  return {"fc": {"kernel": rng.random(32) < 0.4, "bias": None},
-          "conv": {"kernel": rng.random(16) < 0.4, "bias": None},
-          "head": {"kernel": None, "bias": None}}
+  """About 40 % of the fc and conv neurons dead, as host (numpy) arrays."""
+  return jax.tree_util.tree_map(
+      np.asarray, random_dead(jax.eval_shape(lambda: small_params(SHAPES)), 0.4,
+                              seed + 100, ("fc", "conv")))
 
 
 TARGETS = {"fc": {"kernel": True, "bias": False},
@@ -322,12 +324,13 @@ def eager_strip_event_then_sharded_step():
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       params)
   assert compile_strip(abstract, TARGETS) == 2  # fc and conv kernels
+  dead = make_dead()  # host arrays, computed before counting compilations
   compiles = []
   listen = lambda event, _, **kw: compiles.append(kw.get("fun_name")) if event == (
       "/jax/core/compile/backend_compile_duration") else None
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
-    new_params, new_state = strip_event(params, state, make_dead(),
+    new_params, new_state = strip_event(params, state, dead,
                                         stripping_factor=Q)
     jax.block_until_ready(new_params)
   finally:
@@ -423,8 +426,9 @@ def explicit_mesh_jit_init():
   ``jax.set_mesh``): ``jax.jit(tx.init)(params)`` gives masks and Adam
   moments with the params' sharding types (``jax.typeof``)."""
   mesh = _explicit_mesh()
+  host_params = make_params()
   with jax.set_mesh(mesh):
-    params = device_put_tree(make_params(), mesh, param_specs())
+    params = device_put_tree(host_params, mesh, param_specs())
     state = jax.jit(make_tx().init)(params)
     errors = _opt_sharding_errors(params, state, "jit init:")
     masks = get_masks(state)
@@ -443,16 +447,17 @@ def explicit_mesh_update_and_strip_event():
   params and masks as the 1-device computation (masks bit for bit)."""
   mesh = _explicit_mesh()
   tx = make_tx()
-  ref_params = make_params()
+  host_params, host_grads, dead = make_params(), make_params(7), make_dead()
+  ref_params = host_params
   ref_state = tx.init(ref_params)
-  ref_params, ref_state = strip_event(ref_params, ref_state, make_dead(),
+  ref_params, ref_state = strip_event(ref_params, ref_state, dead,
                                       stripping_factor=Q)
   with jax.set_mesh(mesh):
-    params = device_put_tree(make_params(), mesh, param_specs())
-    grads = device_put_tree(make_params(7), mesh, param_specs())
+    params = device_put_tree(host_params, mesh, param_specs())
+    grads = device_put_tree(host_grads, mesh, param_specs())
     state = jax.jit(tx.init)(params)
     params, state = jax.jit(strip_event, static_argnames="stripping_factor")(
-        params, state, make_dead(), stripping_factor=Q)
+        params, state, dead, stripping_factor=Q)
     errors = _opt_sharding_errors(params, state, "after strip_event:")
     assert_bitwise_equal(get_masks(state), get_masks(ref_state), "masks")
     assert_bitwise_equal(params, ref_params, "params")

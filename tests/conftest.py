@@ -3,7 +3,10 @@ a compilation counter, small models and dead trees, hypothesis profiles."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Optional, Sequence, Union
+
 import jax
+import jax.numpy as jnp
 import pytest
 from hypothesis import settings
 
@@ -65,16 +68,98 @@ def count_compiles():
   return CompileCounter
 
 
+# Small models and dead trees.
+
+#: The small model of the optimizer and stripping tests: a conv kernel
+#: ``[3, 3, 2, 6]`` (6 neurons, fan-in 18), a dense kernel ``[12, 8]`` (8
+#: neurons) and a head ``[8, 3]``, each with a bias.
+SMALL_SHAPES = {"conv": (3, 3, 2, 6), "fc1": (12, 8), "head": (8, 3)}
+#: Which leaves of a :func:`small_params` tree are stripped: every kernel but
+#: the head's, never a bias.
+SMALL_TARGETS = {"conv": {"kernel": True, "bias": False},
+                 "fc1": {"kernel": True, "bias": False},
+                 "head": {"kernel": False, "bias": False}}
+
+
+def small_params(shapes: Optional[Mapping[str, Sequence[int]]] = None,
+                 seed: Union[int, jax.Array] = 0,
+                 dtype: Any = jnp.float32) -> dict:
+  """``{layer: {"kernel": N(0, 1) [shape], "bias": 0.1 N(0, 1) [shape[-1]]}}``.
+
+  ``shapes`` maps layer names to kernel shapes (default
+  :data:`SMALL_SHAPES`); ``seed`` is an int or a ``jax.random.PRNGKey``.
+  """
+  shapes = SMALL_SHAPES if shapes is None else shapes
+  key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+  keys = iter(jax.random.split(key, 2 * len(shapes)))
+  return {name: {"kernel": jax.random.normal(next(keys), tuple(s), dtype),
+                 "bias": 0.1 * jax.random.normal(next(keys), (s[-1],), dtype)}
+          for name, s in shapes.items()}
+
+
+def dead_tree(params: dict, dead: Mapping[str, Any]) -> dict:
+  """A dead tree aligned with ``{layer: {leaf: array}}`` params:
+  ``dead[layer]`` as given (so tests can pass bad values) at the layer's
+  kernel, ``None`` at every other leaf."""
+  unknown = set(dead) - set(params)
+  if unknown:
+    raise ValueError(f"dead names layers {sorted(unknown)} not in the params "
+                     f"({sorted(params)})")
+  return {name: {leaf: dead.get(name) if leaf == "kernel" else None
+                 for leaf in layer}
+          for name, layer in params.items()}
+
+
+#: The dead neurons of :func:`small_dead`: 3 of the conv layer's 6 and 3 of
+#: fc1's 8.
+SMALL_DEAD = {"conv": [True, False, False, True, False, True],
+              "fc1": [True, False, True, False, False, False, False, True]}
+
+
+def small_dead(**dead: Any) -> dict:
+  """A :func:`dead_tree` of :func:`small_params` (default shapes):
+  ``small_dead(fc1=..., conv=...)`` sets the named layers' dead neurons (the
+  others None); ``small_dead()`` is :data:`SMALL_DEAD`."""
+  if not dead:
+    dead = {name: jnp.asarray(d) for name, d in SMALL_DEAD.items()}
+  return dead_tree(jax.eval_shape(small_params), dead)
+
+
+def random_dead(params: dict, frac: float, seed: Union[int, jax.Array],
+                layers: Optional[Sequence[str]] = None) -> dict:
+  """A :func:`dead_tree` with each neuron of ``layers`` (default: every
+  layer) dead with probability ``frac``; ``seed``: int or PRNGKey."""
+  layers = list(params) if layers is None else list(layers)
+  key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+  keys = jax.random.split(key, len(layers))
+  return dead_tree(params, {
+      name: jax.random.bernoulli(k, frac, params[name]["kernel"].shape[-1:])
+      for name, k in zip(layers, keys)})
+
+
 # Hypothesis: a quarter of each property's examples by default, all of them
 # when the slow tests are selected (``-m slow``).
 settings.register_profile("quick", max_examples=25)
 settings.register_profile("full", max_examples=100)
 
 
-def pytest_configure(config):
+def _full_examples(config) -> bool:
   markexpr = config.getoption("markexpr", "") or ""
-  full = "slow" in markexpr and "not slow" not in markexpr
-  settings.load_profile("full" if full else "quick")
+  return "slow" in markexpr and "not slow" not in markexpr
+
+
+def pytest_configure(config):
+  settings.load_profile("full" if _full_examples(config) else "quick")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Under ``-m slow`` the hypothesis properties run their full example
+  count, so they are slow tests then (and selected by ``-m slow``)."""
+  if _full_examples(config):
+    for item in items:
+      if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        item.add_marker(pytest.mark.slow)
 
 
 def examples(n: int) -> int:

@@ -14,7 +14,8 @@ What is checked (each test's docstring says how):
 * inputs (numpy arrays) are never modified;
 * stripped weights stay exactly 0.0 (and their moments exactly 0) through 100
   steps of adamw / sgd+momentum / lion wrapped by ``with_stripping``;
-* jit and no-jit agree bit for bit (``chex.variants``);
+* jitted calls agree bit for bit with eager ones (``strip_params`` and
+  ``strip_event`` run different code under jit);
 * activation statistics are split-invariant; ``dead_mask`` is invariant to how
   the probe set is split into batches.
 
@@ -32,19 +33,18 @@ import functools
 import math
 from fractions import Fraction
 
-from absl.testing import parameterized
 import chex
 from hypothesis import HealthCheck, given, settings
-
-from conftest import examples
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from _shared import assert_bitwise_equal, bits
+from conftest import examples, random_dead, small_params
 
 from synstrip_jax import activations as acts
 from synstrip_jax.stripping import strip_kernel, strip_params
@@ -469,16 +469,12 @@ TRAIN_TARGETS = {"fc": {"kernel": True, "bias": False},
                  "conv": {"kernel": True, "bias": False},
                  "head": {"kernel": False, "bias": False}}
 HALF_STEPS = 50  # 2 x 50 = 100 steps, with a second stripping in between
+TRAIN_SHAPES = {"fc": (12, 8), "conv": (3, 3, 2, 4), "head": (8, 3)}
+TRAIN_LAYERS = ("fc", "conv")  # the stripped layers
 
 
 def train_params(key):
-  k = jax.random.split(key, 6)
-  return {"fc": {"kernel": jax.random.normal(k[0], (12, 8)),
-                 "bias": jax.random.normal(k[1], (8,))},
-          "conv": {"kernel": jax.random.normal(k[2], (3, 3, 2, 4)),
-                   "bias": jax.random.normal(k[3], (4,))},
-          "head": {"kernel": jax.random.normal(k[4], (8, 3)),
-                   "bias": jax.random.normal(k[5], (3,))}}
+  return small_params(TRAIN_SHAPES, key)
 
 
 @functools.lru_cache(maxsize=None)
@@ -527,13 +523,8 @@ def test_stripped_weights_stay_exactly_zero_through_training(
   key = jax.random.PRNGKey(seed)
   kp, kd1, kd2, kg = jax.random.split(key, 4)
   params = train_params(kp)
-  def dead_tree(k):
-    a, b = jax.random.split(k)
-    return {"fc": {"kernel": jax.random.bernoulli(a, p_dead, (8,)),
-                   "bias": None},
-            "conv": {"kernel": jax.random.bernoulli(b, p_dead, (4,)),
-                     "bias": None},
-            "head": {"kernel": None, "bias": None}}
+  dead_tree = functools.partial(random_dead, params, p_dead,
+                                layers=TRAIN_LAYERS)
   tx, steps = make_steps(name)
   state = tx.init(params)
   params, state = strip_event(params, state, dead_tree(kd1), stripping_factor=q)
@@ -564,112 +555,103 @@ def test_stripped_weights_stay_exactly_zero_through_training(
 # jit and no-jit agree bit for bit
 # ----------------------------------------------------------------------------
 
-# The functions handed to ``self.variant`` are created once, so that the
-# ``with_jit`` variant's compilations are cached across hypothesis examples.
-_STRIP_PARAMS_Q05 = functools.partial(strip_params, stripping_factor=0.5)
-_STRIP_EVENT = {0.5: functools.partial(strip_event, stripping_factor=0.5)}
+_STRIP_EVENT_JIT = jax.jit(strip_event, static_argnames="stripping_factor")
 
 
-class JitAgreementTest(chex.TestCase):
-  """``chex.variants``: the same function with and without ``jax.jit``."""
+@settings(max_examples=examples(30), **SETTINGS)
+@given(data=st.data())
+def test_jit_strip_params(data):
+  """``strip_params`` (and a second call with masks) under jit: params and
+  masks bit-identical to the eager call's."""
+  dtype = data.draw(st.sampled_from([np.float32, BF16]))
+  params, dead = data.draw(param_tree(dtype, dense_shapes=((2, 3),)))
+  q = 0.5
+  got_p, got_m = _STRIP_PARAMS_JIT(params, dead, stripping_factor=q)
+  ref_p, ref_m = strip_params(params, dead, stripping_factor=q)
+  got_p2, got_m2 = _STRIP_PARAMS_JIT(got_p, dead, got_m, stripping_factor=q)
+  ref_p2, ref_m2 = strip_params(ref_p, dead, ref_m, stripping_factor=q)
+  for a, b in zip(jax.tree_util.tree_leaves((got_p, got_m, got_p2, got_m2)),
+                  jax.tree_util.tree_leaves((ref_p, ref_m, ref_p2, ref_m2))):
+    assert_bitwise_equal(a, b)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @settings(max_examples=examples(30), **SETTINGS)
-  @given(data=st.data())
-  def test_strip_params(self, data):
-    """``strip_params`` (and a second call with masks): bit-identical params,
-    masks with and without jit (and with the eager reference path)."""
-    dtype = data.draw(st.sampled_from([np.float32, BF16]))
-    params, dead = data.draw(param_tree(dtype, dense_shapes=((2, 3),)))
-    q = 0.5
-    fn = self.variant(_STRIP_PARAMS_Q05)  # one function: jit cache reused
-    got_p, got_m = fn(params, dead)
-    ref_p, ref_m = strip_params(params, dead, stripping_factor=q)
-    got_p2, got_m2 = fn(got_p, dead, got_m)
-    ref_p2, ref_m2 = strip_params(ref_p, dead, ref_m, stripping_factor=q)
-    for a, b in zip(jax.tree_util.tree_leaves((got_p, got_m, got_p2, got_m2)),
-                    jax.tree_util.tree_leaves((ref_p, ref_m, ref_p2, ref_m2))):
-      assert_bitwise_equal(a, b)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @settings(max_examples=examples(10), **SETTINGS)
-  @given(seed=st.integers(0, 2**31 - 1), q=st.just(0.5))
-  def test_strip_event(self, seed, q):
-    """``strip_event``: params and the whole optimizer state bit-identical."""
-    tx = with_stripping(optax.adamw(1e-2, weight_decay=0.1), TRAIN_TARGETS)
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    params = train_params(k1)
-    state = tx.init(params)
-    dead = {"fc": {"kernel": jax.random.bernoulli(k2, 0.5, (8,)), "bias": None},
-            "conv": {"kernel": jax.random.bernoulli(k3, 0.5, (4,)), "bias": None},
-            "head": {"kernel": None, "bias": None}}
-    fn = self.variant(_STRIP_EVENT[q])  # one function per q: jit cache reused
-    got = fn(params, state, dead)
-    ref = strip_event(params, state, dead, stripping_factor=q)
-    chex.assert_trees_all_equal_structs(got, ref)
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
-      assert_bitwise_equal(a, b)
+@settings(max_examples=examples(10), **SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1), q=st.just(0.5))
+def test_jit_strip_event(seed, q):
+  """``strip_event`` under jit: params and the whole optimizer state
+  bit-identical to the eager call's."""
+  tx = with_stripping(optax.adamw(1e-2, weight_decay=0.1), TRAIN_TARGETS)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  params = train_params(k1)
+  state = tx.init(params)
+  dead = random_dead(params, 0.5, k2, TRAIN_LAYERS)
+  got = _STRIP_EVENT_JIT(params, state, dead, stripping_factor=q)
+  ref = strip_event(params, state, dead, stripping_factor=q)
+  chex.assert_trees_all_equal_structs(got, ref)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+    assert_bitwise_equal(a, b)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @settings(max_examples=examples(10), **SETTINGS)
-  @given(seed=st.integers(0, 2**31 - 1))
-  def test_update_with_fma_free_inner_is_bit_identical(self, seed):
-    """With an inner optimizer whose arithmetic is one operation per element
-    (plain SGD: ``-lr * g``), ``with_stripping``'s update is bit-identical
-    with and without jit: updates, masks, state. (FMA-heavy optimizers are
-    covered by the next test: XLA contracts ``a * b + c`` under jit only, so
-    optax itself is not bit-identical across jit for them.)"""
-    self._check_update(seed, optax.sgd(0.1), exact=True)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(
-      (name, name) for name in sorted(OPTIMIZERS))
-  def test_update_masked_entries_bit_identical(self, name):
-    """For adamw / sgd+momentum / lion: masks and the stripped entries of the
-    updates (exactly ``-params``) and of the moments are bit-identical with
-    and without jit; kept entries agree to float32 rounding (FMA contraction)."""
-    for seed in range(3):
-      self._check_update(seed, OPTIMIZERS[name][0](), exact=False)
+@settings(max_examples=examples(10), **SETTINGS)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_jit_update_with_fma_free_inner_is_bit_identical(seed):
+  """With an inner optimizer whose arithmetic is one operation per element
+  (plain SGD: ``-lr * g``), ``with_stripping``'s update under jit is
+  bit-identical to the eager one: updates, masks, state. (FMA-heavy
+  optimizers are covered by the next test: XLA contracts ``a * b + c`` under
+  jit only, so optax itself is not bit-identical across jit for them.)"""
+  _check_update(seed, optax.sgd(0.1), exact=True)
 
-  def _check_update(self, seed, inner, *, exact):
-    tx = with_stripping(inner, TRAIN_TARGETS)
-    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    params = train_params(keys[0])
-    state = tx.init(params)
-    dead = {"fc": {"kernel": jax.random.bernoulli(keys[1], 0.5, (8,)), "bias": None},
-            "conv": {"kernel": jax.random.bernoulli(keys[2], 0.5, (4,)), "bias": None},
-            "head": {"kernel": None, "bias": None}}
-    params, state = strip_event(params, state, dead, stripping_factor=0.5)
-    masks = get_masks(state)
-    # Masked weights that are not zero yet: the update must be exactly -p.
-    params = jax.tree_util.tree_map(lambda p: p + 1.0, params)
-    update = self.variant(tx.update)
-    for step, k in enumerate(jax.random.split(keys[3], 3)):
-      grads = jax.tree_util.tree_map(
-          lambda p: jax.random.normal(k, p.shape), params)
-      got_u, got_s = update(grads, state, params)
-      ref_u, ref_s = tx.update(grads, state, params)
-      if exact:
-        for a, b in zip(jax.tree_util.tree_leaves((got_u, got_s)),
-                        jax.tree_util.tree_leaves((ref_u, ref_s))):
-          assert_bitwise_equal(a, b, f"step {step}")
-      else:
-        for a, b in zip(jax.tree_util.tree_leaves(got_u),
-                        jax.tree_util.tree_leaves(ref_u)):
-          np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-        for a, b in zip(jax.tree_util.tree_leaves(get_masks(got_s)),
-                        jax.tree_util.tree_leaves(get_masks(ref_s))):
-          assert_bitwise_equal(a, b)
-      for layer in ("fc", "conv"):
-        m = np.asarray(masks[layer]["kernel"])
-        p = np.asarray(params[layer]["kernel"])
-        for u in (got_u, ref_u):
-          assert_bitwise_equal(np.asarray(u[layer]["kernel"])[~m], -p[~m])
-      params = optax.apply_updates(params, ref_u)
-      state = ref_s
-      for layer in ("fc", "conv"):
-        m = np.asarray(masks[layer]["kernel"])
-        assert np.all(np.asarray(params[layer]["kernel"])[~m] == 0)
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_jit_update_masked_entries_bit_identical(name):
+  """For adamw / sgd+momentum / lion: masks and the stripped entries of the
+  updates (exactly ``-params``) and of the moments are bit-identical under
+  jit and eagerly; kept entries agree to float32 rounding (FMA contraction)."""
+  for seed in range(3):
+    _check_update(seed, OPTIMIZERS[name][0](), exact=False)
+
+
+def _check_update(seed, inner, *, exact):
+  """Three steps of ``with_stripping(inner)``'s update, jitted and eager,
+  from masked weights that are not zero yet: compared (bit for bit when
+  ``exact``), stripped entries exactly ``-params`` in both."""
+  tx = with_stripping(inner, TRAIN_TARGETS)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  params = train_params(keys[0])
+  state = tx.init(params)
+  dead = random_dead(params, 0.5, keys[1], TRAIN_LAYERS)
+  params, state = strip_event(params, state, dead, stripping_factor=0.5)
+  masks = get_masks(state)
+  # Masked weights that are not zero yet: the update must be exactly -p.
+  params = jax.tree_util.tree_map(lambda p: p + 1.0, params)
+  update = jax.jit(tx.update)
+  for step, k in enumerate(jax.random.split(keys[3], 3)):
+    grads = jax.tree_util.tree_map(
+        lambda p: jax.random.normal(k, p.shape), params)
+    got_u, got_s = update(grads, state, params)
+    ref_u, ref_s = tx.update(grads, state, params)
+    if exact:
+      for a, b in zip(jax.tree_util.tree_leaves((got_u, got_s)),
+                      jax.tree_util.tree_leaves((ref_u, ref_s))):
+        assert_bitwise_equal(a, b, f"step {step}")
+    else:
+      for a, b in zip(jax.tree_util.tree_leaves(got_u),
+                      jax.tree_util.tree_leaves(ref_u)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+      for a, b in zip(jax.tree_util.tree_leaves(get_masks(got_s)),
+                      jax.tree_util.tree_leaves(get_masks(ref_s))):
+        assert_bitwise_equal(a, b)
+    for layer in ("fc", "conv"):
+      m = np.asarray(masks[layer]["kernel"])
+      p = np.asarray(params[layer]["kernel"])
+      for u in (got_u, ref_u):
+        assert_bitwise_equal(np.asarray(u[layer]["kernel"])[~m], -p[~m])
+    params = optax.apply_updates(params, ref_u)
+    state = ref_s
+    for layer in ("fc", "conv"):
+      m = np.asarray(masks[layer]["kernel"])
+      assert np.all(np.asarray(params[layer]["kernel"])[~m] == 0)
 
 
 # ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from _shared import assert_bitwise_equal
+from conftest import dead_tree, random_dead, small_dead, small_params
 from synstrip_jax import stripping
 from synstrip_jax.stripping import strip_kernel, strip_params
 
@@ -73,29 +74,17 @@ def test_all_zero_dead_row_is_left_alone(reference):
   np.testing.assert_array_equal(new_w[:, 1], [0, 0, 3, 4, 5])
 
 
-def _params(key=0, dtype=jnp.float32):
-  k1, k2, k3 = jax.random.split(jax.random.key(key), 3)
-  return {
-      "dense": {"kernel": jax.random.normal(k1, (16, 8), dtype),
-                "bias": jnp.zeros(8, dtype)},
-      "conv": {"kernel": jax.random.normal(k2, (3, 3, 4, 6), dtype),
-               "bias": jnp.zeros(6, dtype)},
-      "head": {"kernel": jax.random.normal(k3, (8, 2), dtype)},
-  }
-
-
-def _dead(dense=None, conv=None):
-  return {"dense": {"kernel": dense, "bias": None},
-          "conv": {"kernel": conv, "bias": None},
-          "head": {"kernel": None}}
+# The small model of conftest: "fc1" [12, 8] and "conv" [3, 3, 2, 6] are
+# stripped, "head" is not.
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dense_and_conv_kernels(dtype):
-  params = _params(dtype=dtype)
-  dead = _dead(jnp.arange(8) % 2 == 0, jnp.array([True, False] * 3))
+  params = small_params(dtype=dtype)
+  dead = small_dead(fc1=jnp.arange(8) % 2 == 0,
+                    conv=jnp.array([True, False] * 3))
   new_p, masks = strip_params(params, dead, stripping_factor=0.25)
-  for name in ("dense", "conv"):
+  for name in ("fc1", "conv"):
     k, m = new_p[name]["kernel"], masks[name]["kernel"]
     assert k.shape == params[name]["kernel"].shape and k.dtype == dtype
     assert m.dtype == jnp.bool_ and m.shape == k.shape
@@ -110,57 +99,56 @@ def test_dense_and_conv_kernels(dtype):
     expected = int(np.floor(0.25 * (fan_in - 1))) + 1
     assert np.all(np.abs(pruned - expected) <= 1), pruned
     assert np.all(np.asarray(k, np.float32)[~np.asarray(m)] == 0)
-  assert masks["head"]["kernel"] is None and masks["dense"]["bias"] is None
+  assert masks["head"]["kernel"] is None and masks["fc1"]["bias"] is None
   assert new_p["head"]["kernel"] is params["head"]["kernel"]
 
 
 def test_conv_kernel_flattens_all_fan_in_axes():
-  params = _params()
-  dead = _dead(None, jnp.ones(6, bool))
+  params = small_params()
+  dead = small_dead(conv=jnp.ones(6, bool))
   _, masks = strip_params(params, dead, stripping_factor=0.5)
-  _, flat_mask, _ = strip_kernel(params["conv"]["kernel"].reshape(36, 6),
-                                 jnp.ones(6, bool), jnp.ones((36, 6), bool),
+  _, flat_mask, _ = strip_kernel(params["conv"]["kernel"].reshape(18, 6),
+                                 jnp.ones(6, bool), jnp.ones((18, 6), bool),
                                  stripping_factor=0.5)
-  np.testing.assert_array_equal(masks["conv"]["kernel"].reshape(36, 6), flat_mask)
+  np.testing.assert_array_equal(masks["conv"]["kernel"].reshape(18, 6), flat_mask)
 
 
 def test_masks_only_shrink_and_pruned_weights_stay_zero():
-  params = _params()
-  dead = _dead(jnp.ones(8, bool), None)
+  params = small_params()
+  dead = small_dead(fc1=jnp.ones(8, bool))
   p1, m1 = strip_params(params, dead, stripping_factor=0.1)
   # Pretend training moved a pruned weight: the old mask still applies.
   tampered = jax.tree.map(lambda x: x, p1)
-  tampered["dense"]["kernel"] = jnp.where(m1["dense"]["kernel"], p1["dense"]["kernel"], 7.0)
+  tampered["fc1"]["kernel"] = jnp.where(m1["fc1"]["kernel"], p1["fc1"]["kernel"], 7.0)
   p2, m2 = strip_params(tampered, dead, m1, stripping_factor=0.1)
-  assert not np.any(np.asarray(m2["dense"]["kernel"]) & ~np.asarray(m1["dense"]["kernel"]))
-  assert np.all(np.asarray(p2["dense"]["kernel"])[~np.asarray(m2["dense"]["kernel"])] == 0)
-  assert (~np.asarray(m2["dense"]["kernel"])).sum() > (~np.asarray(m1["dense"]["kernel"])).sum()
+  assert not np.any(np.asarray(m2["fc1"]["kernel"]) & ~np.asarray(m1["fc1"]["kernel"]))
+  assert np.all(np.asarray(p2["fc1"]["kernel"])[~np.asarray(m2["fc1"]["kernel"])] == 0)
+  assert (~np.asarray(m2["fc1"]["kernel"])).sum() > (~np.asarray(m1["fc1"]["kernel"])).sum()
 
 
 def test_no_dead_neurons_changes_nothing():
-  params = _params()
-  dead = _dead(jnp.zeros(8, bool), jnp.zeros(6, bool))
+  params = small_params()
+  dead = small_dead(fc1=jnp.zeros(8, bool), conv=jnp.zeros(6, bool))
   new_p, masks = strip_params(params, dead)
-  for name in ("dense", "conv"):
+  for name in ("fc1", "conv"):
     np.testing.assert_array_equal(new_p[name]["kernel"], params[name]["kernel"])
     assert bool(jnp.all(masks[name]["kernel"]))
 
 
 def test_factor_zero_prunes_nothing_factor_one_prunes_all_but_max():
-  params = _params()
-  dead = _dead(jnp.ones(8, bool), None)
+  params = small_params()
+  dead = small_dead(fc1=jnp.ones(8, bool))
   _, m0 = strip_params(params, dead, stripping_factor=0.0)
-  assert bool(jnp.all(m0["dense"]["kernel"]))
+  assert bool(jnp.all(m0["fc1"]["kernel"]))
   _, m1 = strip_params(params, dead, stripping_factor=1.0)
-  np.testing.assert_array_equal(np.asarray(m1["dense"]["kernel"]).sum(0), 1)
+  np.testing.assert_array_equal(np.asarray(m1["fc1"]["kernel"]).sum(0), 1)
 
 
 def test_inputs_are_not_modified():
-  params = jax.tree.map(np.asarray, _params())
+  params = jax.tree.map(np.asarray, small_params())
   before = jax.tree.map(np.copy, params)
-  dead = _dead(np.ones(8, bool), np.ones(6, bool))
-  masks = {"dense": {"kernel": np.ones((16, 8), bool), "bias": None},
-           "conv": {"kernel": None, "bias": None}, "head": {"kernel": None}}
+  dead = small_dead(fc1=np.ones(8, bool), conv=np.ones(6, bool))
+  masks = dead_tree(params, {"fc1": np.ones((12, 8), bool)})
   masks_before = jax.tree.map(np.copy, masks)
   strip_params(params, dead, masks, stripping_factor=0.5)
   jax.tree.map(np.testing.assert_array_equal, params, before)
@@ -175,26 +163,18 @@ def test_no_recompilation_for_new_dead_sets():
     return strip_params(params, dead, stripping_factor=0.05)
 
   f = jax.jit(fn)
-  params = _params()
+  params = small_params()
   rng = np.random.default_rng(0)
   for frac in (0.0, 0.1, 0.5, 0.9, 1.0, 0.3):
-    dead = _dead(jnp.asarray(rng.random(8) < frac), jnp.asarray(rng.random(6) < frac))
+    dead = small_dead(fc1=jnp.asarray(rng.random(8) < frac),
+                      conv=jnp.asarray(rng.random(6) < frac))
     f(params, dead)
   assert len(traces) == 1
 
 
 def _layers(shapes, seed=0):
-  """Params with one ``{'kernel', 'bias'}`` layer per shape."""
-  rng = np.random.default_rng(seed)
-  return {f"l{i}": {"kernel": jnp.asarray(rng.standard_normal(s), jnp.float32),
-                    "bias": jnp.zeros((s[-1],), jnp.float32)}
-          for i, s in enumerate(shapes)}
-
-
-def _layer_dead(params, frac, seed):
-  rng = np.random.default_rng(seed)
-  return {k: {"kernel": jnp.asarray(rng.random(v["kernel"].shape[-1]) < frac),
-              "bias": None} for k, v in params.items()}
+  """:func:`small_params` with one layer ``l{i}`` per kernel shape."""
+  return small_params({f"l{i}": s for i, s in enumerate(shapes)}, seed)
 
 
 def test_eager_strip_compiles_once_per_shape_not_per_factor_or_dead_set(
@@ -204,17 +184,19 @@ def test_eager_strip_compiles_once_per_shape_not_per_factor_or_dead_set(
   shapes = [(12, 20), (20, 12), (12, 20), (12, 20), (3, 3, 4, 20)]
   params = _layers(shapes)
   with count_compiles() as first:
-    p, m = strip_params(params, _layer_dead(params, 0.5, 1),
+    p, m = strip_params(params, random_dead(params, 0.5, 1),
                         stripping_factor=0.05)
   # One program per shape: (12, 20), (20, 12), (3, 3, 4, 20) at most.
   assert first.count_of("_strip_kernel_impl") <= 3, first.names
+  events = [(random_dead(params, frac, 10 + e), random_dead(params, frac, 20 + e),
+             q) for e, (frac, q) in enumerate([(0.0, 0.05), (1.0, 0.3),
+                                              (0.3, 0.0), (0.7, 1.0),
+                                              (0.5, 0.123456789)])]
+  jax.block_until_ready((p, m, events))
   with count_compiles() as counter:
-    for e, (frac, q) in enumerate([(0.0, 0.05), (1.0, 0.3), (0.3, 0.0),
-                                   (0.7, 1.0), (0.5, 0.123456789)]):
-      p, m = strip_params(p, _layer_dead(params, frac, 10 + e), m,
-                          stripping_factor=q)
-      strip_params(params, _layer_dead(params, frac, 20 + e),
-                   stripping_factor=q)
+    for dead1, dead2, q in events:
+      p, m = strip_params(p, dead1, m, stripping_factor=q)
+      strip_params(params, dead2, stripping_factor=q)
     jax.block_until_ready(m)
   assert counter.count == 0
 
@@ -226,7 +208,7 @@ def test_compile_strip_ahead_of_time_leaves_nothing_to_compile(
   params = _layers([(13, 21), (21, 13), (2, 3, 5, 21)], seed=7)
   targets = jax.tree.map(lambda x: x.ndim >= 2, params)
   assert stripping.compile_strip(jax.eval_shape(lambda: params), targets) == 3
-  dead1, dead2 = _layer_dead(params, 0.5, 1), _layer_dead(params, 0.9, 2)
+  dead1, dead2 = random_dead(params, 0.5, 1), random_dead(params, 0.9, 2)
   jax.block_until_ready((params, dead1, dead2))
   with count_compiles() as counter:
     p, m = strip_params(params, dead1, stripping_factor=0.07)
@@ -246,7 +228,7 @@ def test_traced_strip_params_equals_eager(with_masks):
   """Under jit, same-shape kernels are stacked and mapped: same bits."""
   shapes = [(12, 20), (20, 12), (12, 20), (12, 20), (20, 12), (3, 3, 4, 20)]
   params = _layers(shapes, seed=3)
-  dead = _layer_dead(params, 0.5, 4)
+  dead = random_dead(params, 0.5, 4)
   masks = None
   if with_masks:
     rng = np.random.default_rng(5)
@@ -266,7 +248,7 @@ def test_traced_program_size_does_not_grow_with_same_shape_kernels():
   def hlo_ops(n):
     params = _layers([(12, 20)] * n)
     lowered = jax.jit(strip_params, static_argnames="stripping_factor").lower(
-        params, _layer_dead(params, 0.5, 0), stripping_factor=0.05)
+        params, random_dead(params, 0.5, 0), stripping_factor=0.05)
     text = lowered.as_text()
     return text.count(" = "), text.count("stablehlo.while")
   (one, loops1), (two, loops2), (twelve, loops12) = map(hlo_ops, (1, 2, 12))
@@ -299,61 +281,61 @@ def test_every_dead_count_gets_its_thresholds(count_compiles):
 @pytest.mark.parametrize("factor", [-0.1, 1.5, float("nan"), float("inf")])
 def test_bad_stripping_factor_value(factor):
   with pytest.raises(ValueError, match="stripping_factor"):
-    strip_params(_params(), _dead(jnp.ones(8, bool)), stripping_factor=factor)
+    strip_params(small_params(), small_dead(fc1=jnp.ones(8, bool)), stripping_factor=factor)
 
 
 @pytest.mark.parametrize("factor", [True, "0.1", None, [0.1]])
 def test_bad_stripping_factor_type(factor):
   with pytest.raises(ValueError, match="stripping_factor"):
-    strip_params(_params(), _dead(jnp.ones(8, bool)), stripping_factor=factor)
+    strip_params(small_params(), small_dead(fc1=jnp.ones(8, bool)), stripping_factor=factor)
 
 
 def test_traced_stripping_factor_is_rejected():
   with pytest.raises(TypeError, match="static"):
-    jax.jit(lambda q: strip_params(_params(), _dead(jnp.ones(8, bool)),
+    jax.jit(lambda q: strip_params(small_params(), small_dead(fc1=jnp.ones(8, bool)),
                                    stripping_factor=q))(0.1)
 
 
 def test_mismatched_tree_names_the_path():
-  dead = {"dense": {"kernel": jnp.ones(8, bool), "bias": None},
+  dead = {"fc1": {"kernel": jnp.ones(8, bool), "bias": None},
           "other": {"kernel": None}}
   with pytest.raises(ValueError, match="other/kernel"):
-    strip_params(_params(), dead)
+    strip_params(small_params(), dead)
 
 
 def test_dead_wrong_length_names_path_and_shape():
-  with pytest.raises(ValueError, match=r"dead\[dense/kernel\].*\(7,\).*8 neurons"):
-    strip_params(_params(), _dead(jnp.ones(7, bool)))
+  with pytest.raises(ValueError, match=r"dead\[fc1/kernel\].*\(7,\).*8 neurons"):
+    strip_params(small_params(), small_dead(fc1=jnp.ones(7, bool)))
 
 
 def test_dead_not_bool():
-  with pytest.raises(TypeError, match=r"dead\[dense/kernel\].*bool.*float32"):
-    strip_params(_params(), _dead(jnp.ones(8, jnp.float32)))
+  with pytest.raises(TypeError, match=r"dead\[fc1/kernel\].*bool.*float32"):
+    strip_params(small_params(), small_dead(fc1=jnp.ones(8, jnp.float32)))
   # A list is a container, not a leaf: the structures no longer align.
-  with pytest.raises(ValueError, match=r"dense/kernel"):
-    strip_params(_params(), _dead([True] * 8))
-  with pytest.raises(TypeError, match=r"dead\[dense/kernel\].*str"):
-    strip_params(_params(), _dead("all"))
+  with pytest.raises(ValueError, match=r"fc1/kernel"):
+    strip_params(small_params(), small_dead(fc1=[True] * 8))
+  with pytest.raises(TypeError, match=r"dead\[fc1/kernel\].*str"):
+    strip_params(small_params(), small_dead(fc1="all"))
 
 
 def test_dead_on_a_bias_is_rejected():
-  dead = _dead()
-  dead["dense"]["bias"] = jnp.ones(8, bool)
-  with pytest.raises(ValueError, match=r"dense/bias.*rank >= 2"):
-    strip_params(_params(), dead)
+  dead = small_dead(fc1=None)
+  dead["fc1"]["bias"] = jnp.ones(8, bool)
+  with pytest.raises(ValueError, match=r"fc1/bias.*rank >= 2"):
+    strip_params(small_params(), dead)
 
 
 def test_masks_wrong_shape_or_dtype():
-  dead = _dead(jnp.ones(8, bool))
-  masks = _dead(jnp.ones((16, 7), bool))
-  with pytest.raises(ValueError, match=r"masks\[dense/kernel\].*\(16, 7\)"):
-    strip_params(_params(), dead, masks)
-  masks = _dead(jnp.ones((16, 8), jnp.int32))
-  with pytest.raises(TypeError, match=r"masks\[dense/kernel\].*int32"):
-    strip_params(_params(), dead, masks)
+  dead = small_dead(fc1=jnp.ones(8, bool))
+  masks = small_dead(fc1=jnp.ones((12, 7), bool))
+  with pytest.raises(ValueError, match=r"masks\[fc1/kernel\].*\(12, 7\)"):
+    strip_params(small_params(), dead, masks)
+  masks = small_dead(fc1=jnp.ones((12, 8), jnp.int32))
+  with pytest.raises(TypeError, match=r"masks\[fc1/kernel\].*int32"):
+    strip_params(small_params(), dead, masks)
 
 
 def test_errors_are_raised_under_jit_too():
   f = jax.jit(strip_params, static_argnames="stripping_factor")
-  with pytest.raises(ValueError, match=r"dead\[dense/kernel\]"):
-    f(_params(), _dead(jnp.ones(5, bool)), stripping_factor=0.1)
+  with pytest.raises(ValueError, match=r"dead\[fc1/kernel\]"):
+    f(small_params(), small_dead(fc1=jnp.ones(5, bool)), stripping_factor=0.1)
