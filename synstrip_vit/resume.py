@@ -149,8 +149,9 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict,
   config whose only change is a larger ``run.num_epochs``: the run
   continues with the schedule of the new length (recorded under
   ``extended`` in ``run.json``). A run is finished when its newest
-  checkpoint is at the last step, matches its manifest, and
-  ``metrics.jsonl`` holds every epoch; nothing is restored to tell.
+  checkpoint is at the last step and matches its manifest, its
+  ``config.json`` and ``run.json`` are readable and ``metrics.jsonl`` holds
+  every epoch; nothing is restored to tell.
 
   Raises:
     RunError: the workdir holds another run (or ``extend`` cannot apply).
@@ -166,8 +167,10 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict,
   stored = (integrity.read_meta(step_dir) or {}).get("identity")
   if isinstance(stored, dict):
     _check_identity(stored, accepted, f"checkpoint {saved[-1]} in {ckpts}")
-  if saved[-1] != config.run.num_epochs * steps_per_epoch:
-    return None
+  if saved[-1] != config.run.num_epochs * steps_per_epoch or any(
+      workdir_lib.read_json(workdir / name)[0] != "ok"
+      for name in (CONFIG_FILE, workdir_lib.RUN_FILE)):
+    return None  # the resume rewrites a damaged config.json or run.json
   try:
     if not integrity.verify(step_dir):
       return None
