@@ -45,7 +45,8 @@ from synstrip_jax import metrics, probe
 from synstrip_jax.activations import check_finite
 from synstrip_jax.transform import get_masks
 from synstrip_vit import checkpointing, config as config_lib, distributed
-from synstrip_vit import finite, input_pipeline, steps, writers
+from synstrip_vit import finite, input_pipeline, interrupt, resume, rundata
+from synstrip_vit import startup, steps, writers
 from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.resume import restore_or_start
 from synstrip_vit.startup import Run, prepare
@@ -61,7 +62,10 @@ class EpochRecord:
 
   ``per_layer`` holds ``dead/<kernel>``, ``active/<kernel>`` and
   ``sparsity/<kernel>``; :meth:`as_dict` flattens it after the other fields
-  (the file's keys and their order).
+  (the file's keys and their order). ``epoch`` is the 0-based index (the
+  console's ``epoch k/N`` is ``k = epoch + 1``); ``strippable_neurons`` the
+  number of neurons the probe watches (``dead_neurons`` is out of it). The
+  metrics are defined in ``docs/training.md``.
   """
   epoch: int
   step: int
@@ -72,6 +76,7 @@ class EpochRecord:
   probe_loss: float
   probe_acc: float
   dead_neurons: int
+  strippable_neurons: int
   active_params: int
   sparsity: float
   stripped_weights: int
@@ -101,9 +106,16 @@ class EpochRecord:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                        *, on_step: Optional[StepCallback] = None,
                        log: Callable[[str], None] = print,
-                       timer: Optional[StageTimer] = None
+                       timer: Optional[StageTimer] = None,
+                       extend: bool = False,
+                       stop: Optional[interrupt.StopFlag] = None
                        ) -> list[dict[str, Any]]:
   """Train (or resume) the run in ``workdir``; return the per-epoch records.
+
+  Every check that needs nothing compiled (the config, the lock, the data
+  and its fingerprint, the workdir's run) comes before the first compile;
+  a finished run returns its records at once (nothing restored or
+  compiled).
 
   Args:
     config: see :func:`synstrip_vit.config.base_config`.
@@ -117,6 +129,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     timer: gets the stages (data, init_compile, restore, writers, epochs,
       saves, plots; see :mod:`synstrip_vit.timings`); process 0 writes it to
       ``<workdir>/timings.json`` at the end. Default: a fresh one.
+    extend: continue a run with a larger ``run.num_epochs`` (on the
+      schedule of the new length; see :func:`resume.check_workdir`).
+    stop: once training has started, a stop request (e.g. a signal through
+      :func:`interrupt.catch_signals`) saves a checkpoint at the step
+      reached and raises :class:`interrupt.Interrupted`.
 
   Raises:
     ValueError: invalid config or data (before any training).
@@ -127,6 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     checkpointing.CheckpointError: no checkpoint can be restored.
     FloatingPointError: the training loss or the state became NaN/inf (the
       last good checkpoint is kept).
+    interrupt.Interrupted: ``stop`` was requested (the step is saved).
   """
   config_lib.validate(config)
   timer = StageTimer() if timer is None else timer
@@ -134,21 +152,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   workdir = Path(workdir).absolute()
   with workdir_lib.exclusive(workdir, enabled=is_main, log=log):
     return _train_and_evaluate(config, workdir, on_step=on_step, log=log,
-                               timer=timer)
+                               timer=timer, extend=extend,
+                               stop=stop or interrupt.StopFlag())
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
                         on_step: Optional[StepCallback],
-                        log: Callable[[str], None], timer: StageTimer
+                        log: Callable[[str], None], timer: StageTimer,
+                        extend: bool, stop: interrupt.StopFlag
                         ) -> list[dict[str, Any]]:
   """:func:`train_and_evaluate` once the workdir is locked."""
   is_main = distributed.is_main()
+  log = log if is_main else (lambda _: None)
+  run_data = startup.load_data(config, timer=timer)
+  finished = resume.check_workdir(
+      workdir, config, run_data.fingerprint,
+      rundata.steps_per_epoch(config, run_data), extend=extend)
+  if finished is not None:
+    log(f"run complete: {len(finished)} epochs; metrics in "
+        f"{workdir / writers.METRICS_FILE}")
+    return finished
   if is_main:  # overlaps the compiles; plot_metrics waits for it if need be
     threading.Thread(target=writers.preload_plotting, daemon=True).start()
-  run, state = prepare(config, workdir, log if is_main else (lambda _: None),
-                       timer=timer)
+  run, state = prepare(config, workdir, log, timer=timer, run_data=run_data)
   with timer.stage("restore"):
-    state, manager, records = restore_or_start(run, state)
+    state, manager, records = restore_or_start(run, state, extend=extend)
+  stop.arm()
   first_epoch, _ = run.position(state.step)
   with timer.stage("writers"):
     writer = writers.make_writer(
@@ -157,11 +186,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
   with contextlib.ExitStack() as stack:
     stack.callback(manager.close)
     stack.callback(writer.close)
-    callbacks = [cb for cb in (stack.enter_context(progress_bar(run, state)),
-                               on_step) if cb is not None]
+    bar = stack.enter_context(progress_bar(run, state))
+    callbacks = [cb for cb in (bar, on_step) if cb is not None]
     for epoch in range(first_epoch, config.run.num_epochs):
       t0 = time.perf_counter()
-      state = train_epoch(run, state, epoch, manager, callbacks)
+      state = train_epoch(run, state, epoch, manager, callbacks, stop)
       t1 = time.perf_counter()
       evals, dead = evaluate_and_probe(run, state.params)
       t2 = time.perf_counter()
@@ -171,10 +200,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
       record = make_record(run, state, epoch, evals, dead, event, timings)
       writer.write(record.step, record.as_dict())
       records.append(record.as_dict())
-      run.log(record.summary(config.run.num_epochs))
+      (bar.write if bar else run.log)(record.summary(config.run.num_epochs))
       timer.add("epochs", time.perf_counter() - t0)
       with timer.stage("saves"):
         checkpointing.save(manager, record.step, state)
+      if stop.requested:
+        raise stop.interrupted(epoch + 1, record.step)
   if is_main and records:
     with timer.stage("plots"):
       writers.plot_metrics(records, run.workdir, title=_title(config))
@@ -186,15 +217,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
 # ------------------------------------------------------------- the phases
 
 def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
-                callbacks: Sequence[StepCallback]) -> steps.TrainState:
+                callbacks: Sequence[StepCallback],
+                stop: Optional[interrupt.StopFlag] = None
+                ) -> steps.TrainState:
   """Train on ``epoch`` from the batch ``state.step`` points at.
 
   At batch 0 the running sums restart from zero. Inside the epoch (never at
   its last batch) a checkpoint is taken every
-  ``run.checkpoint_every_steps`` steps; ``callbacks`` get each new step.
+  ``run.checkpoint_every_steps`` steps, and at the step reached when
+  ``stop`` is requested (then :class:`interrupt.Interrupted` is raised; at
+  the last batch the epoch is finished first); ``callbacks`` get each new
+  step.
 
   Raises:
     FloatingPointError: the training loss became NaN/inf.
+    interrupt.Interrupted: ``stop`` was requested (the step is saved).
   """
   c, spe = run.config, run.steps_per_epoch
   start = int(state.step) - epoch * spe
@@ -212,9 +249,12 @@ def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
                                 run.data.y_train[idx]), run.mesh)
     state, _ = run.train_step(state, *batch)
     step = epoch * spe + b + 1  # == state.step, without waiting for it
-    if every and b + 1 < spe and step % every == 0:
+    stopping = stop is not None and stop.requested
+    if b + 1 < spe and ((every and step % every == 0) or stopping):
       finite.check_loss(state, epoch, manager)
       checkpointing.save(manager, step, state)
+      if stopping:
+        raise stop.interrupted(epoch, step)
     for callback in callbacks:
       callback(step)
   finite.check_loss(state, epoch, manager)
@@ -301,6 +341,7 @@ def make_record(run: Run, state: steps.TrainState, epoch: int,
       probe_loss=_mean(probed, "loss_sum"),
       probe_acc=_mean(probed, "correct"),
       dead_neurons=int(summary.pop("dead_neurons")),
+      strippable_neurons=sum(int(np.size(d)) for d in jax.tree.leaves(dead)),
       active_params=int(summary.pop("active_params")),
       sparsity=float(summary.pop("sparsity")),
       stripped_weights=stripped, stripped_now=event[0], recycled_now=event[1],
@@ -311,9 +352,24 @@ def make_record(run: Run, state: steps.TrainState, epoch: int,
                  for k, v in summary.items()})
 
 
+class ProgressBar:
+  """A tqdm bar as a step callback; :meth:`write` prints a line above it."""
+
+  def __init__(self, bar):
+    self.bar = bar
+
+  def __call__(self, step: int) -> None:
+    """Advance the bar to global ``step``."""
+    self.bar.update(step - self.bar.n)
+
+  def write(self, line: str) -> None:
+    """Print ``line`` above the bar (never into it)."""
+    self.bar.write(line)
+
+
 @contextlib.contextmanager
 def progress_bar(run: Run, state: steps.TrainState
-                 ) -> Iterator[Optional[StepCallback]]:
+                 ) -> Iterator[Optional[ProgressBar]]:
   """A tqdm bar over the run's steps as a step callback (None when off)."""
   if not (run.config.run.progress_bar and run.is_main):
     yield None
@@ -323,7 +379,7 @@ def progress_bar(run: Run, state: steps.TrainState
              initial=int(state.step), unit="step", dynamic_ncols=True,
              leave=False)
   try:
-    yield lambda _: bar.update(1)
+    yield ProgressBar(bar)
   finally:
     bar.close()
 
@@ -349,6 +405,6 @@ def _title(config: ml_collections.ConfigDict) -> str:
           f"strip={config.stripping.enabled} on {config.data.dataset}")
 
 
-__all__ = ["EpochRecord", "evaluate_and_probe", "is_event_epoch",
+__all__ = ["EpochRecord", "ProgressBar", "evaluate_and_probe", "is_event_epoch",
            "make_record", "progress_bar", "strip_or_recycle",
            "train_and_evaluate", "train_epoch"]

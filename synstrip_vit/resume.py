@@ -30,7 +30,7 @@ class RunError(RuntimeError):
 
 
 def _restore_checked(run: Run, state: steps.TrainState, manager: Any,
-                     identity: dict[str, str], config_ok: bool,
+                     accepted: list[dict[str, str]], config_ok: bool,
                      warn: Callable[[str], None]
                      ) -> tuple[steps.TrainState, Optional[dict[str, Any]]]:
   """``(state, checkpoint metadata)`` of the newest good checkpoint, or the
@@ -51,10 +51,8 @@ def _restore_checked(run: Run, state: steps.TrainState, manager: Any,
   meta = integrity.read_meta(Path(manager.directory) / str(step))
   stored = (meta or {}).get("identity")
   if isinstance(stored, dict):
-    reason = workdir_lib.identity_mismatch(
-        stored, identity, f"checkpoint {step} in {manager.directory}")
-    if reason:
-      raise RunError(reason)
+    _check_identity(stored, accepted,
+                    f"checkpoint {step} in {manager.directory}")
   elif not config_ok:
     raise RunError(
         f"{run.workdir / CONFIG_FILE} is missing or unreadable and "
@@ -66,7 +64,8 @@ def _restore_checked(run: Run, state: steps.TrainState, manager: Any,
   return state, meta
 
 
-def restore_or_start(run: Run, state: steps.TrainState
+def restore_or_start(run: Run, state: steps.TrainState, *,
+                     extend: bool = False
                      ) -> tuple[steps.TrainState, Any, list[dict[str, Any]]]:
   """Resume from the workdir's newest good checkpoint, or start at 0.
 
@@ -77,22 +76,30 @@ def restore_or_start(run: Run, state: steps.TrainState
   stored with the checkpoint and drops the records of the epochs that will
   be trained again; (re)writes ``config.json`` and ``run.json`` atomically
   when they are missing, damaged or out of date. Returns ``(state,
-  checkpointer, records kept)``.
+  checkpointer, records kept)``. ``extend``: see :func:`check_workdir`.
   """
   identity = run_identity(run)
-  config_ok = _check_run_files(run.workdir, run.config, identity)
+  config_ok, accepted, history = _check_run_files(
+      run.workdir, run.config, identity, extend=extend)
   metrics_path = run.workdir / writers.METRICS_FILE
   manager = checkpointing.make_manager(
       run.workdir, max_to_keep=run.config.run.max_checkpoints)
   warn = run.log if run.is_main else (lambda _: None)
   try:
-    state, meta = _restore_checked(run, state, manager, identity, config_ok,
+    state, meta = _restore_checked(run, state, manager, accepted, config_ok,
                                    warn)
   except BaseException:
     manager.close()
     raise
   if run.is_main:
-    _write_run_files(run.workdir, run.config, identity, warn)
+    if len(history) > len(_stored_history(run.workdir)):
+      history[-1]["at_step"] = int(state.step)
+      warn(f"extending the run to {run.config.run.num_epochs} epochs from "
+           f"step {int(state.step)}: the learning rate follows the "
+           f"{run.config.run.num_epochs}-epoch schedule from here on")
+    _write_run_files(run.workdir, run.config,
+                     {**identity, **({"extended": history} if history else {})},
+                     warn)
   epoch, _ = run.position(state.step)
   records: list[dict[str, Any]] = []
   if run.is_main:
@@ -111,43 +118,139 @@ def restore_or_start(run: Run, state: steps.TrainState
 
 def run_identity(run: Run) -> dict[str, str]:
   """The config and data fingerprints of ``run`` (see ``run.json``)."""
+  return _identity(_config_dict(run.config), run.data.fingerprint)
+
+
+def _identity(config: dict[str, Any], data_sha256: str) -> dict[str, str]:
+  """:func:`workdir_lib.run_identity` of a config dict and its data."""
   return workdir_lib.run_identity(
-      _config_dict(run.config), run.data.fingerprint,
-      run.config.data.dataset, ignored=tuple(config_lib.RESUMABLE_CHANGES))
+      config, data_sha256, config["data"]["dataset"],
+      ignored=tuple(config_lib.RESUMABLE_CHANGES))
+
+
+def _check_identity(stored: dict[str, Any], accepted: list[dict[str, str]],
+                    where: str) -> None:
+  """Raise :class:`RunError` unless ``stored`` matches one of ``accepted``
+  (the reason names the first, the run's own identity)."""
+  reasons = [workdir_lib.identity_mismatch(stored, a, where)
+             for a in accepted]
+  if all(reasons):
+    raise RunError(reasons[0])
+
+
+def check_workdir(workdir: Path, config: ml_collections.ConfigDict,
+                  data_sha256: str, steps_per_epoch: int, *,
+                  extend: bool = False) -> Optional[list[dict[str, Any]]]:
+  """Every check of the workdir that needs nothing compiled; returns the
+  records of a finished run (None if there is anything left to train).
+
+  Refuses another config (``config.json``), other data (``run.json``) and
+  a newest checkpoint that records another run. ``extend`` accepts a
+  config whose only change is a larger ``run.num_epochs``: the run
+  continues with the schedule of the new length (recorded under
+  ``extended`` in ``run.json``). A run is finished when its newest
+  checkpoint is at the last step and matches its manifest, its
+  ``config.json`` and ``run.json`` are readable and ``metrics.jsonl`` holds
+  every epoch; nothing is restored to tell.
+
+  Raises:
+    RunError: the workdir holds another run (or ``extend`` cannot apply).
+  """
+  identity = _identity(_config_dict(config), data_sha256)
+  _, accepted, _ = _check_run_files(workdir, config, identity, extend=extend)
+  ckpts = workdir / checkpointing.CHECKPOINT_DIR
+  saved = sorted(int(p.name) for p in ckpts.iterdir()
+                 if p.name.isdigit()) if ckpts.is_dir() else []
+  if not saved:
+    return None
+  step_dir = ckpts / str(saved[-1])
+  stored = (integrity.read_meta(step_dir) or {}).get("identity")
+  if isinstance(stored, dict):
+    _check_identity(stored, accepted, f"checkpoint {saved[-1]} in {ckpts}")
+  if saved[-1] != config.run.num_epochs * steps_per_epoch or any(
+      workdir_lib.read_json(workdir / name)[0] != "ok"
+      for name in (CONFIG_FILE, workdir_lib.RUN_FILE)):
+    return None  # the resume rewrites a damaged config.json or run.json
+  try:
+    if not integrity.verify(step_dir):
+      return None
+  except integrity.IntegrityError:
+    return None  # the restore falls back (and says so)
+  scan = writers.scan_jsonl(workdir / writers.METRICS_FILE)
+  epochs = [r["epoch"] for r in scan.records]
+  if scan.damaged or epochs != list(range(config.run.num_epochs)):
+    return None  # the resume repairs metrics.jsonl from the checkpoint
+  return scan.records
 
 
 def _check_run_files(workdir: Path, config: ml_collections.ConfigDict,
-                     identity: dict[str, str]) -> bool:
+                     identity: dict[str, str], *, extend: bool = False
+                     ) -> tuple[bool, list[dict[str, str]], list[dict]]:
   """Refuse to resume a run of another config or other data.
 
   Compares ``config`` with ``config.json`` and ``identity`` with
   ``run.json``, when they are readable. Returns whether ``config.json``
-  or ``run.json`` was readable (so the config could be checked).
+  or ``run.json`` was readable (so the config could be checked), the
+  identities a checkpoint of this run may record (this one, and those
+  before each extension) and the extensions (``run.json``'s ``extended``,
+  plus this one if ``extend`` applies).
 
   Raises:
     RunError: the workdir holds a run with another config or other data.
   """
   status, old = workdir_lib.read_json(workdir / CONFIG_FILE)
   new = _config_dict(config)
+  history = _stored_history(workdir)
+  accepted = [identity] + [{**identity, "config_sha256": h["config_sha256"]}
+                           for h in history if "config_sha256" in h]
   if status == "ok" and isinstance(old, dict):
     diff = config_lib.config_diff(old, new)
     if diff:
-      raise RunError(
-          f"{workdir} holds a run with a different config "
-          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-          + "; use another --workdir")
+      _refuse_or_extend(workdir, diff, extend)
+      before = _identity(old, identity["data_sha256"])["config_sha256"]
+      history = history + [{"from_epochs": diff["run.num_epochs"][0],
+                            "to_epochs": diff["run.num_epochs"][1],
+                            "config_sha256": before}]
+      accepted.append({**identity, "config_sha256": before})
   run_status, stored = workdir_lib.read_json(workdir / workdir_lib.RUN_FILE)
   if run_status == "ok" and isinstance(stored, dict):
-    reason = workdir_lib.identity_mismatch(
-        stored, identity, str(workdir / workdir_lib.RUN_FILE))
-    if reason:
-      raise RunError(reason)
-  return ((status == "ok" and isinstance(old, dict))
-          or (run_status == "ok" and isinstance(stored, dict)))
+    _check_identity(stored, accepted, str(workdir / workdir_lib.RUN_FILE))
+  config_ok = ((status == "ok" and isinstance(old, dict))
+               or (run_status == "ok" and isinstance(stored, dict)))
+  return config_ok, accepted, history
+
+
+def _refuse_or_extend(workdir: Path, diff: dict[str, tuple],
+                      extend: bool) -> None:
+  """Raise :class:`RunError` unless ``extend`` and the only change of the
+  config is a larger ``run.num_epochs``."""
+  changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+  epochs = diff.get("run.num_epochs")
+  if set(diff) == {"run.num_epochs"} and epochs[1] > epochs[0]:
+    if extend:
+      return
+    raise RunError(
+        f"{workdir} holds a {epochs[0]}-epoch run ({changes}): the "
+        "learning-rate schedule depends on run.num_epochs; add --extend to "
+        f"continue it on the {epochs[1]}-epoch schedule (see "
+        "docs/training.md), or use another --workdir")
+  raise RunError(
+      f"{workdir} holds a run with a different config {changes}; "
+      + ("--extend only allows a larger run.num_epochs; " if extend else "")
+      + "use another --workdir")
+
+
+def _stored_history(workdir: Path) -> list[dict[str, Any]]:
+  """The ``extended`` entries of the workdir's ``run.json`` ([] if none)."""
+  status, stored = workdir_lib.read_json(workdir / workdir_lib.RUN_FILE)
+  history = stored.get("extended") if (
+      status == "ok" and isinstance(stored, dict)) else None
+  return [h for h in history if isinstance(h, dict)] if isinstance(
+      history, list) else []
 
 
 def _write_run_files(workdir: Path, config: ml_collections.ConfigDict,
-                     identity: dict[str, str],
+                     identity: dict[str, Any],
                      warn: Callable[[str], None]) -> None:
   """(Re)write ``config.json`` and ``run.json`` atomically when they differ."""
   for name, text in (
@@ -167,4 +270,5 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json())
 
 
-__all__ = ["CONFIG_FILE", "RunError", "restore_or_start", "run_identity"]
+__all__ = ["CONFIG_FILE", "RunError", "check_workdir", "restore_or_start",
+           "run_identity"]

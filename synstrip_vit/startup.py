@@ -29,8 +29,9 @@ from synstrip_jax import get_masks, strip_event
 from synstrip_jax.stripping import compile_strip
 from synstrip_vit import config as config_lib, distributed, finite, models
 from synstrip_vit import rundata, steps
+from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.rundata import RunData
-from synstrip_vit.timings import StageTimer
+from synstrip_vit.timings import TIMINGS_FILE, StageTimer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +70,18 @@ class Run:
     return divmod(int(step), self.steps_per_epoch)
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: Path,
-            log: Callable[[str], None], *, timer: Optional[StageTimer] = None
-            ) -> tuple[Run, steps.TrainState]:
-  """Load the data and build the mesh, model, optimizer and compiled steps.
+def load_data(config: ml_collections.ConfigDict, *,
+              timer: Optional[StageTimer] = None) -> RunData:
+  """The run's data, with the batch sizes checked against it and the mesh.
 
-  Every error of the config or the data is raised here, before anything is
-  trained or written. Returns the run and its initial (replicated) state.
-  ``timer`` gets the ``data`` and ``init_compile`` stages.
+  Compiles nothing: every check of the config and the data that needs no
+  compiled program (this one, then the workdir's in
+  :func:`synstrip_vit.resume.check_workdir`) runs before :func:`prepare`
+  compiles. ``timer`` gets the ``data`` stage.
+
+  Raises:
+    ValueError: data that cannot be trained on, or a batch size that does
+      not split over the devices or exceeds the training images.
   """
   timer = StageTimer() if timer is None else timer
   with timer.stage("data"):
@@ -89,10 +94,47 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   if config.run.batch_size > n_train:
     raise ValueError(f"config.run.batch_size={config.run.batch_size} exceeds "
                      f"the {n_train} training images")
+  return run_data
+
+
+def compile_notice(workdir: Path) -> str:
+  """The one-line notice printed before the first compile.
+
+  The time is the ``init_compile`` stage of the workdir's last run
+  (``timings.json``) when there is one, else a rough range; a program found
+  in the persistent compilation cache loads in about a second.
+  """
+  status, stages = workdir_lib.read_json(Path(workdir) / TIMINGS_FILE)
+  seconds = (stages.get("init_compile") if status == "ok"
+             and isinstance(stages, dict) else None)
+  if isinstance(seconds, (int, float)):
+    about = f"about {max(round(seconds), 1)} s last time in this workdir"
+  else:
+    about = "about 5-60 s on a CPU, depending on the model"
+  return f"compiling (first run of this config: {about}; cached afterwards)"
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: Path,
+            log: Callable[[str], None], *, timer: Optional[StageTimer] = None,
+            run_data: Optional[RunData] = None
+            ) -> tuple[Run, steps.TrainState]:
+  """Build the mesh, model, optimizer and compiled steps of a run.
+
+  Every error of the config or the data is raised before anything is
+  compiled, trained or written (the data's in :func:`load_data`, which
+  runs here unless its ``run_data`` is given). Returns the run and its
+  initial (replicated) state. ``timer`` gets the ``data`` and
+  ``init_compile`` stages.
+  """
+  timer = StageTimer() if timer is None else timer
+  if run_data is None:
+    run_data = load_data(config, timer=timer)
+  mesh = steps.make_mesh()
   _, notice = config_lib.warmup_epochs(config)
   if notice:
     log(notice)
   augment, preprocess = rundata.input_fns(config, run_data)
+  log(compile_notice(workdir))
   with timer.stage("init_compile"):
     model, schedule, tx_factory = model_and_schedule(config, run_data)
     init, key, tx = steps.init_program(model, tx_factory,
@@ -197,5 +239,5 @@ def build_state(config: ml_collections.ConfigDict, run_data: RunData,
   return model, schedule, steps.replicate(state, mesh), tx
 
 
-__all__ = ["Run", "build_state", "compile_in_parallel", "model_and_schedule",
-           "prepare"]
+__all__ = ["Run", "build_state", "compile_in_parallel", "compile_notice",
+           "load_data", "model_and_schedule", "prepare"]

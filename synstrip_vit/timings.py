@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from synstrip_vit.workdir import atomic_write_text
+
 TIMINGS_FILE = "timings.json"
 
 
@@ -59,7 +61,7 @@ class StageTimer:
   def write(self, workdir: str | Path) -> Path:
     """Write :meth:`as_dict` to ``<workdir>/timings.json``."""
     path = Path(workdir) / TIMINGS_FILE
-    path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(self.as_dict(), indent=2) + "\n")
     return path
 
 

@@ -63,12 +63,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
   The bytes go to a temporary file beside ``path`` that is fsynced and then
   renamed over ``path`` (``os.replace``); a crash leaves the old content or
-  the new, never a mix or an empty file.
+  the new, never a mix or an empty file. The file gets the mode a plain
+  ``open(path, "w")`` would give it (``0o666`` less the umask: ``0o644``
+  by default), not the ``0o600`` of a temporary file.
   """
   path = Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
                              suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -79,6 +82,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
       os.unlink(tmp)
     raise
   _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+  """The process's umask: from ``/proc/self/status`` where there is one
+  (nothing changed), else by setting it and setting it back."""
+  with contextlib.suppress(OSError, ValueError):
+    for line in Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

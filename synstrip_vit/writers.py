@@ -110,8 +110,10 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | Path,
   """Write ``accuracy.png``, ``dead_neurons.png``, ``active_params.png``.
 
   Args:
-    records: per-epoch records with ``epoch``, ``train_acc``, ``test_acc``,
-      ``dead_neurons``, ``active_params``.
+    records: per-epoch records with ``epoch`` (0-based; plotted 1-based),
+      ``train_acc``, ``test_acc``, ``dead_neurons``, ``active_params``; the
+      dead neurons are plotted as a fraction of ``strippable_neurons`` when
+      every record has it (older files: as counts).
     out_dir: where the PNGs go.
 
   Returns:
@@ -128,14 +130,21 @@ def plot_metrics(records: Sequence[Mapping[str, Any]], out_dir: str | Path,
       "dead_neurons": (("dead_neurons", "dead neurons"),),
       "active_params": (("active_params", "active parameters"),),
   }
+  values = {key: [float(r[key]) for r in records]
+            for series in panels.values() for key, _ in series}
+  ylabels = {name: name.replace("_", " ") for name in panels}
+  if records and all(r.get("strippable_neurons") for r in records):
+    values["dead_neurons"] = [r["dead_neurons"] / r["strippable_neurons"]
+                              for r in records]
+    ylabels["dead_neurons"] = (
+        f"dead fraction of {records[-1]['strippable_neurons']} neurons")
   paths = []
   for name, series in panels.items():
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     for key, label in series:
-      ax.plot(epochs, [float(r[key]) for r in records], marker=".",
-              label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(name.replace("_", " "))
+      ax.plot(epochs, values[key], marker=".", label=label)
+    ax.set_xlabel("epoch (1-based)")
+    ax.set_ylabel(ylabels[name])
     if title:
       ax.set_title(title)
     if len(series) > 1:

@@ -179,6 +179,9 @@ def test_script_writes_metrics_plots_and_config(script_run):
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["model"]["hidden_size"] == TINY["model.hidden_size"]
   assert "epoch 2/2" in res.stdout
+  assert "compiling (first run of this config: about " in res.stdout
+  for name in ("config.json", "run.json", "dead_neurons.png"):
+    assert (workdir / name).stat().st_mode & 0o077 == 0o044, name
 
 
 def test_script_writes_tensorboard_events(script_run):
@@ -270,7 +273,9 @@ def test_rerun_of_a_finished_run_changes_nothing(script_run):
   before = (workdir / "metrics.jsonl").read_text()
   res = run_script(workdir)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert "resuming from checkpoint" in res.stdout
+  assert res.stdout.splitlines()[-1] == (
+      f"run complete: 2 epochs; metrics in {workdir}/metrics.jsonl")
+  assert "compiling" not in res.stdout and "resuming" not in res.stdout
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
@@ -287,6 +292,7 @@ def test_rerun_with_another_config_is_refused(script_run):
     (["--config.stripping.factor=nan"], "stripping.factor"),
     (["--config.stripping.tau=-1.0"], "config.stripping.tau=-1.0"),
     (["--config.bogus=1"], "unknown config field 'bogus'"),
+    (["--config.stripping.facter=0.1"], "did you mean 'stripping.factor'?"),
     (["--config.model.width=8"], "unknown config field 'model.width'"),
     (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
     (["--config.stripping.probe=train"], "config.stripping.probe='train'"),
