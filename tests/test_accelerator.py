@@ -10,13 +10,15 @@ uninterrupted one's parameters.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
 
 import jax
 import numpy as np
 import pytest
 
 from _shared import assert_bitwise_equal, bitwise_equal
-from test_train_vit import (Interrupt, final_params, interrupt_after,
+from test_train_vit import (REPO, Interrupt, final_params, interrupt_after,
                             strip_times, tiny_config)
 
 from synstrip_vit import config as config_lib, loop, rundata, startup, steps
@@ -139,3 +141,31 @@ def test_chunked_resident_resume_is_bit_identical(tmp_path):
   plain = tiny_config(fields)
   loop.train_and_evaluate(plain, tmp_path / "plain", log=lambda _: None)
   assert bitwise_equal(final_params(plain, tmp_path / "plain")[0], p_ref)
+
+
+def test_accelerator_check_smoke(tmp_path):
+  """bench/accelerator_check.py --smoke on CPU: the bench figures, a short
+  paper-config run (AutoAugment and stripping on) and the strip parity in
+  one summary.json."""
+  data = tmp_path / "d.npz"
+  rng = np.random.default_rng(0)
+  np.savez(data, x_train=rng.integers(0, 256, (64, 32, 32, 3), np.uint8),
+           y_train=rng.integers(0, 10, 64).astype(np.int32),
+           x_test=rng.integers(0, 256, (32, 32, 32, 3), np.uint8),
+           y_test=rng.integers(0, 10, 32).astype(np.int32))
+  spec = importlib.util.spec_from_file_location(
+      "accelerator_check", REPO / "bench" / "accelerator_check.py")
+  check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check)
+  summary = check.main(["--out", str(tmp_path / "out"), "--smoke",
+                        "--data", str(data), "--epochs", "1"])
+  written = json.loads((tmp_path / "out" / "summary.json").read_text())
+  assert written["strip_parity"]["identical"] is True
+  assert written["strip_parity"]["pruned_weights"] > 0
+  bench = summary["bench"]
+  assert bench["train_gflop_per_image"] > bench["probe_gflop_per_image"] > 0
+  assert bench["utilisation"] is None  # CPU: no peak known
+  assert bench["projected_h100_total_h"] > 0
+  config = written["paper_run"]["config"]
+  assert config["data"]["autoaugment"] and config["stripping"]["enabled"]
+  assert written["paper_run"]["records"][0]["stripped_now"] is True
