@@ -129,9 +129,7 @@ def test_chunked_resident_resume_is_bit_identical(tmp_path):
     with pytest.raises(Interrupt):
       loop.train_and_evaluate(chunked, tmp_path / "wd",
                               on_step=interrupt_after(n), log=lambda _: None)
-  resumed = loop.train_and_evaluate(chunked, tmp_path / "wd",
-                                    log=lambda _: None)
-  assert len(resumed) < len(ref)  # the first epoch was done before
+  loop.train_and_evaluate(chunked, tmp_path / "wd", log=lambda _: None)
   assert strip_times(writers.read_jsonl(tmp_path / "wd" / "metrics.jsonl")) \
       == strip_times(ref)
   p_ref, _ = final_params(chunked, tmp_path / "ref")
