@@ -1,18 +1,20 @@
 """The one place a training run's configuration is defined and checked.
 
-A config has five sections; ``base_config()`` gives every field its default
+A config has six sections; ``base_config()`` gives every field its default
 (the original's set-up where it has one) and the files in
 ``experiments/configs/`` start from it and override what differs::
 
   data       dataset, data_dir, train_limit, test_limit, augment,
-             crop_padding, flip
+             crop_padding, flip, autoaugment, mean, std, on_device
   model      name + the constructor fields of its class (models.MODELS;
              passed to it as keyword arguments; see synstrip_vit/models/)
   optimizer  learning_rate, min_learning_rate, warmup_epochs, weight_decay
   stripping  enabled, factor, frequency, probe, probe_fraction, tau, redo
   run        num_epochs, batch_size, eval_batch_size, seed,
              checkpoint_every_steps, max_checkpoints, progress_bar,
-             compilation_cache_dir
+             compilation_cache_dir, steps_per_dispatch
+  eval       corruptions, severities, corruption_seed, frost_dir (the
+             corrupted test sets evaluated after training)
 
 On the command line: ``--config.stripping.factor=0.1``,
 ``--config.model.depth=4``. :func:`validate` checks a config before
@@ -35,12 +37,19 @@ from synstrip_jax.validation import validate_stripping_factor
 from synstrip_vit import models
 
 PROBES = ("train_holdout", "test")
-SECTIONS = ("data", "model", "optimizer", "stripping", "run")
+SECTIONS = ("data", "model", "optimizer", "stripping", "run", "eval")
+#: ``data.on_device``: ``auto`` keeps the training arrays on the accelerator
+#: when they fit (:data:`synstrip_vit.rundata.RESIDENT_BUDGET_BYTES`; never
+#: on CPU, where host and device memory are one), ``yes`` always, ``no``
+#: never.
+ON_DEVICE = ("auto", "yes", "no")
 
 #: Fields that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("run.progress_bar", "data.data_dir",
                      "run.checkpoint_every_steps", "run.max_checkpoints",
-                     "run.compilation_cache_dir")
+                     "run.compilation_cache_dir", "eval.corruptions",
+                     "eval.severities", "eval.corruption_seed",
+                     "eval.frost_dir")
 
 #: Model constructor fields that the config never sets.
 _NOT_CONFIGURED = ("num_classes", "parent", "name")
@@ -85,10 +94,23 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   ``~/.cache/synstrip_jax/jax_cache``, ``''`` disables the persistent
   compilation cache (see :mod:`synstrip_vit.compile_cache`; applied by
   ``experiments/train_vit.py``).
+
+  ``data.autoaugment`` applies the original's AutoAugment policy for the
+  data set (:func:`synstrip_vit.augment.augment_batch`) after the crop
+  (grey fill 128) and flip; ``data.mean``/``data.std`` are per-channel
+  normalisation constants in 0..1 units (``()``: the training part's own
+  statistics); ``data.on_device`` is one of :data:`ON_DEVICE`;
+  ``run.steps_per_dispatch`` optimizer steps run in one compiled program
+  (``lax.scan``), so Python runs once per chunk. ``eval.corruptions``
+  names corruptions of :mod:`synstrip_vit.corruptions` evaluated on the
+  test set after training, at ``eval.severities``, generated from
+  ``eval.corruption_seed`` (``frost`` needs ``eval.frost_dir``); results go
+  to ``<workdir>/corrupted.json``.
   """
   c = ml_collections.ConfigDict()
   c.data = dict(dataset="cifar10", data_dir="", train_limit=0, test_limit=0,
-                augment=True, crop_padding=4, flip=True)
+                augment=True, crop_padding=4, flip=True, autoaugment=False,
+                mean=(), std=(), on_device="auto")
   c.model = model_config(model)
   c.optimizer = dict(learning_rate=1e-3, min_learning_rate=1e-5,
                      warmup_epochs=5, weight_decay=5e-5)
@@ -97,7 +119,10 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
                      tau=placeholder(float), redo=False)
   c.run = dict(num_epochs=200, batch_size=128, eval_batch_size=256, seed=0,
                checkpoint_every_steps=0, max_checkpoints=2,
-               progress_bar=True, compilation_cache_dir=placeholder(str))
+               progress_bar=True, compilation_cache_dir=placeholder(str),
+               steps_per_dispatch=1)
+  c.eval = dict(corruptions=(), severities=(1, 2, 3, 4, 5),
+                corruption_seed=0, frost_dir="")
   return c
 
 
@@ -158,6 +183,29 @@ def _optional_str(v: Any) -> Optional[str]:
   return None if v is None or isinstance(v, str) else "must be unset or a str"
 
 
+def _channels(v: Any) -> Optional[str]:
+  ok = isinstance(v, tuple) and all(
+      isinstance(x, (int, float)) and not isinstance(x, bool)
+      and math.isfinite(x) for x in v)
+  return None if ok else "must be a tuple of numbers (() for the data's own)"
+
+
+def _corruptions(v: Any) -> Optional[str]:
+  if v == ():
+    return None
+  from synstrip_vit import corruptions  # pylint: disable=import-outside-toplevel
+  known = corruptions.CORRUPTIONS + corruptions.EXTRA_CORRUPTIONS
+  ok = isinstance(v, tuple) and all(n in known for n in v)
+  return None if ok else f"must be a tuple of names from {known}"
+
+
+def _severities(v: Any) -> Optional[str]:
+  ok = isinstance(v, tuple) and v and all(
+      isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 5
+      for s in v)
+  return None if ok else "must be a non-empty tuple of ints in 1..5"
+
+
 def _stripping_factor(v: Any) -> Optional[str]:
   try:
     validate_stripping_factor(v)
@@ -177,6 +225,8 @@ CHECKS: dict[str, Check] = {
     "data.dataset": _str(empty=False), "data.data_dir": _str(empty=True),
     "data.train_limit": _int(0), "data.test_limit": _int(0),
     "data.augment": _bool, "data.crop_padding": _int(0), "data.flip": _bool,
+    "data.autoaugment": _bool, "data.mean": _channels, "data.std": _channels,
+    "data.on_device": _choice(ON_DEVICE),
     "optimizer.learning_rate": _float(0.0, math.inf, open_lo=True,
                                       open_hi=True),
     "optimizer.min_learning_rate": _float(0.0, math.inf, open_hi=True),
@@ -190,6 +240,9 @@ CHECKS: dict[str, Check] = {
     "run.eval_batch_size": _int(1), "run.seed": _int(0),
     "run.checkpoint_every_steps": _int(0), "run.max_checkpoints": _int(1),
     "run.progress_bar": _bool, "run.compilation_cache_dir": _optional_str,
+    "run.steps_per_dispatch": _int(1),
+    "eval.corruptions": _corruptions, "eval.severities": _severities,
+    "eval.corruption_seed": _int(0), "eval.frost_dir": _str(empty=True),
 }
 
 
@@ -260,6 +313,6 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
           if old.get(k) != new.get(k)}
 
 
-__all__ = ["CHECKS", "PROBES", "RESUMABLE_CHANGES", "SECTIONS", "base_config",
+__all__ = ["CHECKS", "ON_DEVICE", "PROBES", "RESUMABLE_CHANGES", "SECTIONS", "base_config",
            "config_diff", "create_model", "flatten", "model_config",
            "original_config", "validate", "warmup_epochs"]

@@ -16,6 +16,8 @@
     check_state        NaN/inf in the state or a loss (synstrip_vit.finite)
     make_record        one typed EpochRecord -> writers (process 0)
     save               checkpoint (all processes)
+  evaluate_corrupted   after the last epoch, with ``eval.corruptions``: the
+                       corrupted test sets -> ``corrupted.json``
 
 Everything a resumed run needs is in the checkpointed
 :class:`~synstrip_vit.steps.TrainState`: its step gives the position
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import threading
 import time
 from pathlib import Path
@@ -206,6 +209,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
         checkpointing.save(manager, record.step, state)
       if stop.requested:
         raise stop.interrupted(epoch + 1, record.step)
+  if config.eval.corruptions:
+    with timer.stage("corrupted"):
+      corrupted = evaluate_corrupted(run, state.params)
+    if is_main:
+      workdir_lib.atomic_write_text(run.workdir / CORRUPTED_FILE,
+                                    json.dumps(corrupted, indent=1) + "\n")
+      run.log(f"corrupted test sets: mean accuracy "
+              f"{corrupted['mean']['accuracy']:.4f} over "
+              f"{len(corrupted['blocks'])} blocks -> {CORRUPTED_FILE}")
   if is_main and records:
     with timer.stage("plots"):
       writers.plot_metrics(records, run.workdir, title=_title(config))
@@ -222,12 +234,13 @@ def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
                 ) -> steps.TrainState:
   """Train on ``epoch`` from the batch ``state.step`` points at.
 
-  At batch 0 the running sums restart from zero. Inside the epoch (never at
-  its last batch) a checkpoint is taken every
-  ``run.checkpoint_every_steps`` steps, and at the step reached when
-  ``stop`` is requested (then :class:`interrupt.Interrupted` is raised; at
-  the last batch the epoch is finished first); ``callbacks`` get each new
-  step.
+  At batch 0 the running sums restart from zero. The steps run in chunks
+  (:func:`chunk_bounds`, :func:`run_steps`); inside the epoch (never at its
+  last batch) a checkpoint is taken at a chunk boundary every
+  ``run.checkpoint_every_steps`` steps, and at the chunk boundary reached
+  when ``stop`` is requested (then :class:`interrupt.Interrupted` is raised;
+  at the last batch the epoch is finished first); ``callbacks`` get each new
+  step after its chunk.
 
   Raises:
     FloatingPointError: the training loss became NaN/inf.
@@ -238,27 +251,70 @@ def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
   if start == 0:
     state = state.replace(train_sums=steps.replicate(steps.zero_sums(),
                                                      run.mesh))
-  order = input_pipeline.batch_indices(len(run.data.x_train), c.run.batch_size,
-                             seed=c.run.seed, epoch=epoch,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count())
+  order = epoch_order(run, epoch)
   every = c.run.checkpoint_every_steps
-  for b in range(start, spe):
-    idx = order[b]
-    batch = steps.global_batch((run.data.x_train[idx],
-                                run.data.y_train[idx]), run.mesh)
-    state, _ = run.train_step(state, *batch)
-    step = epoch * spe + b + 1  # == state.step, without waiting for it
+  for b0, b1 in chunk_bounds(epoch * spe, start, spe,
+                             c.run.steps_per_dispatch, every):
+    state = run_steps(run, state, order[b0:b1])
+    step = epoch * spe + b1  # == state.step, without waiting for it
     stopping = stop is not None and stop.requested
-    if b + 1 < spe and ((every and step % every == 0) or stopping):
+    if b1 < spe and ((every and step % every == 0) or stopping):
       finite.check_loss(state, epoch, manager)
       checkpointing.save(manager, step, state)
       if stopping:
         raise stop.interrupted(epoch, step)
-    for callback in callbacks:
-      callback(step)
+    for s in range(step - (b1 - b0) + 1, step + 1):
+      for callback in callbacks:
+        callback(s)
   finite.check_loss(state, epoch, manager)
   return state
+
+
+def epoch_order(run: Run, epoch: int) -> np.ndarray:
+  """``[steps_per_epoch, B]`` training rows of each batch of ``epoch``: the
+  whole global batch when the data is resident (every process holds it
+  all), else this process's slice of it
+  (:func:`synstrip_vit.input_pipeline.batch_indices`)."""
+  whole = run.resident is not None
+  return input_pipeline.batch_indices(
+      len(run.data.x_train), run.config.run.batch_size,
+      seed=run.config.run.seed, epoch=epoch,
+      process_index=0 if whole else jax.process_index(),
+      process_count=1 if whole else jax.process_count())
+
+
+def chunk_bounds(first_step: int, start: int, stop: int, per_dispatch: int,
+                 every: int) -> list[tuple[int, int]]:
+  """``[(b0, b1), ...]`` batches of an epoch run per dispatch.
+
+  Batches ``start..stop-1`` of the epoch whose first global step is
+  ``first_step``, cut after every multiple of ``per_dispatch`` (counted from
+  the epoch's start, so a resumed epoch runs the same chunks) and after
+  every checkpoint step (global step a multiple of ``every`` > 0).
+  """
+  cuts = sorted({b for b in range(start + 1, stop)
+                 if b % per_dispatch == 0
+                 or (every and (first_step + b) % every == 0)} | {stop})
+  return list(zip([start] + cuts[:-1], cuts))
+
+
+def run_steps(run: Run, state: steps.TrainState, rows: np.ndarray
+              ) -> steps.TrainState:
+  """The optimizer steps of the batches ``rows [K, B]`` (of
+  :func:`epoch_order`), dispatched once: one compiled step with a
+  host-gathered batch (``K == 1`` and the data on the host), else the chunk
+  program with the batches gathered on the device (resident data, only the
+  indices travel) or on the host (stacked)."""
+  d = run.data
+  if run.train_steps is None:
+    (idx,) = rows
+    batch = steps.global_batch((d.x_train[idx], d.y_train[idx]), run.mesh)
+    return run.train_step(state, *batch)[0]
+  if run.resident is not None:
+    indices = steps.replicate(rows.astype(np.int32), run.mesh)
+    return run.train_steps(state, *run.resident, indices)
+  return run.train_steps(state, *steps.global_stacked_batches(
+      (d.x_train[rows], d.y_train[rows]), run.mesh))
 
 
 def evaluate_and_probe(run: Run, params: PyTree
@@ -284,6 +340,43 @@ def evaluate_and_probe(run: Run, params: PyTree
   check_finite(probed["stats"])
   dead = _dead_tree(params, probed["stats"], c.stripping.tau)
   return (test, probed), dead
+
+
+#: Where :func:`evaluate_corrupted`'s results go in the workdir.
+CORRUPTED_FILE = "corrupted.json"
+
+
+def evaluate_corrupted(run: Run, params: PyTree) -> dict[str, Any]:
+  """Loss and accuracy of ``params`` on the corrupted test sets of
+  ``config.eval`` (:func:`synstrip_vit.corruptions.iter_corrupted` of the
+  test images, one ``(corruption, severity)`` block in memory at a time).
+
+  Returns ``{"blocks": [{corruption, severity, loss, accuracy}, ...],
+  "per_corruption": {name: {loss, accuracy}}, "mean": {loss, accuracy}}``
+  (means over blocks; every block has the test set's size).
+  """
+  # Imported here: SciPy is only needed for this evaluation.
+  from synstrip_vit import corruptions  # pylint: disable=import-outside-toplevel
+  c, d = run.config, run.data
+  blocks = []
+  for name, severity, x in corruptions.iter_corrupted(
+      d.x_test, c.eval.corruptions, c.eval.severities,
+      c.eval.corruption_seed, frost_dir=c.eval.frost_dir or None):
+    sums = steps.evaluate(run.eval_step, params, x, d.y_test,
+                          batch_size=c.run.eval_batch_size, mesh=run.mesh)
+    blocks.append({"corruption": name, "severity": int(severity),
+                   "loss": _mean(sums, "loss_sum"),
+                   "accuracy": _mean(sums, "correct")})
+
+  def means(rows):
+    return {k: float(np.mean([r[k] for r in rows]))
+            for k in ("loss", "accuracy")}
+
+  return {"blocks": blocks,
+          "per_corruption": {n: means([b for b in blocks
+                                       if b["corruption"] == n])
+                             for n in c.eval.corruptions},
+          "mean": means(blocks)}
 
 
 @functools.partial(jax.jit, static_argnames="tau")
@@ -405,6 +498,8 @@ def _title(config: ml_collections.ConfigDict) -> str:
           f"strip={config.stripping.enabled} on {config.data.dataset}")
 
 
-__all__ = ["EpochRecord", "ProgressBar", "evaluate_and_probe", "is_event_epoch",
-           "make_record", "progress_bar", "strip_or_recycle",
+__all__ = ["CORRUPTED_FILE", "EpochRecord", "ProgressBar", "chunk_bounds",
+           "epoch_order", "evaluate_and_probe", "evaluate_corrupted",
+           "is_event_epoch", "make_record", "progress_bar", "run_steps",
+           "strip_or_recycle",
            "train_and_evaluate", "train_epoch"]

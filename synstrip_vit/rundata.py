@@ -11,12 +11,18 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from synstrip_vit import datasets, input_pipeline
 from synstrip_vit import workdir as workdir_lib
-from synstrip_vit.augment import random_crop_flip
+from synstrip_vit.augment import augment_batch
+
+#: ``data.on_device='auto'`` keeps the training arrays on an accelerator
+#: when they take at most this many bytes (CIFAR-10's 50,000 images: 150 MB).
+RESIDENT_BUDGET_BYTES = 4 << 30
 
 
 class RunData:
@@ -64,23 +70,64 @@ class RunData:
     self.x_test, self.y_test = x_test, y_test
     self.num_classes = ds.num_classes
     self.image_shape = ds.image_shape
-    self.mean, self.std = input_pipeline.channel_stats(x_train)
+    self.mean, self.std = normalization(c, x_train)
     input_pipeline.check_normalizable(self.mean, self.std, c.dataset)
+
+
+def normalization(data: ml_collections.ConfigDict, x_train: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """``(mean, std)`` in 0..255 units: ``data.mean``/``data.std`` (0..1
+  units, as torchvision's ``Normalize``) times 255, or the training part's
+  own statistics when they are ``()``.
+
+  Raises:
+    ValueError: only one of them set, or not one value per channel.
+  """
+  if not data.mean and not data.std:
+    return input_pipeline.channel_stats(x_train)
+  channels = x_train.shape[-1]
+  if len(data.mean) != channels or len(data.std) != channels:
+    raise ValueError(f"config.data.mean={data.mean!r} and config.data.std="
+                     f"{data.std!r} must both hold {channels} values (one "
+                     f"per channel of {data.dataset!r}) or both be ()")
+  return (np.asarray(data.mean, np.float32) * 255,
+          np.asarray(data.std, np.float32) * 255)
+
+
+def resident(config: ml_collections.ConfigDict, run_data: RunData,
+             platform: str | None = None) -> bool:
+  """Whether the training arrays live on the devices (``data.on_device``;
+  ``auto``: an accelerator and at most :data:`RESIDENT_BUDGET_BYTES`)."""
+  mode = config.data.on_device
+  if mode != "auto":
+    return mode == "yes"
+  platform = platform or jax.default_backend()
+  size = run_data.x_train.nbytes + run_data.y_train.nbytes
+  return platform != "cpu" and size <= RESIDENT_BUDGET_BYTES
 
 
 def input_fns(config: ml_collections.ConfigDict, run_data: RunData
               ) -> tuple[Callable, Callable]:
-  """``augment(key, uint8) -> float`` and ``preprocess(uint8) -> float``."""
+  """``augment(key, uint8) -> float`` and ``preprocess(uint8) -> float``.
+
+  ``augment`` is the original's training transform
+  (:func:`synstrip_vit.augment.augment_batch`: crop after grey padding,
+  ``data.flip``, AutoAugment with the data set's policy when
+  ``data.autoaugment``) or, with ``data.augment`` off, ``preprocess``.
+  """
   mean, std = jnp.asarray(run_data.mean), jnp.asarray(run_data.std)
 
   def preprocess(images):
     return input_pipeline.normalize(images, mean, std)
 
   def augment(key, images):
-    if config.data.augment:
-      images = random_crop_flip(key, images, padding=config.data.crop_padding,
-                                flip=config.data.flip)
-    return preprocess(images)
+    if not config.data.augment:
+      return preprocess(images)
+    return augment_batch(key, images, mean=mean, std=std,
+                         dataset=config.data.dataset,
+                         autoaugment=config.data.autoaugment,
+                         padding=config.data.crop_padding,
+                         flip=config.data.flip)
 
   return augment, preprocess
 
@@ -111,5 +158,6 @@ def shares_eval_step(config: ml_collections.ConfigDict, run_data: RunData
           or batches <= SHARED_EVAL_MAX_BATCHES)
 
 
-__all__ = ["RunData", "SHARED_EVAL_MAX_BATCHES", "input_fns",
-           "shares_eval_step", "steps_per_epoch"]
+__all__ = ["RESIDENT_BUDGET_BYTES", "RunData", "SHARED_EVAL_MAX_BATCHES",
+           "input_fns", "normalization", "resident", "shares_eval_step",
+           "steps_per_epoch"]

@@ -44,6 +44,12 @@ class Run:
   (one compile) when :func:`synstrip_vit.rundata.shares_eval_step`;
   ``schedule`` is compiled (one program instead of a dozen op-by-op ones
   per record).
+
+  ``train_steps`` (:func:`synstrip_vit.steps.jit_train_steps`) runs a chunk
+  of steps per dispatch; it is None when every step is its own dispatch
+  with a host-gathered batch (``run.steps_per_dispatch == 1`` and the data
+  on the host). ``resident`` is ``(x_train, y_train)`` replicated on the
+  devices (:func:`synstrip_vit.rundata.resident`) or None.
   """
   config: ml_collections.ConfigDict
   workdir: Path
@@ -58,6 +64,8 @@ class Run:
   strip: Callable
   recycle: Optional[Callable]
   log: Callable[[str], None]
+  train_steps: Optional[Callable] = None
+  resident: Optional[tuple[jax.Array, jax.Array]] = None
 
   @property
   def is_main(self) -> bool:
@@ -140,13 +148,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
     init, key, tx = steps.init_program(model, tx_factory,
                                        run_data.image_shape, config.run.seed)
     train_step = steps.jit_train_step(model, tx, augment, mesh)
+    on_device = rundata.resident(config, run_data)
+    chunked = on_device or config.run.steps_per_dispatch > 1
+    train_steps = (steps.jit_train_steps(model, tx, augment, mesh,
+                                         resident=on_device)
+                   if chunked else None)
     probe_step = steps.jit_eval_step(model, preprocess, mesh,
                                      collect_stats=True)
     eval_step = (probe_step if rundata.shares_eval_step(config, run_data) else
                  steps.jit_eval_step(model, preprocess, mesh,
                                      collect_stats=False))
     state = compile_in_parallel(
-        config, run_data, mesh, init, key, train_step,
+        config, run_data, mesh, init, key, None if chunked else train_step,
         (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
   repl = steps.replicated(mesh)
   # Called eagerly: strip_event runs one compiled program per kernel shape
@@ -163,13 +176,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
             model=model, schedule=jax.jit(schedule),
             steps_per_epoch=rundata.steps_per_epoch(config, run_data),
             train_step=train_step, eval_step=eval_step, probe_step=probe_step,
-            strip=strip, recycle=recycle, log=log)
+            strip=strip, recycle=recycle, log=log, train_steps=train_steps,
+            resident=(steps.replicate((run_data.x_train, run_data.y_train),
+                                      mesh) if on_device else None))
   return run, state
 
 
 def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          mesh: Mesh, init: jax.stages.Lowered, key: jax.Array,
-                         train_step: Callable,
+                         train_step: Optional[Callable],
                          eval_steps: Sequence[Callable]
                          ) -> steps.TrainState:
   """Compile the init, the train step, the eval steps, the finite-state
@@ -180,7 +195,8 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   steps here, in this thread, for the shapes the loop calls them with (from
   the init's traced output, before its values exist). A later call of a
   step finds the compiled program in JAX's in-memory caches. Returns the
-  replicated initial state.
+  replicated initial state. ``train_step`` None: no per-step program (a
+  chunked run compiles its chunk program at its first call).
   """
   abstract = steps.abstract_replicated(init.out_info, mesh)
   d, image = run_data, tuple(run_data.image_shape)
@@ -191,9 +207,11 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   with concurrent.futures.ThreadPoolExecutor(
       max_workers=4 + len(eval_steps)) as pool:
     futures = [pool.submit(init.compile)]
-    futures.append(pool.submit(train_step.lower(abstract, *steps.abstract_batch(
-        [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
-        mesh)).compile))
+    if train_step is not None:
+      futures.append(pool.submit(train_step.lower(
+          abstract, *steps.abstract_batch(
+              [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
+              mesh)).compile))
     for step in eval_steps:
       futures.append(pool.submit(
           step.lower(abstract.params, *eval_batch).compile))

@@ -340,6 +340,61 @@ def jit_train_step(model, tx, augment, mesh: Mesh):
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
+def train_steps(state: TrainState, images: jax.Array, labels: jax.Array, *,
+                step: Callable) -> TrainState:
+  """``K`` optimizer steps in one program: ``lax.scan`` of ``step`` over
+  ``images [K, B, H, W, C]`` and ``labels [K, B]``."""
+  def body(carry, batch):
+    return step(carry, *batch)[0], None
+  return jax.lax.scan(body, state, (images, labels))[0]
+
+
+def train_steps_gather(state: TrainState, x_all: jax.Array, y_all: jax.Array,
+                       indices: jax.Array, *, step: Callable, mesh: Mesh
+                       ) -> TrainState:
+  """``K`` optimizer steps on batches gathered on the device.
+
+  ``x_all [N, H, W, C]``/``y_all [N]`` are the training arrays, resident
+  (replicated) on the devices; ``indices [K, B]`` the rows of each global
+  batch. Each scanned step gathers its batch, lays it out over ``'data'``
+  and calls ``step``: nothing travels between host and device per step.
+  """
+  sharding = data_sharded(mesh)
+
+  def body(carry, idx):
+    batch = (jax.lax.with_sharding_constraint(x_all[idx], sharding),
+             jax.lax.with_sharding_constraint(y_all[idx], sharding))
+    return step(carry, *batch)[0], None
+  return jax.lax.scan(body, state, indices)[0]
+
+
+def jit_train_steps(model, tx, augment, mesh: Mesh, *, resident: bool):
+  """:func:`train_steps_gather` (``resident``: ``(state, x_all, y_all,
+  indices)``, all replicated) or :func:`train_steps` (``(state, images
+  [K, B, ...], labels [K, B])``, sharded on the batch axis) compiled for the
+  mesh; the state is donated."""
+  repl = replicated(mesh)
+  step = functools.partial(train_step, model=model, tx=tx, augment=augment)
+  if resident:
+    fn = functools.partial(train_steps_gather, step=step, mesh=mesh)
+    in_shardings = (repl, repl, repl, repl)
+  else:
+    fn = functools.partial(train_steps, step=step)
+    stacked = NamedSharding(mesh, P(None, DATA_AXIS))
+    in_shardings = (repl, stacked, stacked)
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=repl,
+                 donate_argnums=(0,))
+
+
+def global_stacked_batches(local: PyTree, mesh: Mesh) -> PyTree:
+  """:func:`global_batch` for ``[K, local_batch, ...]`` stacks of batches
+  (sharded on axis 1)."""
+  sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      local)
+
+
 def jit_eval_step(model, preprocess, mesh: Mesh, *, collect_stats: bool):
   """``eval_step`` compiled for the mesh (params replicated, batch sharded)."""
   repl, data = replicated(mesh), data_sharded(mesh)
@@ -381,6 +436,8 @@ def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:
 __all__ = ["DATA_AXIS", "TrainState", "abstract_batch", "abstract_replicated",
            "accumulate", "check_batch_size", "create_train_state",
            "cross_entropy", "data_sharded", "eval_step", "evaluate",
-           "global_batch", "init_program", "jit_eval_step", "jit_train_step",
+           "global_batch", "global_stacked_batches", "init_program",
+           "jit_eval_step", "jit_train_step", "jit_train_steps",
            "make_mesh", "make_optimizer", "make_schedule", "replicate",
-           "replicated", "train_step", "zero_sums"]
+           "replicated", "train_step", "train_steps", "train_steps_gather",
+           "zero_sums"]
