@@ -64,7 +64,7 @@ def short_run(args, out: Path) -> dict[str, Any]:
   c.optimizer.warmup_epochs = 1
   if args.smoke:
     c.data.update(train_limit=256, test_limit=128)
-    c.run.steps_per_dispatch = 2
+    c.run.update(steps_per_dispatch=2, batch_size=16, eval_batch_size=16)
   workdir = out / "paper_run"
   t0 = time.perf_counter()
   records = loop.train_and_evaluate(c, workdir, log=print)

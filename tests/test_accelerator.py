@@ -141,6 +141,7 @@ def test_chunked_resident_resume_is_bit_identical(tmp_path):
   assert bitwise_equal(final_params(plain, tmp_path / "plain")[0], p_ref)
 
 
+@pytest.mark.slow
 def test_accelerator_check_smoke(tmp_path):
   """bench/accelerator_check.py --smoke on CPU: the bench figures, a short
   paper-config run (AutoAugment and stripping on) and the strip parity in
