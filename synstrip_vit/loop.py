@@ -180,6 +180,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
   run, state = prepare(config, workdir, log, timer=timer, run_data=run_data)
   with timer.stage("restore"):
     state, manager, records = restore_or_start(run, state, extend=extend)
+  if is_main:  # the compile time, for the notice of a rerun after a stop
+    timer.write(run.workdir)
   stop.arm()
   first_epoch, _ = run.position(state.step)
   with timer.stage("writers"):

@@ -95,6 +95,43 @@ def test_signal_saves_one_line_then_rerun_matches_uninterrupted(
       strip_times(writers.read_jsonl(uninterrupted / "metrics.jsonl"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_in_process(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ref_ip") / "wd"
+  config = tiny_config(EXTRA)
+  records = loop.train_and_evaluate(config, workdir, log=quiet)
+  return config, records, final_params(config, workdir)[0]
+
+
+@pytest.mark.parametrize("request_at, saved", [(5, (0, 6)), (8, (1, 9)),
+                                               (9, (1, 9)), (12, (1, 13))])
+def test_stop_saves_the_step_reached_and_resumes_exactly(
+    tmp_path, uninterrupted_in_process, request_at, saved):
+  """A stop requested after step ``request_at`` (9 steps per epoch) saves
+  the next step (at an epoch's last batch: the finished epoch) and raises;
+  the resumed run ends bit-identical to the uninterrupted one."""
+  config, ref_records, ref_params = uninterrupted_in_process
+  workdir = tmp_path / "wd"
+  stop = interrupt.StopFlag()
+
+  def on_step(step):
+    if step == request_at:
+      stop.request(signal.SIGTERM)
+
+  with pytest.raises(interrupt.Interrupted) as info:
+    loop.train_and_evaluate(config, workdir, log=quiet, on_step=on_step,
+                            stop=stop)
+  assert (info.value.epochs_done, info.value.step) == saved
+  assert info.value.exit_code == 143
+  assert (workdir / "checkpoints" / str(saved[1])).is_dir()
+  loop.train_and_evaluate(config, workdir, log=quiet)
+  params, position = final_params(config, workdir)
+  assert position == (3, 0)
+  assert_bitwise_equal(ref_params, params)
+  assert strip_times(writers.read_jsonl(workdir / "metrics.jsonl")) == \
+      strip_times(ref_records)
+
+
 def test_stop_flag_raises_at_once_before_training_and_on_a_second_signal():
   with pytest.raises(interrupt.Interrupted,
                      match="before training started") as early:
