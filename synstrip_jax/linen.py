@@ -24,7 +24,7 @@ from synstrip_jax.activations import example_stats
 from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
                                   accumulate_sown, check_selection, no_stats,
                                   output_stats, rekey_stats)
-from synstrip_jax.probe import stats_by_layer
+from synstrip_jax.probe import stats_by_layer, target_tree
 
 PyTree = Any
 
@@ -223,6 +223,37 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
   return out, stats
 
 
+def targets(model: nn.Module, variables: Mapping[str, Any], *args: Any,
+            select: Select,
+            method: Union[str, Callable[..., Any], None] = None,
+            **kwargs: Any) -> PyTree:
+  """The ``targets`` of :func:`~synstrip_jax.transform.with_stripping` from
+  shapes only.
+
+  :func:`capture_stats` is traced under ``jax.eval_shape``: nothing is
+  computed or updated (BatchNorm statistics stay as they are; every
+  collection besides ``params`` is treated as mutable inside the trace and
+  the result dropped). ``variables`` and ``args`` may be arrays or
+  ``jax.ShapeDtypeStruct``; ``kwargs`` (e.g. ``train=False``, ``rngs=``) go
+  to the model as in :func:`capture_stats`.
+
+  Returns:
+    A bool tree with the structure of ``variables['params']``: True at the
+    kernels of the selected layers.
+  """
+  if "params" not in variables:
+    raise ValueError("variables has no 'params' collection (got "
+                     f"{sorted(variables)}): pass the model's variables dict")
+  extra = [c for c in variables if c != "params"]
+
+  def stats_of(v, *a):
+    return capture_stats(model, v, *a, select=select, method=method,
+                         mutable=extra, **kwargs)[1]
+
+  stats = jax.eval_shape(stats_of, variables, *args)
+  return target_tree(variables["params"], stats)
+
+
 def candidate_layers(model: nn.Module, variables: Mapping[str, Any],
                      *args: Any, method: Union[str, Callable[..., Any], None] = None,
                      **kwargs: Any) -> list[Layer]:
@@ -246,5 +277,4 @@ def candidate_layers(model: nn.Module, variables: Mapping[str, Any],
 
 
 __all__ = ["ACTIVATIONS", "ActConv", "ActDense", "CAPTURE", "Layer", "Select",
-           "candidate_layers",
-           "capture_stats", "linen_stats"]
+           "candidate_layers", "capture_stats", "linen_stats", "targets"]

@@ -35,7 +35,7 @@ from synstrip_jax._deprecated import deprecated_getattr
 from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
                                   accumulate_sown, check_selection, no_stats,
                                   output_stats, path_name, rekey_stats)
-from synstrip_jax.probe import stats_by_layer
+from synstrip_jax.probe import stats_by_layer, target_tree
 from synstrip_jax.stripping import DEFAULT_STRIPPING_FACTOR
 from synstrip_jax.transform import strip_event
 
@@ -236,6 +236,29 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
   return out, rekey_stats(sown, selection, seen, keys)
 
 
+def targets(model: nnx.Module, *args: Any, select: Select,
+            method: Union[str, Callable[..., Any], None] = None,
+            **kwargs: Any) -> PyTree:
+  """The ``targets`` of :func:`~synstrip_jax.transform.with_stripping` from
+  shapes only.
+
+  :func:`capture_stats` is traced under ``nnx.eval_shape``: nothing is
+  computed, ``model`` is not updated (BatchNorm statistics, RNG counters) and
+  ``args`` may be ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    A ``State`` with the structure of ``nnx.state(model, nnx.Param)``
+    (``Param`` leaves holding bools): True at the kernels of the selected
+    layers; it goes straight into ``nnx.Optimizer(model, with_stripping(tx,
+    targets), wrt=nnx.Param)``.
+  """
+  def stats_of(m, *a):
+    return capture_stats(m, *a, select=select, method=method, **kwargs)[1]
+
+  stats = nnx.eval_shape(stats_of, model, *args)
+  return target_tree(nnx.state(model, nnx.Param), stats)
+
+
 # ------------------------------------------------- optimizer and strip events
 
 def _like(params: PyTree, tree: PyTree, name: str) -> PyTree:
@@ -281,7 +304,7 @@ def strip(model: nnx.Module, optimizer: nnx.Optimizer, dead: PyTree, *,
 
 
 __all__ = ["ActConv", "ActLinear", "Layer", "Select", "candidate_layers",
-           "capture_stats", "strip"]
+           "capture_stats", "strip", "targets"]
 
 __getattr__ = deprecated_getattr(__name__, {
     "get_masks": ("synstrip_jax.transform", "get_masks",
