@@ -54,7 +54,7 @@ def _as_plain(tree: PyTree) -> PyTree:
   """An NNX ``State`` (or any mapping tree) as nested plain dicts."""
   nnx = _nnx()
   if nnx is not None and isinstance(tree, nnx.State):
-    tree = tree.to_pure_dict()
+    tree = nnx.to_pure_dict(tree)
   return tree
 
 

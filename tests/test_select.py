@@ -5,6 +5,7 @@ matches nothing, targets built from shapes only, and the NNX trees that
 ``dead_tree``/``dead_counts``/``strip_event`` take and give. Tiny models.
 """
 
+import functools
 import re
 import warnings
 
@@ -19,6 +20,7 @@ from flax import nnx
 import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
+from test_any_model import CNN as LinenCNN  # the Flax examples' MNIST CNN
 
 
 class SharedNNX(nnx.Module):
@@ -216,3 +218,155 @@ def test_with_stripping_is_bit_identical_to_inner_while_masks_are_true(inner):
   a, b = run(inner), run(ss.with_stripping(inner, targets))
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# ------------------------------------------- selections checked on the jaxpr
+
+class TutorialCNN(nnx.Module):
+  """The NNX MNIST tutorial's CNN (docs_nnx/mnist_tutorial), as written."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
+    self.batch_norm1 = nnx.BatchNorm(32, rngs=rngs)
+    self.dropout1 = nnx.Dropout(rate=0.025, rngs=rngs)
+    self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), rngs=rngs)
+    self.batch_norm2 = nnx.BatchNorm(64, rngs=rngs)
+    self.avg_pool = functools.partial(nnx.avg_pool, window_shape=(2, 2),
+                                      strides=(2, 2))
+    self.linear1 = nnx.Linear(3136, 256, rngs=rngs)
+    self.dropout2 = nnx.Dropout(rate=0.025, rngs=rngs)
+    self.linear2 = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.avg_pool(nnx.relu(self.batch_norm1(self.dropout1(self.conv1(x)))))
+    x = self.avg_pool(nnx.relu(self.batch_norm2(self.conv2(x))))
+    x = x.reshape(x.shape[0], -1)  # flatten
+    x = nnx.relu(self.dropout2(self.linear1(x)))
+    x = self.linear2(x)
+    return x
+
+
+class ResNetBlock(nn.Module):
+  """ResNet block (after flax/examples/imagenet/models.py)."""
+  filters: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train)
+    residual = x
+    y = nn.Conv(self.filters, (3, 3), name="conv1")(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = nn.Conv(self.filters, (3, 3), name="conv2")(y)
+    y = norm(name="bn2")(y)
+    return nn.relu(residual + y)
+
+
+def _linen_keys(model, x, select, **kwargs):
+  variables = model.init(jax.random.PRNGKey(0), x, **kwargs)
+  _, stats = ss_linen.capture_stats(model, variables, x, select=select,
+                                    **kwargs)
+  return variables, stats
+
+
+@pytest.mark.parametrize("on_problem", ["warn", "error", "ignore"])
+def test_logits_layer_taken_by_a_glob_is_reported(on_problem):
+  x = jnp.ones((2, 3))
+  model = TwoDense()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  nmodel = TwoLinear(nnx.Rngs(0))
+  calls = [lambda: ss_linen.capture_stats(model, variables, x, select="*",
+                                          check_relu=on_problem),
+           lambda: ss_nnx.capture_stats(nmodel, x, select="*",
+                                        check_relu=on_problem)]
+  msg = "the output of 'head' does not reach a ReLU"
+  for call in calls:
+    if on_problem == "warn":
+      with pytest.warns(UserWarning, match=msg):
+        call()
+    elif on_problem == "error":
+      with pytest.raises(ValueError, match=msg):
+        call()
+    else:
+      with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call()
+  with warnings.catch_warnings():  # the right selection is silent
+    warnings.simplefilter("error")
+    ss_linen.capture_stats(model, variables, x, select="fc*")
+    ss_nnx.capture_stats(nmodel, x, select="fc*")
+
+
+def test_conv_batchnorm_relu_without_mapping_is_reported():
+  x = jnp.ones((2, 6, 6, 1))
+  model = BNCNN()
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  msg = "'conv1' reaches a ReLU only through BatchNorm 'bn1'.*\\{'bn1': 'conv1'\\}"
+  with pytest.warns(UserWarning, match=msg):
+    ss_linen.capture_stats(model, variables, x, train=False, select="conv*")
+  nmodel = BNDropCNN(nnx.Rngs(0))
+  nmodel.eval()
+  with pytest.warns(UserWarning, match=msg):
+    ss_nnx.capture_stats(nmodel, x, select="conv*")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ss_linen.capture_stats(model, variables, x, train=False,
+                           select={"bn1": "conv1"})
+    ss_nnx.capture_stats(nmodel, x, select={"bn1": "conv1"})
+
+
+def _same_stats(a, b):
+  """Equal statistics trees (same keys, bit-equal leaves)."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u),
+                                                          np.asarray(v)), a, b)
+
+
+@pytest.mark.parametrize("case", ["linen_cnn", "resnet_block"])
+def test_auto_matches_explicit_selection_linen(case):
+  rng = np.random.default_rng(1)
+  if case == "linen_cnn":
+    model, kwargs = LinenCNN(), {}
+    x = jnp.asarray(rng.standard_normal((2, 28, 28, 1)), jnp.float32)
+    explicit = ["Conv_0", "Conv_1", "Dense_0"]
+  else:
+    model, kwargs = ResNetBlock(4), {"train": False}
+    x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
+    explicit = {"bn1": "conv1"}
+  variables = model.init(jax.random.PRNGKey(0), x, **kwargs)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _, auto = ss_linen.capture_stats(model, variables, x, select="auto",
+                                     **kwargs)
+    _, expl = ss_linen.capture_stats(model, variables, x, select=explicit,
+                                     **kwargs)
+  _same_stats(auto, expl)
+
+
+def test_auto_matches_explicit_selection_nnx_tutorial_cnn():
+  model = TutorialCNN(rngs=nnx.Rngs(0))
+  model.eval()
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 28, 28, 1)),
+                  jnp.float32)
+  explicit = {"batch_norm1": "conv1", "batch_norm2": "conv2",
+              "linear1": "linear1"}
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _, auto = ss_nnx.capture_stats(model, x, select="auto")
+    _, expl = ss_nnx.capture_stats(model, x, select=explicit)
+  _same_stats(auto, expl)
+  assert sorted(auto) == ["conv1", "conv2", "linear1"]
+
+
+def test_auto_on_the_application_vit_takes_every_mlp_layer():
+  from synstrip_vit.models import create_model
+  model = create_model("vit", num_classes=3, patch_size=4, hidden_size=8,
+                       depth=2, num_heads=2, mlp_dim=16)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.ones(x.shape), train=False))
+  auto = ss_linen.targets(model, variables, x, train=False, select="auto")
+  explicit = ss_linen.targets(model, variables, x, train=False,
+                              select="*/mlp/fc*")
+  assert auto == explicit
+  flat = [k for k, v in jax.tree_util.tree_leaves_with_path(auto) if v]
+  assert len(flat) == 4
