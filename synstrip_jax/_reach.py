@@ -7,7 +7,7 @@ module call wrapped: its output goes through :func:`mark` (an identity
 input through one named ``synstrip_in_<i>``. :func:`follow` then follows
 every marked output forward through the operations that keep each value in
 its place (dtype casts, reshapes, transposes, broadcasts, max-pooling) and
-records what it meets first: ``max(x, 0)`` (a ReLU, also inside
+(and dropout's scaling and zeroing) and records what it meets first: ``max(x, 0)`` (a ReLU, also inside
 ``jax.nn.relu``'s ``custom_jvp``), the input of a marked module, any other
 operation (by primitive name), or the model's output.
 """
@@ -67,6 +67,26 @@ def _is_zero(v: Any) -> bool:
   return isinstance(v, jcore.Literal) and np.all(np.asarray(v.val) == 0)
 
 
+def _is_positive(v: Any) -> bool:
+  return isinstance(v, jcore.Literal) and np.all(np.asarray(v.val) > 0)
+
+
+def _keeps_sign(eqn: Any, ins: list[frozenset], zeros: set) -> bool:
+  """Whether ``eqn`` maps its marked operand to values with the same sign
+  where they are not zeroed: a multiply or divide by a positive constant, or
+  a choice between the marked value and zeros (dropout's ``select_n``)."""
+  name = eqn.primitive.name
+  if name in ("mul", "div") and len(ins) == 2:
+    other = eqn.invars[1] if ins[0] else eqn.invars[0]
+    return not (ins[0] and ins[1]) and _is_positive(other) and (
+        name == "mul" or bool(ins[0]))
+  if name == "select_n" and not ins[0]:
+    return all(bool(s) or _is_zero(v) or (
+        not isinstance(v, jcore.Literal) and v in zeros)
+               for v, s in zip(eqn.invars[1:], ins[1:]))
+  return False
+
+
 def _inner(eqn: Any) -> Optional[Any]:
   key = CALLS.get(eqn.primitive.name)
   sub = None if key is None else eqn.params.get(key)
@@ -78,9 +98,15 @@ def _walk(jaxpr: Any, env: dict, hits: dict) -> list[frozenset]:
   record hits per label; return the labels of its outputs."""
   get = lambda v: (frozenset() if isinstance(v, jcore.Literal)
                    else env.get(v, frozenset()))
+  zeros: set = set()  # vars known to be all zeros (broadcast 0.0)
   for eqn in jaxpr.eqns:
     ins = [get(v) for v in eqn.invars]
     name = eqn.primitive.name
+    first = eqn.invars[0] if eqn.invars else None
+    if name in ("broadcast_in_dim", "convert_element_type") and (
+        _is_zero(first) or (not isinstance(first, jcore.Literal)
+                            and first in zeros)):
+      zeros.add(eqn.outvars[0])
     tag = eqn.params.get("name", "") if name in ("jit", "pjit") else ""
     if tag.startswith(OUT) or tag.startswith(IN):
       index = int(tag.rsplit("_", 1)[1])
@@ -98,7 +124,7 @@ def _walk(jaxpr: Any, env: dict, hits: dict) -> list[frozenset]:
         _is_zero(eqn.invars[0]) or _is_zero(eqn.invars[1])):
       for label in ins[0] | ins[1]:
         hits[label][0].add(True)
-    elif name in KEEP:
+    elif name in KEEP or _keeps_sign(eqn, ins, zeros):
       out = frozenset().union(*ins)
       for v in eqn.outvars:
         env[v] = out

@@ -13,6 +13,7 @@ in well under a minute on 2 CPU cores.
 
 import functools
 import re
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -26,6 +27,11 @@ from flax import nnx, traverse_util
 import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
+from _shared import REPO
+
+sys.path.insert(0, str(REPO / "docs" / "examples"))
+# the Flax examples' MNIST CNN (examples/mnist/train.py), as written there
+from flax_mnist_linen import CNN  # noqa: E402  pylint: disable=wrong-import-position
 
 FACTOR = 0.2
 _strip = jax.jit(ss.strip_event, static_argnames=("stripping_factor",))
@@ -176,24 +182,6 @@ def _assert_trees_equal(a, b):
 
 
 # ----------------------------------------------- Flax examples' MNIST CNN
-
-class CNN(nn.Module):
-  """A simple CNN model (flax/examples/mnist/train.py, as written there)."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))  # flatten
-    x = nn.Dense(features=256)(x)
-    x = nn.relu(x)
-    x = nn.Dense(features=10)(x)
-    return x
-
 
 _CNN = CNN()
 _CNN_SELECT = ["Conv_*", "Dense_0"]

@@ -7,6 +7,7 @@ matches nothing, targets built from shapes only, and the NNX trees that
 
 import functools
 import re
+import sys
 import warnings
 
 import flax.linen as nn
@@ -20,7 +21,11 @@ from flax import nnx
 import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
-from test_any_model import CNN as LinenCNN  # the Flax examples' MNIST CNN
+from _shared import REPO
+
+sys.path.insert(0, str(REPO / "docs" / "examples"))
+from flax_mnist_linen import CNN as LinenCNN  # noqa: E402  pylint: disable=wrong-import-position
+from nnx_mnist_tutorial import CNN as TutorialCNN  # noqa: E402  pylint: disable=wrong-import-position
 
 
 class SharedNNX(nnx.Module):
@@ -221,30 +226,6 @@ def test_with_stripping_is_bit_identical_to_inner_while_masks_are_true(inner):
 
 
 # ------------------------------------------- selections checked on the jaxpr
-
-class TutorialCNN(nnx.Module):
-  """The NNX MNIST tutorial's CNN (docs_nnx/mnist_tutorial), as written."""
-
-  def __init__(self, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
-    self.batch_norm1 = nnx.BatchNorm(32, rngs=rngs)
-    self.dropout1 = nnx.Dropout(rate=0.025, rngs=rngs)
-    self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), rngs=rngs)
-    self.batch_norm2 = nnx.BatchNorm(64, rngs=rngs)
-    self.avg_pool = functools.partial(nnx.avg_pool, window_shape=(2, 2),
-                                      strides=(2, 2))
-    self.linear1 = nnx.Linear(3136, 256, rngs=rngs)
-    self.dropout2 = nnx.Dropout(rate=0.025, rngs=rngs)
-    self.linear2 = nnx.Linear(256, 10, rngs=rngs)
-
-  def __call__(self, x):
-    x = self.avg_pool(nnx.relu(self.batch_norm1(self.dropout1(self.conv1(x)))))
-    x = self.avg_pool(nnx.relu(self.batch_norm2(self.conv2(x))))
-    x = x.reshape(x.shape[0], -1)  # flatten
-    x = nnx.relu(self.dropout2(self.linear1(x)))
-    x = self.linear2(x)
-    return x
-
 
 class ResNetBlock(nn.Module):
   """ResNet block (after flax/examples/imagenet/models.py)."""
