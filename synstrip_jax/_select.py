@@ -79,6 +79,7 @@ class Selection:
     self.pairs: Optional[dict[str, str]] = None
     self.match: Callable[[str, Any], bool]
     self.exact: set[str] = set()
+    self.globs: list[str] = []
     if isinstance(select, Mapping):
       if not select:
         raise ValueError("select mapping is empty")
@@ -96,6 +97,7 @@ class Selection:
         isinstance(select, Sequence) and select
         and all(isinstance(x, str) for x in select)):
       globs = [select] if isinstance(select, str) else list(select)
+      self.globs = globs
       self.exact = {g for g in globs if not any(c in g for c in "*?[")}
       self.match = lambda path, module: any(
           fnmatch.fnmatchcase(path, g) for g in globs)
@@ -164,6 +166,12 @@ def check_selection(selection: Selection, seen: Mapping[str, Layer],
     raise ValueError(
         f"select={selection.select!r} matches no Dense/Conv layer called by "
         f"the model; candidate layers: {candidates}")
+  unmatched = [g for g in selection.globs
+               if not any(fnmatch.fnmatchcase(p, g) for p in captured)]
+  if unmatched:
+    raise ValueError(
+        f"select entries {unmatched} match no Dense/Conv layer called by the "
+        f"model (each entry must match one); candidate layers: {candidates}")
 
 
 def rekey_stats(stats_by_source: Mapping[str, ActivationStats],

@@ -24,7 +24,10 @@ from synstrip_jax.activations import example_stats
 from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
                                   accumulate_sown, check_selection, no_stats,
                                   output_stats, rekey_stats)
-from synstrip_jax.probe import stats_by_layer
+from synstrip_jax._reach import (IN, OUT, Call, Reach, abstract_call,
+                                 auto_pairs, follow, is_norm, mark, problems,
+                                 report)
+from synstrip_jax.probe import stats_by_layer, target_tree
 
 PyTree = Any
 
@@ -162,11 +165,40 @@ def _sown_stats(state: Mapping[str, Any], captured: list[str]
   return sown
 
 
+def _reach(model: nn.Module, variables: Mapping[str, Any], args: tuple,
+           kwargs: dict, method: Any, extra: list[str]
+           ) -> tuple[dict[int, Call], dict[int, Reach]]:
+  """Trace ``model`` abstractly with every Dense/Conv and normalization
+  call marked; where each marked output goes (:mod:`synstrip_jax._reach`)."""
+  calls: dict[int, Call] = {}
+
+  def interceptor(next_fun, a, kw, context):
+    module = context.module
+    kind = type(module).__name__
+    supported = isinstance(module, (nn.Dense, nn.Conv, nn.DenseGeneral))
+    if context.method_name != "__call__" or not (supported or is_norm(kind)):
+      return next_fun(*a, **kw)
+    k = len(calls)
+    calls[k] = Call("/".join(module.path), kind, supported)
+    if a:
+      a = (mark(a[0], IN, k),) + tuple(a[1:])
+    return mark(next_fun(*a, **kw), OUT, k)
+
+  def run(v, *a):
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, *a, method=method, mutable=extra or False,
+                         **kwargs)
+
+  closed = abstract_call(run, variables, *args)
+  return calls, follow(closed, calls)
+
+
 def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
                   select: Select,
                   activation: Callable[[jax.Array], jax.Array] = nn.relu,
                   method: Union[str, Callable[..., Any], None] = None,
                   mutable: Union[bool, str, Sequence[str]] = False,
+                  check_relu: str = "warn",
                   **kwargs: Any) -> tuple[Any, PyTree]:
   """Apply an unmodified Linen model and capture per-neuron statistics.
 
@@ -187,6 +219,14 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
       the source module's output (e.g. the ``nn.BatchNorm`` after a Conv,
       which the ReLU sees) with the kernel layer: ``{"block/bn1":
       "block/conv1"}``. See :func:`candidate_layers` for the paths.
+      ``"auto"``: every Dense/Conv whose output reaches a ReLU directly
+      (through reshapes, casts, max-pooling), and every one whose output
+      feeds only a normalization layer whose output does (paired with it).
+    check_relu: what to do when a selected output does not reach a ReLU
+      (e.g. a logits layer) or reaches one only through a normalization
+      layer (the mapping forgotten), as found from the model's jaxpr:
+      ``"warn"`` (default), ``"error"`` or ``"ignore"``. Checked (one extra
+      abstract trace) only when ``activation`` is ``jax.nn.relu``.
     activation: the elementwise function the model applies to the selected
       outputs (``nn.relu``: the original's exact dead rule).
     method: as ``model.apply``'s ``method``.
@@ -205,22 +245,60 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
       is not ``[B, ..., n]`` with its kernel's ``n``; a selected layer sits
       inside ``nn.scan``/``nn.vmap`` (unsupported).
   """
+  extra = _extra_collections(mutable)
+  reach = None
+  if activation is jax.nn.relu and (check_relu != "ignore" or select == "auto"):
+    reach = _reach(model, variables, args, kwargs, method, extra)
+  if isinstance(select, str) and select == "auto":
+    select = auto_pairs(*reach)
   selection = Selection(select)
   seen: dict[str, Layer] = {}
   captured: list[str] = []
   other: dict[str, str] = {}
-  extra = _extra_collections(mutable)
   with nn.intercept_methods(_intercept(selection, activation, seen, captured,
                                        other)):
     out, state = model.apply(variables, *args, method=method,
                              mutable=[CAPTURE] + extra, **kwargs)
   check_selection(selection, seen, captured, other)
+  if reach is not None:
+    report(problems(captured, *reach), check_relu)
   sown = _sown_stats(state, captured)
   keys = {p: tuple(p.split("/")) for p in seen}
   stats = rekey_stats(sown, selection, seen, keys)
   if extra:
     out = (out, {k: v for k, v in state.items() if k != CAPTURE})
   return out, stats
+
+
+def targets(model: nn.Module, variables: Mapping[str, Any], *args: Any,
+            select: Select,
+            method: Union[str, Callable[..., Any], None] = None,
+            **kwargs: Any) -> PyTree:
+  """The ``targets`` of :func:`~synstrip_jax.transform.with_stripping` from
+  shapes only.
+
+  :func:`capture_stats` is traced under ``jax.eval_shape``: nothing is
+  computed or updated (BatchNorm statistics stay as they are; every
+  collection besides ``params`` is treated as mutable inside the trace and
+  the result dropped). ``variables`` and ``args`` may be arrays or
+  ``jax.ShapeDtypeStruct``; ``kwargs`` (e.g. ``train=False``, ``rngs=``) go
+  to the model as in :func:`capture_stats`.
+
+  Returns:
+    A bool tree with the structure of ``variables['params']``: True at the
+    kernels of the selected layers.
+  """
+  if "params" not in variables:
+    raise ValueError("variables has no 'params' collection (got "
+                     f"{sorted(variables)}): pass the model's variables dict")
+  extra = [c for c in variables if c != "params"]
+
+  def stats_of(v, *a):
+    return capture_stats(model, v, *a, select=select, method=method,
+                         mutable=extra, **kwargs)[1]
+
+  stats = jax.eval_shape(stats_of, variables, *args)
+  return target_tree(variables["params"], stats)
 
 
 def candidate_layers(model: nn.Module, variables: Mapping[str, Any],
@@ -246,5 +324,4 @@ def candidate_layers(model: nn.Module, variables: Mapping[str, Any],
 
 
 __all__ = ["ACTIVATIONS", "ActConv", "ActDense", "CAPTURE", "Layer", "Select",
-           "candidate_layers",
-           "capture_stats", "linen_stats"]
+           "candidate_layers", "capture_stats", "linen_stats", "targets"]

@@ -10,6 +10,7 @@ a currently dead neuron. Biases are not counted.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import jax
@@ -25,11 +26,26 @@ Array = jax.Array
 def dead_counts(dead: PyTree) -> dict[str, Array]:
   """``{path: number of dead neurons}`` for each non-``None`` dead vector.
 
+  The keys are the kernels' paths (``conv1/kernel``) for Linen trees, NNX
+  ``State`` trees (with or without ``Param`` leaves) and plain dicts alike.
+
   Raises:
     TypeError, ValueError: a dead vector that is not a 1-D bool array.
   """
   return {path: jnp.sum(d, dtype=jnp.int32)
-          for path, d in present_bool_leaves(dead, "dead", ndim=1)}
+          for path, d in present_bool_leaves(_pure(dead), "dead", ndim=1)}
+
+
+def _pure(tree: PyTree) -> PyTree:
+  """``tree`` with NNX ``Variable`` leaves replaced by their values (so that
+  paths read ``fc1/kernel``, not ``fc1/kernel/value``); others unchanged."""
+  nnx = sys.modules.get("flax.nnx")  # an NNX object implies flax.nnx loaded
+  if nnx is None:
+    return tree
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  if not any(is_var(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_var)):
+    return tree
+  return nnx.as_pure(tree)
 
 
 def _kernel_entries(params: PyTree, dead: Optional[PyTree],

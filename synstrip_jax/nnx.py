@@ -35,7 +35,10 @@ from synstrip_jax._deprecated import deprecated_getattr
 from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
                                   accumulate_sown, check_selection, no_stats,
                                   output_stats, path_name, rekey_stats)
-from synstrip_jax.probe import stats_by_layer
+from synstrip_jax._reach import (IN, OUT, Call, Reach, abstract_call,
+                                 auto_pairs, follow, is_norm, mark, problems,
+                                 report)
+from synstrip_jax.probe import stats_by_layer, target_tree
 from synstrip_jax.stripping import DEFAULT_STRIPPING_FACTOR
 from synstrip_jax.transform import strip_event
 
@@ -180,9 +183,51 @@ def _scan_modules(model: nnx.Module, selection: Selection
   return seen, other, sources, keys
 
 
+@functools.lru_cache(maxsize=None)
+def _marking(cls: type) -> type:
+  """A subclass of ``cls`` whose ``__call__`` marks its first input and its
+  output for :mod:`synstrip_jax._reach` (used on a merged copy only)."""
+
+  def __call__(self, *args, **kwargs):
+    k = self.__dict__["_synstrip_mark"]
+    if args:
+      args = (mark(args[0], IN, k),) + tuple(args[1:])
+    return mark(cls.__call__(self, *args, **kwargs), OUT, k)
+
+  return type(f"_Marking{cls.__name__}", (cls,), {
+      "__call__": __call__, "__module__": __name__,
+      "__qualname__": f"_Marking{cls.__name__}"})
+
+
+def _reach(model: nnx.Module, args: tuple, kwargs: dict,
+           call: Callable[..., Any]
+           ) -> tuple[dict[int, Call], dict[int, Reach]]:
+  """Trace a copy of ``model`` abstractly with every Linear/Conv and
+  normalization layer marked; where each marked output goes."""
+  graphdef, state = nnx.split(model)
+  calls: dict[int, Call] = {}
+
+  def run(st, *a):
+    m = nnx.merge(graphdef, st)
+    for parts, module in _modules(m):
+      layer, problem = _layer(module, path_name(parts))
+      kind = type(module).__name__
+      if layer is None and problem is None and not is_norm(kind):
+        continue
+      k = len(calls)
+      calls[k] = Call(path_name(parts), kind, layer is not None)
+      object.__setattr__(module, "_synstrip_mark", k)
+      object.__setattr__(module, "__class__", _marking(type(module)))
+    return call(m, *a, **kwargs)
+
+  closed = abstract_call(run, state, *args)
+  return calls, follow(closed, calls)
+
+
 def capture_stats(model: nnx.Module, *args: Any, select: Select,
                   activation: Callable[[jax.Array], jax.Array] = nnx.relu,
                   method: Union[str, Callable[..., Any], None] = None,
+                  check_relu: str = "warn",
                   **kwargs: Any) -> tuple[Any, PyTree]:
   """Run an unmodified NNX model and capture per-neuron statistics.
 
@@ -200,8 +245,12 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
       ``layers/0``): glob, ``re.Pattern``, predicate ``(path, module) ->
       bool`` over the supported layers, or ``{source path: kernel path}``
       (e.g. ``{"bn1": "conv1"}`` for Conv -> BatchNorm -> ReLU: statistics of
-      the BatchNorm's output, paired with the Conv kernel).
+      the BatchNorm's output, paired with the Conv kernel), or ``"auto"``
+      (as in :func:`synstrip_jax.linen.capture_stats`).
     activation: the function the model applies to the selected outputs.
+    check_relu: ``"warn"`` (default), ``"error"`` or ``"ignore"``: as in
+      :func:`synstrip_jax.linen.capture_stats` (a selected output that does
+      not reach a ReLU, or only through a normalization layer).
     method: a method name or ``fn(model, *args, **kwargs)``; default
       ``model(*args, **kwargs)``.
 
@@ -213,14 +262,19 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
   Raises:
     ValueError: as :func:`synstrip_jax.linen.capture_stats`, naming the path.
   """
-  selection = Selection(select)
-  seen, other, sources, keys = _scan_modules(model, selection)
   if method is None:
     call = lambda m, *a, **k: m(*a, **k)
   elif isinstance(method, str):
     call = lambda m, *a, **k: getattr(m, method)(*a, **k)
   else:
     call = method
+  reach = None
+  if activation is jax.nn.relu and (check_relu != "ignore" or select == "auto"):
+    reach = _reach(model, args, kwargs, call)
+  if isinstance(select, str) and select == "auto":
+    select = auto_pairs(*reach)
+  selection = Selection(select)
+  seen, other, sources, keys = _scan_modules(model, selection)
   saved = [(m, type(m)) for _, m in sources]
   token = _ACTIVE.set((activation, {id(m): p for p, m in sources}))
   try:
@@ -233,7 +287,32 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
     _ACTIVE.reset(token)
   sown = stats_by_layer(state)
   check_selection(selection, seen, list(sown), other)
+  if reach is not None:
+    report(problems(list(sown), *reach), check_relu)
   return out, rekey_stats(sown, selection, seen, keys)
+
+
+def targets(model: nnx.Module, *args: Any, select: Select,
+            method: Union[str, Callable[..., Any], None] = None,
+            **kwargs: Any) -> PyTree:
+  """The ``targets`` of :func:`~synstrip_jax.transform.with_stripping` from
+  shapes only.
+
+  :func:`capture_stats` is traced under ``nnx.eval_shape``: nothing is
+  computed, ``model`` is not updated (BatchNorm statistics, RNG counters) and
+  ``args`` may be ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    A ``State`` with the structure of ``nnx.state(model, nnx.Param)``
+    (``Param`` leaves holding bools): True at the kernels of the selected
+    layers; it goes straight into ``nnx.Optimizer(model, with_stripping(tx,
+    targets), wrt=nnx.Param)``.
+  """
+  def stats_of(m, *a):
+    return capture_stats(m, *a, select=select, method=method, **kwargs)[1]
+
+  stats = nnx.eval_shape(stats_of, model, *args)
+  return target_tree(nnx.state(model, nnx.Param), stats)
 
 
 # ------------------------------------------------- optimizer and strip events
@@ -281,7 +360,7 @@ def strip(model: nnx.Module, optimizer: nnx.Optimizer, dead: PyTree, *,
 
 
 __all__ = ["ActConv", "ActLinear", "Layer", "Select", "candidate_layers",
-           "capture_stats", "strip"]
+           "capture_stats", "strip", "targets"]
 
 __getattr__ = deprecated_getattr(__name__, {
     "get_masks": ("synstrip_jax.transform", "get_masks",

@@ -17,11 +17,12 @@ which select layers with the ``select`` forms of :data:`synstrip_jax.linen.Selec
 :func:`probe_stats` / :func:`probe_dead` run any such statistics function over
 an iterable of batches.
 
-NNX trees: pass ``nnx.state(model, nnx.Param)`` as ``params`` and the
-``dead``/``targets`` trees come out with that same structure (``State`` with
-``Param`` leaves), so that ``targets`` goes straight into
-``nnx.Optimizer(model, with_stripping(tx, targets), wrt=nnx.Param)``; pass
-``nnx.as_pure(...)`` or a pure dict and they come out in that form.
+NNX trees: pass ``nnx.state(model, nnx.Param)`` as ``params`` and
+``targets`` comes out with that same structure (``State`` with ``Param``
+leaves), so that it goes straight into ``nnx.Optimizer(model,
+with_stripping(tx, targets), wrt=nnx.Param)``; ``dead`` comes out as the
+pure ``State`` (plain arrays). Pass ``nnx.as_pure(...)`` or a pure dict and
+both come out in that form.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _as_plain(tree: PyTree) -> PyTree:
   """An NNX ``State`` (or any mapping tree) as nested plain dicts."""
   nnx = _nnx()
   if nnx is not None and isinstance(tree, nnx.State):
-    tree = tree.to_pure_dict()
+    tree = nnx.to_pure_dict(tree)
   return tree
 
 
@@ -113,6 +114,22 @@ def _kernel_path(path: str) -> Optional[str]:
   return path[: -len("/kernel")] if path.endswith("/kernel") else None
 
 
+def _check_no_missing(missing: list[str], paths: list[str]) -> None:
+  """Error for statistics whose layer has no ``<layer>/kernel`` in params;
+  when params looks like a Linen variables dict (``params/...`` and another
+  collection), the message says to pass ``variables['params']``."""
+  if not missing:
+    return
+  tops = sorted({p.split("/", 1)[0] for p in paths})
+  hint = ""
+  if "params" in tops and any(f"params/{m}/kernel" in paths for m in missing):
+    hint = (f"; params looks like a variables dict (collections {tops}): "
+            "pass the parameter tree, e.g. probe_dead(..., params="
+            "variables['params']) or dead_tree(variables['params'], ...)")
+  raise ValueError(f"activations sown at {missing} have no kernel at "
+                   f"'<layer>/kernel' in params{hint}")
+
+
 def dead_tree(params: PyTree, stats_tree: PyTree, tau: Optional[float] = None,
               ) -> PyTree:
   """Dead-neuron vectors aligned with ``params`` (the ``dead`` of strip_params).
@@ -126,9 +143,9 @@ def dead_tree(params: PyTree, stats_tree: PyTree, tau: Optional[float] = None,
     tau: ``None`` for the original's exact rule, else a ReDo threshold.
 
   Returns:
-    The structure of ``params`` (an NNX ``State`` with ``Param`` leaves stays
-    one) with a ``[n]`` bool at each kernel that feeds the activations,
-    ``None`` elsewhere.
+    The structure of ``params`` with a ``[n]`` bool at each kernel that feeds
+    the activations, ``None`` elsewhere; for an NNX ``State`` with ``Param``
+    leaves, the pure ``State`` (plain arrays, keys ``fc1/kernel``).
 
   Raises:
     ValueError: statistics with no kernel at ``<layer>/kernel``, or whose
@@ -156,10 +173,9 @@ def dead_tree(params: PyTree, stats_tree: PyTree, tau: Optional[float] = None,
           "per-example statistics first (reduce_stats_tree)")
     dead_leaves.append(dead_mask(stats, tau))
     used.add(layer)
-  missing = sorted(set(layers) - used)
-  if missing:
-    raise ValueError(f"activations sown at {missing} have no kernel at "
-                     "'<layer>/kernel' in params")
+  _check_no_missing(sorted(set(layers) - used), paths)
+  if _has_variables(params):
+    treedef = jax.tree_util.tree_structure(_nnx().as_pure(params))
   return jax.tree_util.tree_unflatten(treedef, dead_leaves)
 
 
@@ -175,10 +191,8 @@ def target_tree(params: PyTree, stats_tree: PyTree) -> PyTree:
   layers = stats_by_layer(stats_tree)
   treedef, paths, _ = _param_leaves(params)
   flags = [(_kernel_path(p) in layers) for p in paths]
-  missing = sorted(set(layers) - {_kernel_path(p) for p in paths})
-  if missing:
-    raise ValueError(f"activations sown at {missing} have no kernel at "
-                     "'<layer>/kernel' in params")
+  _check_no_missing(sorted(set(layers) - {_kernel_path(p) for p in paths}),
+                    paths)
   return jax.tree_util.tree_unflatten(treedef, flags)
 
 
@@ -212,6 +226,27 @@ def _pmapped_step(stats_fn: Callable[[Any, Any], PyTree],
 
 #: Sum of two statistics trees, compiled once per tree structure.
 _add = jax.jit(merge_stats)
+
+
+@functools.lru_cache(maxsize=32)
+def _merging(stats_fn: Callable[[Any, Any], PyTree], graphdef: Any
+             ) -> Callable[[Any, Any], PyTree]:
+  """``stats_fn`` on the module rebuilt from ``graphdef`` and its state
+  (one function object per pair, so the compiled step is reused)."""
+  return lambda st, b: stats_fn(_nnx().merge(graphdef, st), b)
+
+
+def _graph_safe(stats_fn: Callable[[Any, Any], PyTree], state: Any
+                ) -> tuple[Callable[[Any, Any], PyTree], Any]:
+  """An NNX module is passed to the compiled step as ``nnx.split``'s state
+  and rebuilt inside, so that a module held under several attributes stays
+  one module (as a plain pytree it would become independent copies, each
+  with part of the statistics). Anything else passes through."""
+  nnx = _nnx()
+  if nnx is None or not isinstance(state, nnx.Module):
+    return stats_fn, state
+  graphdef, st = nnx.split(state)
+  return _merging(stats_fn, graphdef), st
 
 
 def probe_stats(stats_fn: Callable[[Any, Any], PyTree], state: Any,
@@ -249,6 +284,7 @@ def probe_stats(stats_fn: Callable[[Any, Any], PyTree], state: Any,
   Raises:
     ValueError: ``batches`` is empty.
   """
+  stats_fn, state = _graph_safe(stats_fn, state)
   if axis_name is None:
     step = lambda st, b: _probe_step_jit(st, b, stats_fn=stats_fn,
                                          where_fn=where_fn, axis_name=None)

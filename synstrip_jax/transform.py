@@ -188,6 +188,24 @@ def set_masks(opt_state: Any, masks: PyTree) -> Any:
   return optax.tree_utils.tree_set(opt_state, **{MASKS_FIELD: masks})
 
 
+def _refuse_nnx_variables(params: PyTree, opt_state: Any) -> None:
+  """TypeError pointing at ``synstrip_jax.nnx.strip`` when ``params`` or
+  ``opt_state`` hold NNX ``Variable`` leaves (a ``State`` of a model or of
+  an ``nnx.Optimizer``), whose tree types do not line up with each other."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  for name, tree in (("params", params), ("opt_state", opt_state)):
+    if isinstance(tree, nnx.Optimizer) or any(
+        is_var(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=is_var)):
+      raise TypeError(
+          f"strip_event got NNX Variables in `{name}`: for an NNX model use "
+          "synstrip_jax.nnx.strip(model, optimizer, dead), which strips the "
+          "model and the nnx.Optimizer in place (or pass nnx.as_pure(...) "
+          "of both trees)")
+
+
 def strip_event(params: PyTree, opt_state: Any, dead: PyTree, *,
                 stripping_factor: float = DEFAULT_STRIPPING_FACTOR
                 ) -> tuple[PyTree, Any]:
@@ -210,6 +228,7 @@ def strip_event(params: PyTree, opt_state: Any, dead: PyTree, *,
   Returns:
     ``(params, opt_state)``.
   """
+  _refuse_nnx_variables(params, opt_state)
   masks = get_masks(opt_state)
   validate_sparse_tree(params, dead, "dead")
   _, paths, _, (dead_l, mask_l) = trees.aligned_leaves(params, dead, masks)

@@ -13,6 +13,7 @@ in well under a minute on 2 CPU cores.
 
 import functools
 import re
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -26,6 +27,11 @@ from flax import nnx, traverse_util
 import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
+from _shared import REPO
+
+sys.path.insert(0, str(REPO / "docs" / "examples"))
+# the Flax examples' MNIST CNN (examples/mnist/train.py), as written there
+from flax_mnist_linen import CNN  # noqa: E402  pylint: disable=wrong-import-position
 
 FACTOR = 0.2
 _strip = jax.jit(ss.strip_event, static_argnames=("stripping_factor",))
@@ -176,24 +182,6 @@ def _assert_trees_equal(a, b):
 
 
 # ----------------------------------------------- Flax examples' MNIST CNN
-
-class CNN(nn.Module):
-  """A simple CNN model (flax/examples/mnist/train.py, as written there)."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))  # flatten
-    x = nn.Dense(features=256)(x)
-    x = nn.relu(x)
-    x = nn.Dense(features=10)(x)
-    return x
-
 
 _CNN = CNN()
 _CNN_SELECT = ["Conv_*", "Dense_0"]
@@ -526,11 +514,11 @@ def test_nnx_mlp_with_optimizer(nnx_data):
   h1 = model.fc1(x)
   h2 = model.fc2(nnx.relu(h1))
   dead = probe.probe_dead(_nnx_stats, model, batches, where_fn=_where)
-  assert isinstance(dead, nnx.State) and dead["out"]["kernel"].get_value() is None
+  assert isinstance(dead, nnx.State) and dead["out"]["kernel"] is None
   counts = {}
   for name, pre in (("fc1", h1), ("fc2", h2)):
     expect = _direct_dead([pre])
-    np.testing.assert_array_equal(np.asarray(dead[name]["kernel"].get_value()), expect)
+    np.testing.assert_array_equal(np.asarray(dead[name]["kernel"]), expect)
     counts[name] = int(expect.sum())
   assert counts["fc1"] >= 2 and counts["fc2"] >= 1
   print("nnx mlp dead:", counts)
@@ -617,7 +605,7 @@ def test_nnx_conv_batchnorm_pairing():
   dead = probe.dead_tree(nnx.state(model, nnx.Param),
                          probe.reduce_stats_tree(stats))
   expect = _direct_dead([nnx.jit(lambda m, x: m.bn1(m.conv1(x)))(model, x)])
-  np.testing.assert_array_equal(dead["conv1"]["kernel"].get_value(), expect)
+  np.testing.assert_array_equal(dead["conv1"]["kernel"], expect)
   assert expect[3]
 
 
@@ -764,16 +752,17 @@ def test_probe_under_pmap_matches_jit(vit_mlp):
 
 # ---------------------------------------------------------------- README
 
-def _readme_blocks(heading):
-  text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def _readme_blocks(heading, doc="README.md"):
+  text = (Path(__file__).resolve().parents[1] / doc).read_text()
   start = text.index(f"\n## {heading}\n")
   end = text.find("\n## ", start + 1)
   section = text[start:end if end >= 0 else None]
   return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-def test_readme_bring_your_own_model_snippets_run(capsys):
-  blocks = _readme_blocks("Bring your own model")
+def test_bring_your_own_model_doc_snippets_run(capsys):
+  blocks = (_readme_blocks("Linen", "docs/bring_your_own_model.md")
+            + _readme_blocks("NNX", "docs/bring_your_own_model.md"))
   assert len(blocks) == 2
   for code in blocks:
     assert len([l for l in code.splitlines() if l.strip()]) < 20
