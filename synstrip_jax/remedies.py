@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from synstrip_jax import trees
+from synstrip_jax._outgoing import Found, find_outgoing
 from synstrip_jax.activations import ActivationStats, Criterion
 from synstrip_jax.probe import dead_tree, stats_by_layer
 from synstrip_jax.redo import DEFAULT_INIT, InitFn, Outgoing, recycle
@@ -251,5 +252,5 @@ def cbp(params: PyTree, opt_state: Any, state: CBPState, stats: PyTree,
   return params, opt_state, new, dead
 
 
-__all__ = ["CBPState", "KAIMING_UNIFORM", "cbp", "cbp_init", "cbp_layers",
+__all__ = ["CBPState", "Found", "KAIMING_UNIFORM", "find_outgoing", "cbp", "cbp_init", "cbp_layers",
            "redo", "shrink_perturb", "strip"]
