@@ -355,3 +355,20 @@ def test_cbp_matches_gnt():
     np.testing.assert_allclose(got["fc0/kernel"], want, rtol=1e-5, atol=1e-7)
   for j in sorted({j for r in replaced for j in r}):
     assert float(params["fc0"]["bias"][j]) == 0.0
+
+
+def test_docs_snippets_run():
+  """Every ``python`` block of docs/remedies.md runs, in order, in one
+  namespace."""
+  import pathlib
+  import re
+  text = (pathlib.Path(__file__).parents[1] / "docs" / "remedies.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+  assert len(blocks) == 6
+  ns: dict = {}
+  for block in blocks:
+    exec(compile(block, "docs/remedies.md", "exec"), ns)  # pylint: disable=exec-used
+  assert dict(ns["outgoing"]) == {"fc0/kernel": "fc1/kernel",
+                                  "fc1/kernel": "head/kernel",
+                                  "head/kernel": None}
+  assert ns["cbp_state"].ages["fc0/kernel"].shape == (32,)
