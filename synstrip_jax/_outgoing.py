@@ -247,3 +247,6 @@ def find_outgoing(fn: Callable[..., Any], params: Any, *args: Any) -> Found:
         if why is not None:
           reasons[path] = f"{path} {why}"
   return Found(FrozenDict(outgoing), reasons)
+
+
+__all__ = ["Found", "find_outgoing"]

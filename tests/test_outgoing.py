@@ -11,7 +11,7 @@ import pytest
 
 from synstrip_jax import redo, remedies, trees
 from synstrip_vit import models
-from tests._shared import assert_bitwise_equal
+from _shared import assert_bitwise_equal
 
 
 class LinenCNN(nn.Module):
