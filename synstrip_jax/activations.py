@@ -1,20 +1,31 @@
-"""Statistics of post-activation outputs and dead-neuron masks.
+"""Statistics of post-activation outputs and dead/dormant-neuron masks.
 
 A layer's statistics are an :class:`ActivationStats` of ``[n]`` vectors (one
 entry per neuron, the last axis of the activation) accumulated over every
 other axis (batch, tokens, spatial) and over probe batches:
 
 * ``total``: sum of the outputs. The original's rule: a neuron is dead iff
-  ``total == 0`` exactly (for ReLU outputs, all of them are 0).
-* ``abs_total``: sum of ``|output|`` (for a ReDo-style dormancy score).
+  ``total == 0`` exactly (for ReLU outputs, all of them are 0). A sum that
+  overflows to ``inf`` (or ``nan`` from ``inf - inf``) is not 0: alive.
+* ``abs_mean``: mean of ``|output|`` (ReDo's dormancy score). It is kept as a
+  count-weighted mean, never as a sum: every partial value is at most the
+  largest ``|output|``, so finite outputs never overflow it, whatever their
+  number (``abs_total``, the sum, is derived on demand and may overflow).
 * ``nonfinite``: number of NaN/inf outputs. A neuron with a non-finite output
   is never counted as dead *or* silently as alive: :func:`dead_mask` reports it
   through :func:`nonfinite_neurons`, and :func:`check_finite` (which
   :func:`synstrip_jax.dead_tree` runs on concrete statistics) raises on it.
 * ``count``: number of elements each neuron summed (scalar).
+* ``active``: number of examples in which the neuron had a non-zero finite
+  output (at any position), for "active on fewer than a fraction of the
+  examples" (Dohare et al., 2024).
+* ``examples``: number of examples (scalar).
+
+:class:`Dormancy` selects one of the three rules (exact zero, ReDo's score,
+inactive fraction); all three are read from the same statistics pass.
 
 Everything is a pure function of arrays and works under ``jit``, ``pmap`` and
-``shard_map`` (pass ``axis_name`` to sum across devices); under sharded
+``shard_map`` (pass ``axis_name`` to reduce across devices); under sharded
 ``jit`` the batch reduction is already global.
 """
 
@@ -39,21 +50,42 @@ class ActivationStats(NamedTuple):
 
   Attributes:
     total: ``[n]`` float32, sum of finite outputs.
-    abs_total: ``[n]`` float32, sum of ``|output|`` over finite outputs.
+    abs_mean: ``[n]`` float32, mean of ``|output|`` over the ``count``
+      outputs (non-finite ones count as 0; they are reported by
+      ``nonfinite``).
     nonfinite: ``[n]`` int32, number of NaN or infinite outputs.
     count: ``[]`` float32, number of outputs summed per neuron.
+    active: ``[n]`` int32, number of examples with a non-zero finite output.
+    examples: ``[]`` int32, number of examples.
+
+  Per-example statistics (sown by models, see :func:`example_stats`) have a
+  leading ``[B]`` axis on every field.
   """
   total: Array
-  abs_total: Array
+  abs_mean: Array
   nonfinite: Array
   count: Array
+  active: Array
+  examples: Array
+
+  @property
+  def abs_total(self) -> Array:
+    """Sum of ``|output|`` (``abs_mean * count``; may overflow to inf)."""
+    return self.abs_mean * _per_neuron(self.count, self.abs_mean)
+
+
+def _per_neuron(scalar: Array, like: Array) -> Array:
+  """``scalar`` (``[]`` or ``[B]``) broadcastable against ``like``
+  (``[n]`` or ``[B, n]``)."""
+  return jnp.reshape(scalar, jnp.shape(scalar) + (1,) * (like.ndim - jnp.ndim(scalar)))
 
 
 def init_stats(num_neurons: int) -> ActivationStats:
   """Zero statistics for a layer of ``num_neurons`` neurons."""
   z = jnp.zeros((num_neurons,), jnp.float32)
-  return ActivationStats(z, z, jnp.zeros((num_neurons,), jnp.int32),
-                         jnp.zeros((), jnp.float32))
+  zi = jnp.zeros((num_neurons,), jnp.int32)
+  return ActivationStats(z, z, zi, jnp.zeros((), jnp.float32), zi,
+                         jnp.zeros((), jnp.int32))
 
 
 def example_stats(x: Array) -> ActivationStats:
@@ -64,7 +96,7 @@ def example_stats(x: Array) -> ActivationStats:
   :func:`reduce_examples`). This is what models sow.
 
   Returns:
-    :class:`ActivationStats` with ``[B, n]`` leaves and a ``[B]`` count.
+    :class:`ActivationStats` with ``[B, n]`` leaves and ``[B]`` counts.
   """
   x = jnp.asarray(x)
   if x.ndim < 2:
@@ -74,28 +106,47 @@ def example_stats(x: Array) -> ActivationStats:
   axes = tuple(range(1, x.ndim - 1))
   per_neuron = float(np.prod(x.shape[1:-1], dtype=np.int64))
   count = jnp.full(x.shape[:1], per_neuron, jnp.float32)
+  examples = jnp.ones(x.shape[:1], jnp.int32)
+  inv = jnp.float32(1.0 / per_neuron)
 
   def exact(_):
     finite = jnp.isfinite(x)
+    live = finite & (x != 0)
     return ActivationStats(
         total=jnp.sum(jnp.where(finite, x, 0.0), axis=axes),
-        abs_total=jnp.sum(jnp.where(finite, jnp.abs(x), 0.0), axis=axes),
+        abs_mean=jnp.sum(jnp.where(finite, jnp.abs(x) * inv, 0.0), axis=axes),
         nonfinite=jnp.sum(~finite, axis=axes, dtype=jnp.int32),
-        count=count)
+        count=count,
+        active=jnp.any(live, axis=axes).astype(jnp.int32),
+        examples=examples)
 
-  # Fast path: two plain sums. A finite sum of |x| proves every summed
-  # element finite, so these are then exactly the masked sums of `exact`
-  # (and nothing is non-finite); otherwise `exact` runs. This avoids
-  # materialising full-size isfinite temporaries (bench/README.md).
+  # Fast path: plain reductions. A finite mean of |x| proves every element
+  # finite, so these are then exactly the masked reductions of `exact` (and
+  # nothing is non-finite); otherwise `exact` runs. This avoids materialising
+  # full-size isfinite temporaries (bench/README.md).
   total = jnp.sum(x, axis=axes)
-  abs_total = jnp.sum(jnp.abs(x), axis=axes)
+  abs_mean = jnp.sum(jnp.abs(x) * inv, axis=axes)
+  active = jnp.any(x != 0, axis=axes).astype(jnp.int32)
 
   def fast(_):
     # zeros_like keeps `total`'s varying-axis type under shard_map.
-    return ActivationStats(total, abs_total,
-                           jnp.zeros_like(total, dtype=jnp.int32), count)
+    return ActivationStats(total, abs_mean,
+                           jnp.zeros_like(total, dtype=jnp.int32), count,
+                           active, examples)
 
-  return jax.lax.cond(jnp.all(jnp.isfinite(abs_total)), fast, exact, None)
+  return jax.lax.cond(jnp.all(jnp.isfinite(abs_mean)), fast, exact, None)
+
+
+def _weighted_abs_mean(parts: Sequence[ActivationStats], count: Array
+                       ) -> Array:
+  """Count-weighted mean of the parts' ``abs_mean`` (total ``count``), each
+  term scaled before it is added, so it never exceeds the largest input."""
+  denom = jnp.maximum(count, 1.0)
+  out = None
+  for p in parts:
+    term = p.abs_mean * _per_neuron(p.count / denom, p.abs_mean)
+    out = term if out is None else out + term
+  return out
 
 
 def reduce_examples(stats: ActivationStats, *, where: Optional[Array] = None,
@@ -117,15 +168,25 @@ def reduce_examples(stats: ActivationStats, *, where: Optional[Array] = None,
     if where.shape != stats.count.shape:
       raise ValueError(f"where has shape {where.shape}, expected "
                        f"{stats.count.shape} (one flag per example)")
+    col = where[:, None]
     stats = ActivationStats(
-        jnp.where(where[:, None], stats.total, 0.0),
-        jnp.where(where[:, None], stats.abs_total, 0.0),
-        jnp.where(where[:, None], stats.nonfinite, 0),
-        jnp.where(where, stats.count, 0.0))
-  out = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), stats)
+        jnp.where(col, stats.total, 0.0), jnp.where(col, stats.abs_mean, 0.0),
+        jnp.where(col, stats.nonfinite, 0), jnp.where(where, stats.count, 0.0),
+        jnp.where(col, stats.active, 0), jnp.where(where, stats.examples, 0))
+  summed = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), stats)
+  count = summed.count
   if axis_name is not None:
-    out = jax.lax.psum(out, axis_name)
-  return out
+    count = jax.lax.psum(count, axis_name)
+  # Each example's mean weighted by its share of the (global) count: no
+  # partial sum exceeds the largest |output|.
+  weights = stats.count / jnp.maximum(count, 1.0)
+  abs_mean = jnp.sum(stats.abs_mean * weights[:, None], axis=0)
+  if axis_name is None:
+    return summed._replace(abs_mean=abs_mean)
+  total, abs_mean, nonfinite, active, examples = jax.lax.psum(
+      (summed.total, abs_mean, summed.nonfinite, summed.active,
+       summed.examples), axis_name)
+  return ActivationStats(total, abs_mean, nonfinite, count, active, examples)
 
 
 def batch_stats(x: Array, *, axis_name: AxisName = None,
@@ -153,34 +214,92 @@ def batch_stats(x: Array, *, axis_name: AxisName = None,
 
 
 def merge_stats(a: ActivationStats, b: ActivationStats) -> ActivationStats:
-  """Sum of two statistics (accumulate probe batches; associative)."""
-  return jax.tree_util.tree_map(jnp.add, a, b)
+  """Statistics of the union of two sets of outputs (accumulate probe
+  batches): sums and counts add, ``abs_mean`` is the count-weighted mean.
+  Associative and commutative up to float32 rounding."""
+  summed = jax.tree_util.tree_map(jnp.add, a, b)
+  return summed._replace(abs_mean=_weighted_abs_mean((a, b), summed.count))
 
 
 def dormancy_score(stats: ActivationStats) -> Array:
   """ReDo's score: mean ``|a_i|`` over the layer's average mean ``|a|``.
 
   ``s_i = E|a_i| / (1/n sum_j E|a_j|)`` (Sokar et al., 2023); 0 for an
-  all-zero layer.
+  all-zero layer. The layer average is taken of the means scaled by their
+  maximum, so finite means never overflow it.
   """
-  mean_abs = stats.abs_total / jnp.maximum(stats.count, 1.0)
-  layer = jnp.mean(mean_abs)
-  return jnp.where(layer > 0, mean_abs / jnp.where(layer > 0, layer, 1.0), 0.0)
+  mean_abs = stats.abs_mean
+  top = jnp.max(mean_abs, axis=-1, keepdims=True)
+  scale = jnp.where(top > 0, top, 1.0)
+  scaled = mean_abs / scale
+  layer = jnp.mean(scaled, axis=-1, keepdims=True)
+  return jnp.where(layer > 0, scaled / jnp.where(layer > 0, layer, 1.0), 0.0)
 
 
-def dead_mask(stats: ActivationStats, tau: Optional[float] = None) -> Array:
-  """``[n]`` bool dead neurons of one layer.
+def active_fraction(stats: ActivationStats) -> Array:
+  """``[n]`` fraction of the examples on which each neuron had a non-zero
+  finite output (0 when there are no examples)."""
+  return stats.active / jnp.maximum(stats.examples, 1).astype(jnp.float32)
+
+
+#: The rules of :class:`Dormancy`.
+RULES = ("zero", "score", "inactive")
+
+
+class Dormancy(NamedTuple):
+  """Which neurons count as dead or dormant (hashable: a static argument).
+
+  Attributes:
+    rule: ``'zero'``: every output is exactly 0 (``total == 0``, stripping's
+      rule; ``threshold`` unused). ``'score'``: ReDo's
+      :func:`dormancy_score` ``<= threshold`` (Sokar et al., 2023).
+      ``'inactive'``: :func:`active_fraction` ``< threshold``, i.e. active
+      on fewer than that fraction of the examples (Dohare et al., 2024 use
+      0.01).
+    threshold: the rule's threshold.
+  """
+  rule: str = "zero"
+  threshold: float = 0.0
+
+
+Criterion = Union[None, float, Dormancy]
+
+
+def as_dormancy(criterion: Criterion) -> Dormancy:
+  """``None`` -> ``Dormancy('zero')``, a float ``tau`` -> ``Dormancy('score',
+  tau)``, a :class:`Dormancy` checked and returned."""
+  if criterion is None:
+    return Dormancy("zero")
+  if isinstance(criterion, Dormancy):
+    if criterion.rule not in RULES:
+      raise ValueError(f"Dormancy.rule={criterion.rule!r}, expected one of "
+                       f"{RULES}")
+    if not np.isfinite(criterion.threshold) or criterion.threshold < 0:
+      raise ValueError(f"Dormancy.threshold={criterion.threshold!r} must be "
+                       "a finite number >= 0")
+    return criterion
+  if isinstance(criterion, (int, float)) and not isinstance(criterion, bool):
+    return as_dormancy(Dormancy("score", float(criterion)))
+  raise TypeError("a dormancy criterion is None, a float tau or a Dormancy, "
+                  f"got {type(criterion).__name__}: {criterion!r}")
+
+
+def dead_mask(stats: ActivationStats, tau: Criterion = None) -> Array:
+  """``[n]`` bool dead (or dormant) neurons of one layer.
 
   ``tau=None`` is the original's exact rule: ``total == 0`` (not a tolerance:
   a single output of 1e-30 keeps a neuron alive). With ``tau`` a float, a
   neuron is dormant when its :func:`dormancy_score` is ``<= tau`` (ReDo).
-  Neurons with a non-finite output are never marked dead; see
-  :func:`nonfinite_neurons`.
+  A :class:`Dormancy` selects any rule. Neurons with a non-finite output
+  are never marked dead; see :func:`nonfinite_neurons`.
   """
-  if tau is None:
+  crit = as_dormancy(tau)
+  if crit.rule == "zero":
     dead = stats.total == 0
+  elif crit.rule == "score":
+    dead = dormancy_score(stats) <= crit.threshold
   else:
-    dead = dormancy_score(stats) <= tau
+    dead = active_fraction(stats) < crit.threshold
   return dead & (stats.nonfinite == 0)
 
 
@@ -212,7 +331,8 @@ def check_finite(stats_tree: PyTree) -> None:
         ": cannot decide which neurons are dead")
 
 
-__all__ = ["ActivationStats", "batch_stats", "check_finite", "dead_mask",
+__all__ = ["ActivationStats", "Dormancy", "RULES", "active_fraction",
+           "as_dormancy", "batch_stats", "check_finite", "dead_mask",
            "dormancy_score", "example_stats", "init_stats", "merge_stats",
            "nonfinite_neurons", "reduce_examples"]
 
