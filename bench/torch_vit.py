@@ -6,7 +6,7 @@ package), so it can run under another interpreter than the JAX one:
 (``--torch-python /path/to/python``) and drives it over stdin/stdout, one
 JSON object per line, so that PyTorch and JAX arms alternate in one run.
 
-The model mirrors ``../shared/REFERENCE.md`` (and ``synstrip_vit.models.vit``):
+The model mirrors the original set-up in ``docs/design.md`` (and ``synstrip_vit.models.vit``):
 patch embedding of non-overlapping ``p x p`` patches (a ``Linear`` on the
 flattened patches, as the original), class token, learned positional
 embedding, pre-LayerNorm encoder blocks ``x + attn(ln1(x))``,

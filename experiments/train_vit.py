@@ -14,7 +14,7 @@ Ctrl-C (or SIGTERM) saves the step reached first. A finished run says so at
 once; --extend with a larger --config.run.num_epochs trains it further (on
 the schedule of the new length). Every visible device (of every process) is
 used, data-parallel; on several hosts, start the same command on each (see
-README, "Running on many devices and hosts").
+docs/multi_device.md).
 
 Compiled programs are kept in JAX's persistent compilation cache (default
 ~/.cache/synstrip_jax/jax_cache; --config.run.compilation_cache_dir=DIR
@@ -38,8 +38,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-#: XLA:CPU flags this script sets before JAX starts (see README, "Training
-#: throughput on CPU"): no YNNPACK fusions. Measured side by side on a 2-core
+#: XLA:CPU flags this script sets before JAX starts (see bench/README.md,
+#: "bench_torch.py"): no YNNPACK fusions. Measured side by side on a 2-core
 #: CPU (bench/bench_torch.py, bench/results/torch.jsonl): train step 1.07-1.13x,
 #: eval 1.5x, probe 1.25x faster than XLA's default. They only affect
 #: XLA:CPU. A flag of the same name already in the user's XLA_FLAGS wins;

@@ -127,7 +127,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
 
 
 def original_config(dataset: str) -> ml_collections.ConfigDict:
-  """The original's set-up (REFERENCE.md) on a TFDS ``dataset``.
+  """The original's set-up (docs/design.md) on a TFDS ``dataset``.
 
   ViT 7 blocks, hidden 384, 8 heads, MLP 1536; AdamW 1e-3 / 5e-5; 5 warm-up
   epochs then cosine to 1e-5; 200 epochs; batch 128; the library's default

@@ -1,6 +1,6 @@
 """The training loop of ``experiments/train_vit.py``: train, probe, strip, log.
 
-:func:`train_and_evaluate` is a sequence of named phases (see ``DESIGN.md``)::
+:func:`train_and_evaluate` is a sequence of named phases (see ``docs/design.md``)::
 
   prepare            data, mesh, model, optimizer, compiled steps (all errors;
                      synstrip_vit.startup, the data in synstrip_vit.rundata)

@@ -4,7 +4,7 @@ One tiny trained run (2 epochs, checkpoints at steps 3 and 6) is shared by
 the module; each case copies its workdir and damages the copy: random bytes
 in each kind of checkpoint file, truncation of each output file, two runs on
 one workdir, a kill -9 during a save, a swapped dataset, a read-only
-directory, degenerate data. See README, "What is guaranteed".
+directory, degenerate data. See docs/training.md, "What is guaranteed".
 """
 
 from __future__ import annotations

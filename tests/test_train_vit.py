@@ -597,14 +597,14 @@ def test_config_sections_validate_and_diff():
   assert mlp.name == "mlp" and "width" in mlp and "patch_size" not in mlp
 
 
-def test_readme_stripping_table_matches_the_default_config():
-  """README's stripping table shows what the no-argument run uses."""
+def test_docs_stripping_table_matches_the_default_config():
+  """docs/training.md's stripping table shows what the no-argument run uses."""
   spec = importlib.util.spec_from_file_location(
       "default_config", REPO / "experiments" / "configs" / "default.py")
   default = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(default)
   c = default.get_config()
-  text = (REPO / "README.md").read_text()
+  text = (REPO / "docs" / "training.md").read_text()
   rows = re.findall(r"^\| `stripping\.(\w+)` \| (.*?) \|", text, re.M)
   assert {name for name, _ in rows} == set(c.stripping)
   for name, shown in rows:
