@@ -35,7 +35,8 @@ The ops, on uint8 RGB images (``[B, H, W, 3]``), reproduce Pillow's arithmetic:
 Geometric ops are gathers through per-variant index tables built with NumPy
 at trace time (the image size and the policy are static); the rest are
 per-image look-up tables and blends, so :func:`autoaugment` runs inside a
-jitted training step, vectorised over the batch.
+jitted training step, vectorised over the batch. The op kernels live in
+:mod:`synstrip_vit.autoaugment_ops`.
 """
 
 from __future__ import annotations

@@ -46,6 +46,8 @@ distribution, never its pixels. Other differences from the released files:
   was; that is what is done here, as in the released files.
 * ``jpeg_compression``, ``pixelate``: Pillow, as the reference (the JPEG
   codec version may change bits).
+
+The per-corruption image functions live in :mod:`synstrip_vit.corruption_ops`.
 """
 
 from __future__ import annotations
