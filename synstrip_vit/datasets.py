@@ -22,28 +22,45 @@ Datasets (:func:`load_dataset`):
   :mod:`synstrip_vit.corruptions`.
 
 Every loader returns an :class:`ArrayDataset`, whose constructor is the one
-place where arrays are validated.
+place where arrays are validated. The container lives in
+:mod:`synstrip_vit.dataset_arrays` and the ``folder:``/``tinyimagenet:``
+loaders in :mod:`synstrip_vit.imagefolder`; this module re-exports both.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import importlib.util
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from synstrip_vit.dataset_arrays import (ArrayDataset, DataNotFoundError,
+                                         image_shape, only_test_split)
+from synstrip_vit.imagefolder import (_FOLDER_PREFIX, _TINY_PREFIX,
+                                      FOLDER_IMAGE_SIZE, IMAGE_EXTENSIONS,
+                                      class_folders, folder_split,
+                                      image_files, load_folder,
+                                      load_tiny_imagenet, read_image,
+                                      read_labelled, tiny_imagenet_root,
+                                      tiny_imagenet_val)
+
+__all__ = [
+    "TFDS_DATASETS", "CIFAR10_CORRUPTED_PREFIX", "SUPPORTED_DATASETS",
+    "DataNotFoundError", "ArrayDataset", "image_shape", "only_test_split",
+    "load_dataset", "load_digits", "load_npz", "load_tfds",
+    "IMAGE_EXTENSIONS", "FOLDER_IMAGE_SIZE", "read_image", "image_files",
+    "class_folders", "read_labelled", "folder_split", "load_folder",
+    "tiny_imagenet_root", "tiny_imagenet_val", "load_tiny_imagenet",
+    "parse_corruption", "load_released_corruption", "load_corrupted"]
+
 #: TFDS datasets read with ``load_dataset`` (plus ``cifar10_corrupted/<cfg>``).
 TFDS_DATASETS: Tuple[str, ...] = ("cifar10", "cifar100", "svhn_cropped")
 #: Prefix of the CIFAR-10-C TFDS names, e.g. ``cifar10_corrupted/contrast_3``.
 CIFAR10_CORRUPTED_PREFIX = "cifar10_corrupted/"
 _NPZ_PREFIX = "npz:"
-_FOLDER_PREFIX = "folder:"
-_TINY_PREFIX = "tinyimagenet:"
 _NPY_C_PREFIX = "npy_c:"
 _CORRUPTED_PREFIX = "corrupted:"
 #: Every form of ``name`` that :func:`load_dataset` accepts.
@@ -56,120 +73,6 @@ SUPPORTED_DATASETS: Tuple[str, ...] = (
 _NPZ_KEYS: Tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
-
-
-class DataNotFoundError(ValueError, FileNotFoundError):
-  """A dataset file or a prepared TFDS dataset is missing.
-
-  Subclasses both ``ValueError`` (bad ``name``/path given) and
-  ``FileNotFoundError``, so either ``except`` catches it.
-  """
-
-
-# --------------------------------------------------------------------------
-# Dataset container
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ArrayDataset:
-  """An in-memory image-classification dataset (NumPy arrays).
-
-  Attributes:
-    x_train: ``[N_train, H, W, C]`` uint8 raw pixels (``N_train`` may be 0,
-      e.g. for the test-only ``cifar10_corrupted``).
-    y_train: ``[N_train]`` int32 labels in ``[0, num_classes)``.
-    x_test: ``[N_test, H, W, C]`` uint8 raw pixels.
-    y_test: ``[N_test]`` int32 labels in ``[0, num_classes)``.
-    num_classes: number of classes (> every label).
-    name: the ``name`` given to :func:`load_dataset`.
-
-  The constructor validates dtypes, ranks, lengths and label ranges and raises
-  ``ValueError`` naming the offending field.
-  """
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
-  num_classes: int
-  name: str
-
-  def __post_init__(self):
-    """Checks every field; one ``ValueError`` naming the first bad one."""
-    for split in ("train", "test"):
-      _check_split(self.name, split, getattr(self, f"x_{split}"),
-                   getattr(self, f"y_{split}"))
-    if self.x_train.shape[1:] != self.x_test.shape[1:]:
-      raise ValueError(
-          f"dataset {self.name!r}: train image shape "
-          f"{self.x_train.shape[1:]} != test image shape "
-          f"{self.x_test.shape[1:]}")
-    if (isinstance(self.num_classes, bool)
-        or not isinstance(self.num_classes, (int, np.integer))
-        or self.num_classes < 1):
-      raise ValueError(
-          f"dataset {self.name!r}: num_classes must be a positive int, "
-          f"got {self.num_classes!r}")
-    for split in ("train", "test"):
-      y = getattr(self, f"y_{split}")
-      if y.size and y.min() < 0:
-        raise ValueError(
-            f"dataset {self.name!r}: y_{split} has negative label {y.min()}")
-      if y.size and y.max() >= self.num_classes:
-        raise ValueError(
-            f"dataset {self.name!r}: y_{split} labels span "
-            f"[{y.min()}, {y.max()}], outside [0, {self.num_classes})")
-
-  @property
-  def image_shape(self) -> Tuple[int, int, int]:
-    """``(H, W, C)`` of every image."""
-    return tuple(int(d) for d in self.x_test.shape[1:])  # type: ignore
-
-  @property
-  def num_train(self) -> int:
-    """Number of training examples."""
-    return int(self.x_train.shape[0])
-
-  @property
-  def num_test(self) -> int:
-    """Number of test examples."""
-    return int(self.x_test.shape[0])
-
-
-def image_shape(dataset: ArrayDataset) -> Tuple[int, int, int]:
-  """``(H, W, C)`` of ``dataset``'s images (same as ``dataset.image_shape``)."""
-  return dataset.image_shape
-
-
-def _describe(a: Any) -> str:
-  """``dtype ..., shape ...`` of an array, else the type's name."""
-  if isinstance(a, np.ndarray):
-    return f"dtype {a.dtype}, shape {a.shape}"
-  return f"{type(a).__name__}"
-
-
-def _check_split(name: str, split: str, x: Any, y: Any) -> None:
-  """Raises ``ValueError`` unless ``x``/``y`` are uint8 NHWC / int32 ``[N]``."""
-  where = f"dataset {name!r}: "
-  if not isinstance(x, np.ndarray) or x.dtype != np.uint8:
-    raise ValueError(f"{where}x_{split} must be uint8, got {_describe(x)}")
-  if x.ndim != 4:
-    raise ValueError(
-        f"{where}x_{split} must be NHWC (4-D), got shape {x.shape}")
-  if min(x.shape[1:]) == 0:
-    raise ValueError(
-        f"{where}x_{split} images must have height, width and channels >= 1, "
-        f"got shape {x.shape}")
-  if not isinstance(y, np.ndarray) or not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"{where}y_{split} must be integer, got {_describe(y)}")
-  if y.ndim != 1:
-    raise ValueError(f"{where}y_{split} must be 1-D, got shape {y.shape}")
-  if y.dtype != np.int32:
-    raise ValueError(f"{where}y_{split} must be int32, got {y.dtype}")
-  if len(x) != len(y):
-    raise ValueError(
-        f"{where}x_{split} has {len(x)} images but y_{split} has {len(y)} "
-        f"labels")
 
 
 # --------------------------------------------------------------------------
@@ -499,232 +402,6 @@ def _materialize(source: Sequence[Mapping[str, Any]], name: str,
     labels[i] = example["label"]
   return images, labels
 
-
-# --------------------------------------------------------------------------
-# Image folders (torchvision ImageFolder layout) and Tiny ImageNet
-# --------------------------------------------------------------------------
-
-#: File endings read as images (torchvision's ``IMG_EXTENSIONS``), any case.
-IMAGE_EXTENSIONS: Tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-#: Side of the square images folders are resized to (the original's
-#: ``Resize(32)``).
-FOLDER_IMAGE_SIZE = 32
-
-
-def only_test_split(name: str, x: np.ndarray, y: np.ndarray,
-              num_classes: int) -> ArrayDataset:
-  """An :class:`ArrayDataset` with ``(x, y)`` as its test split and an empty
-  ``[0, H, W, C]`` training split."""
-  return ArrayDataset(x_train=np.zeros((0,) + x.shape[1:], np.uint8),
-                      y_train=np.zeros((0,), np.int32), x_test=x, y_test=y,
-                      num_classes=num_classes, name=name)
-
-
-def read_image(path: Path, size: int = FOLDER_IMAGE_SIZE) -> np.ndarray:
-  """One image file as uint8 ``[size, size, 3]``, as the original reads it.
-
-  torchvision's ``pil_loader`` (``Image.open(path).convert("RGB")``), then
-  ``transforms.Resize(size)``: the shorter side becomes ``size`` and the
-  longer ``int(size * long / short)``, with Pillow's ``BILINEAR`` filter
-  (which widens its support when shrinking, i.e. antialiases); an image
-  already that size is unchanged. A non-square result is centre-cropped to
-  ``size x size`` (torchvision's ``CenterCrop``; the original has no crop and
-  every Tiny ImageNet image is square).
-
-  Raises:
-    ValueError: the file cannot be decoded (names it).
-  """
-  from PIL import Image  # Lazy: only image folders need Pillow.
-  try:
-    with Image.open(path) as img:
-      img = img.convert("RGB")
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: "
-                     f"{e}") from e
-  w, h = img.size
-  if w <= h:
-    nw, nh = size, int(size * h / w)
-  else:
-    nw, nh = int(size * w / h), size
-  if (nw, nh) != (w, h):
-    img = img.resize((nw, nh), Image.BILINEAR)
-  top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-  return np.asarray(img)[top:top + size, left:left + size]
-
-
-def image_files(class_dir: Path) -> list:
-  """Image files under ``class_dir`` (any depth, links followed), in
-  torchvision's ``make_dataset`` order: sorted walk, sorted names."""
-  out = []
-  for root, _, names in sorted(os.walk(class_dir, followlinks=True)):
-    out += [Path(root) / n for n in sorted(names)
-            if n.lower().endswith(IMAGE_EXTENSIONS)]
-  return out
-
-
-def class_folders(root: Path) -> list:
-  """Sorted names of the sub-folders of ``root`` (torchvision's classes).
-
-  Raises:
-    DataNotFoundError: ``root`` is not a folder.
-    ValueError: ``root`` has no sub-folder.
-  """
-  if not root.is_dir():
-    raise DataNotFoundError(f"image folder {str(root)!r} does not exist")
-  classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-  if not classes:
-    raise ValueError(f"image folder {str(root)!r} has no class sub-folders "
-                     f"(expected <root>/<class>/<image>)")
-  return classes
-
-
-def read_labelled(files: Sequence[Tuple[Path, int]],
-                  size: int = FOLDER_IMAGE_SIZE
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-  """``(images [N, size, size, 3] uint8, labels [N] int32)`` of
-  ``(path, label)`` pairs, read with :func:`read_image`."""
-  x = np.empty((len(files), size, size, 3), np.uint8)
-  for i, (path, _) in enumerate(files):
-    x[i] = read_image(path, size)
-  return x, np.array([label for _, label in files], np.int32)
-
-
-def folder_split(root: Path, classes: Optional[Sequence[str]] = None,
-                 size: int = FOLDER_IMAGE_SIZE
-                 ) -> Tuple[np.ndarray, np.ndarray, list]:
-  """Reads a ``<root>/<class>/<image>`` folder (torchvision ``ImageFolder``).
-
-  Args:
-    root: the folder; every sub-folder is a class, images found at any depth
-      below it (:func:`image_files`).
-    classes: the class names labels index (default: ``root``'s sorted
-      sub-folders, as ``ImageFolder``); ``root``'s sub-folders must be among
-      them.
-    size: image side (:func:`read_image`).
-
-  Returns:
-    ``(x [N, size, size, 3] uint8, y [N] int32, classes)``, images in class
-    order, then file order.
-
-  Raises:
-    DataNotFoundError: ``root`` missing. ValueError: no class folder, a class
-    folder without images, a class not in ``classes``, an unreadable image
-    (each named).
-  """
-  found = class_folders(root)
-  classes = list(found if classes is None else classes)
-  unknown = [c for c in found if c not in classes]
-  if unknown:
-    raise ValueError(f"image folder {str(root)!r} has classes {unknown[:5]} "
-                     f"that the training split does not have")
-  index = {c: i for i, c in enumerate(classes)}
-  files = []
-  for c in found:
-    got = image_files(root / c)
-    if not got:
-      raise ValueError(f"class folder {str(root / c)!r} holds no image "
-                       f"(endings {', '.join(IMAGE_EXTENSIONS)})")
-    files += [(f, index[c]) for f in got]
-  x, y = read_labelled(files, size)
-  return x, y, classes
-
-
-def load_folder(root: str, *, name: Optional[str] = None) -> ArrayDataset:
-  """An image-folder dataset, images resized to 32x32 (:func:`read_image`).
-
-  * ``<root>/train/<class>/...`` with ``<root>/test/<class>/...`` (or
-    ``<root>/val/``): training and test splits, classes the sorted
-    sub-folders of ``train`` (the test split's classes must be among them).
-  * otherwise ``<root>/<class>/...`` is a test split only (the training
-    arrays are empty), e.g. one ``<corruption>/<severity>`` folder of
-    Tiny-ImageNet-C.
-
-  Raises:
-    DataNotFoundError: ``root`` (or its test folder) missing; ValueError: as
-    :func:`folder_split`.
-  """
-  base = Path(root).expanduser()
-  name = name if name is not None else _FOLDER_PREFIX + str(root)
-  if not (base / "train").is_dir():
-    x, y, classes = folder_split(base)
-    return only_test_split(name, x, y, len(classes))
-  test_dir = base / "test" if (base / "test").is_dir() else base / "val"
-  if not test_dir.is_dir():
-    raise DataNotFoundError(f"image folder {str(base)!r} has train/ but no "
-                            f"test/ or val/ folder")
-  x_train, y_train, classes = folder_split(base / "train")
-  x_test, y_test, _ = folder_split(test_dir, classes)
-  return ArrayDataset(x_train=x_train, y_train=y_train, x_test=x_test,
-                      y_test=y_test, num_classes=len(classes), name=name)
-
-
-def tiny_imagenet_root(root: str) -> Path:
-  """The ``tiny-imagenet-200`` folder: ``root`` itself or ``root``'s child.
-
-  Raises:
-    DataNotFoundError: neither has a ``train/`` folder.
-  """
-  base = Path(root).expanduser()
-  for cand in (base, base / "tiny-imagenet-200"):
-    if (cand / "train").is_dir():
-      return cand
-  raise DataNotFoundError(
-      f"Tiny ImageNet folder {str(base)!r} has no train/ (nor "
-      f"tiny-imagenet-200/train/); download and unzip tiny-imagenet-200.zip")
-
-
-def tiny_imagenet_val(val: Path,
-                      classes: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
-  """The validation split of Tiny ImageNet, in either layout.
-
-  * As released: ``val/images/*.JPEG`` with ``val/val_annotations.txt``
-    (tab-separated ``file, wnid, box``), ordered by class, then file name
-    (the order ``ImageFolder`` gives the reorganised layout).
-  * Reorganised (what the original's ``ImageFolder`` expects):
-    ``val/<wnid>/...``.
-  """
-  notes = val / "val_annotations.txt"
-  if not ((val / "images").is_dir() and notes.is_file()):
-    return folder_split(val, classes)[:2]
-  index = {c: i for i, c in enumerate(classes)}
-  files = []
-  for line_no, line in enumerate(notes.read_text().splitlines(), 1):
-    parts = line.split("\t")
-    if not line.strip():
-      continue
-    if len(parts) < 2 or parts[1] not in index:
-      raise ValueError(f"{str(notes)!r} line {line_no}: expected "
-                       f"'<file>\\t<wnid of train/>...', got {line!r}")
-    files.append((index[parts[1]], parts[0]))
-  if not files:
-    raise ValueError(f"{str(notes)!r} lists no image")
-  return read_labelled([(val / "images" / f, label)
-                        for label, f in sorted(files)])
-
-
-def load_tiny_imagenet(root: str, *,
-                       name: Optional[str] = None) -> ArrayDataset:
-  """Tiny ImageNet (200 classes) as the original reads it, at 32x32.
-
-  ``train/<wnid>/images/*.JPEG`` (100,000 images) is the training split and
-  ``val/`` (10,000, either layout, :func:`tiny_imagenet_val`) the test split;
-  classes are the sorted ``train/`` wnids (``ImageFolder``); every image
-  goes through :func:`read_image` (64x64 -> 32x32, Pillow bilinear).
-  Reading all of it takes tens of seconds on one core (about 0.2 ms per
-  image) and 37 MB of uint8 per 10,000 images.
-
-  Args:
-    root: the ``tiny-imagenet-200`` folder or its parent.
-  """
-  base = tiny_imagenet_root(root)
-  name = name if name is not None else _TINY_PREFIX + str(root)
-  x_train, y_train, classes = folder_split(base / "train")
-  if not (base / "val").is_dir():
-    raise DataNotFoundError(f"Tiny ImageNet folder {str(base)!r} has no val/")
-  x_test, y_test = tiny_imagenet_val(base / "val", classes)
-  return ArrayDataset(x_train=x_train, y_train=y_train, x_test=x_test,
-                      y_test=y_test, num_classes=len(classes), name=name)
 
 
 # --------------------------------------------------------------------------
