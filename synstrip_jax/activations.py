@@ -7,10 +7,12 @@ other axis (batch, tokens, spatial) and over probe batches:
 * ``total``: sum of the outputs. The original's rule: a neuron is dead iff
   ``total == 0`` exactly (for ReLU outputs, all of them are 0). A sum that
   overflows to ``inf`` (or ``nan`` from ``inf - inf``) is not 0: alive.
-* ``abs_mean``: mean of ``|output|`` (ReDo's dormancy score). It is kept as a
-  count-weighted mean, never as a sum: every partial value is at most the
-  largest ``|output|``, so finite outputs never overflow it, whatever their
-  number (``abs_total``, the sum, is derived on demand and may overflow).
+* ``abs_scaled``: sum of ``|output|`` times ``2**-64`` (an exact power of
+  two: integer-valued sums stay exact and independent of the batch split),
+  so finite outputs never overflow it (it would take ``2**64`` outputs at
+  the float32 maximum). ``abs_total`` and ``abs_mean`` are derived from it;
+  outputs below about ``2**-62`` lose precision there (they only enter
+  ReDo's score).
 * ``nonfinite``: number of NaN/inf outputs. A neuron with a non-finite output
   is never counted as dead *or* silently as alive: :func:`dead_mask` reports it
   through :func:`nonfinite_neurons`, and :func:`check_finite` (which
@@ -45,14 +47,17 @@ Array = jax.Array
 AxisName = Union[str, Sequence[str], None]
 
 
+#: ``abs_scaled = sum |output| * ABS_SCALE``.
+ABS_SCALE = 2.0 ** -64
+
+
 class ActivationStats(NamedTuple):
   """Per-neuron statistics of one layer's post-activation outputs.
 
   Attributes:
     total: ``[n]`` float32, sum of finite outputs.
-    abs_mean: ``[n]`` float32, mean of ``|output|`` over the ``count``
-      outputs (non-finite ones count as 0; they are reported by
-      ``nonfinite``).
+    abs_scaled: ``[n]`` float32, sum of ``|output|`` over finite outputs,
+      times :data:`ABS_SCALE`.
     nonfinite: ``[n]`` int32, number of NaN or infinite outputs.
     count: ``[]`` float32, number of outputs summed per neuron.
     active: ``[n]`` int32, number of examples with a non-zero finite output.
@@ -62,7 +67,7 @@ class ActivationStats(NamedTuple):
   leading ``[B]`` axis on every field.
   """
   total: Array
-  abs_mean: Array
+  abs_scaled: Array
   nonfinite: Array
   count: Array
   active: Array
@@ -70,14 +75,15 @@ class ActivationStats(NamedTuple):
 
   @property
   def abs_total(self) -> Array:
-    """Sum of ``|output|`` (``abs_mean * count``; may overflow to inf)."""
-    return self.abs_mean * _per_neuron(self.count, self.abs_mean)
+    """Sum of ``|output|`` (may overflow to inf; ``abs_scaled`` does not)."""
+    return self.abs_scaled * (1.0 / ABS_SCALE)
 
-
-def _per_neuron(scalar: Array, like: Array) -> Array:
-  """``scalar`` (``[]`` or ``[B]``) broadcastable against ``like``
-  (``[n]`` or ``[B, n]``)."""
-  return jnp.reshape(scalar, jnp.shape(scalar) + (1,) * (like.ndim - jnp.ndim(scalar)))
+  @property
+  def abs_mean(self) -> Array:
+    """Mean ``|output|`` per neuron (``[n]``; 0 with no outputs)."""
+    count = jnp.reshape(self.count, jnp.shape(self.count)
+                        + (1,) * (self.abs_scaled.ndim - jnp.ndim(self.count)))
+    return self.abs_scaled / jnp.maximum(count, 1.0) * (1.0 / ABS_SCALE)
 
 
 def init_stats(num_neurons: int) -> ActivationStats:
@@ -107,46 +113,35 @@ def example_stats(x: Array) -> ActivationStats:
   per_neuron = float(np.prod(x.shape[1:-1], dtype=np.int64))
   count = jnp.full(x.shape[:1], per_neuron, jnp.float32)
   examples = jnp.ones(x.shape[:1], jnp.int32)
-  inv = jnp.float32(1.0 / per_neuron)
+  scale = jnp.float32(ABS_SCALE)
 
   def exact(_):
     finite = jnp.isfinite(x)
     live = finite & (x != 0)
     return ActivationStats(
         total=jnp.sum(jnp.where(finite, x, 0.0), axis=axes),
-        abs_mean=jnp.sum(jnp.where(finite, jnp.abs(x) * inv, 0.0), axis=axes),
+        abs_scaled=jnp.sum(jnp.where(finite, jnp.abs(x) * scale, 0.0),
+                           axis=axes),
         nonfinite=jnp.sum(~finite, axis=axes, dtype=jnp.int32),
         count=count,
         active=jnp.any(live, axis=axes).astype(jnp.int32),
         examples=examples)
 
-  # Fast path: plain reductions. A finite mean of |x| proves every element
+  # Fast path: plain reductions. A finite sum of |x| proves every element
   # finite, so these are then exactly the masked reductions of `exact` (and
   # nothing is non-finite); otherwise `exact` runs. This avoids materialising
   # full-size isfinite temporaries (bench/README.md).
   total = jnp.sum(x, axis=axes)
-  abs_mean = jnp.sum(jnp.abs(x) * inv, axis=axes)
+  abs_scaled = jnp.sum(jnp.abs(x) * scale, axis=axes)
   active = jnp.any(x != 0, axis=axes).astype(jnp.int32)
 
   def fast(_):
     # zeros_like keeps `total`'s varying-axis type under shard_map.
-    return ActivationStats(total, abs_mean,
+    return ActivationStats(total, abs_scaled,
                            jnp.zeros_like(total, dtype=jnp.int32), count,
                            active, examples)
 
-  return jax.lax.cond(jnp.all(jnp.isfinite(abs_mean)), fast, exact, None)
-
-
-def _weighted_abs_mean(parts: Sequence[ActivationStats], count: Array
-                       ) -> Array:
-  """Count-weighted mean of the parts' ``abs_mean`` (total ``count``), each
-  term scaled before it is added, so it never exceeds the largest input."""
-  denom = jnp.maximum(count, 1.0)
-  out = None
-  for p in parts:
-    term = p.abs_mean * _per_neuron(p.count / denom, p.abs_mean)
-    out = term if out is None else out + term
-  return out
+  return jax.lax.cond(jnp.all(jnp.isfinite(abs_scaled)), fast, exact, None)
 
 
 def reduce_examples(stats: ActivationStats, *, where: Optional[Array] = None,
@@ -170,23 +165,13 @@ def reduce_examples(stats: ActivationStats, *, where: Optional[Array] = None,
                        f"{stats.count.shape} (one flag per example)")
     col = where[:, None]
     stats = ActivationStats(
-        jnp.where(col, stats.total, 0.0), jnp.where(col, stats.abs_mean, 0.0),
+        jnp.where(col, stats.total, 0.0), jnp.where(col, stats.abs_scaled, 0.0),
         jnp.where(col, stats.nonfinite, 0), jnp.where(where, stats.count, 0.0),
         jnp.where(col, stats.active, 0), jnp.where(where, stats.examples, 0))
-  summed = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), stats)
-  count = summed.count
+  out = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), stats)
   if axis_name is not None:
-    count = jax.lax.psum(count, axis_name)
-  # Each example's mean weighted by its share of the (global) count: no
-  # partial sum exceeds the largest |output|.
-  weights = stats.count / jnp.maximum(count, 1.0)
-  abs_mean = jnp.sum(stats.abs_mean * weights[:, None], axis=0)
-  if axis_name is None:
-    return summed._replace(abs_mean=abs_mean)
-  total, abs_mean, nonfinite, active, examples = jax.lax.psum(
-      (summed.total, abs_mean, summed.nonfinite, summed.active,
-       summed.examples), axis_name)
-  return ActivationStats(total, abs_mean, nonfinite, count, active, examples)
+    out = jax.lax.psum(out, axis_name)
+  return out
 
 
 def batch_stats(x: Array, *, axis_name: AxisName = None,
@@ -214,24 +199,19 @@ def batch_stats(x: Array, *, axis_name: AxisName = None,
 
 
 def merge_stats(a: ActivationStats, b: ActivationStats) -> ActivationStats:
-  """Statistics of the union of two sets of outputs (accumulate probe
-  batches): sums and counts add, ``abs_mean`` is the count-weighted mean.
-  Associative and commutative up to float32 rounding."""
-  summed = jax.tree_util.tree_map(jnp.add, a, b)
-  return summed._replace(abs_mean=_weighted_abs_mean((a, b), summed.count))
+  """Sum of two statistics (or trees of them): accumulate probe batches;
+  associative (exactly so for integer-valued outputs)."""
+  return jax.tree_util.tree_map(jnp.add, a, b)
 
 
 def dormancy_score(stats: ActivationStats) -> Array:
   """ReDo's score: mean ``|a_i|`` over the layer's average mean ``|a|``.
 
   ``s_i = E|a_i| / (1/n sum_j E|a_j|)`` (Sokar et al., 2023); 0 for an
-  all-zero layer. The layer average is taken of the means scaled by their
-  maximum, so finite means never overflow it.
+  all-zero layer. Computed from ``abs_scaled``: finite outputs never
+  overflow it.
   """
-  mean_abs = stats.abs_mean
-  top = jnp.max(mean_abs, axis=-1, keepdims=True)
-  scale = jnp.where(top > 0, top, 1.0)
-  scaled = mean_abs / scale
+  scaled = stats.abs_scaled / jnp.maximum(stats.count, 1.0)
   layer = jnp.mean(scaled, axis=-1, keepdims=True)
   return jnp.where(layer > 0, scaled / jnp.where(layer > 0, layer, 1.0), 0.0)
 
@@ -331,7 +311,7 @@ def check_finite(stats_tree: PyTree) -> None:
         ": cannot decide which neurons are dead")
 
 
-__all__ = ["ActivationStats", "Dormancy", "RULES", "active_fraction",
+__all__ = ["ABS_SCALE", "ActivationStats", "Dormancy", "RULES", "active_fraction",
            "as_dormancy", "batch_stats", "check_finite", "dead_mask",
            "dormancy_score", "example_stats", "init_stats", "merge_stats",
            "nonfinite_neurons", "reduce_examples"]
