@@ -34,7 +34,7 @@ KEEP = frozenset({
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
          "custom_vjp_call": "call_jaxpr", "checkpoint": "jaxpr",
-         "remat": "jaxpr"}
+         "remat": "jaxpr", "remat2": "jaxpr"}
 
 
 def mark(x: Any, kind: str, index: int) -> Any:
@@ -108,18 +108,19 @@ def _walk(jaxpr: Any, env: dict, hits: dict) -> list[frozenset]:
                             and first in zeros)):
       zeros.add(eqn.outvars[0])
     tag = eqn.params.get("name", "") if name in ("jit", "pjit") else ""
-    if tag.startswith(OUT) or tag.startswith(IN):
+    if (tag.startswith(OUT) or tag.startswith(IN)) and eqn.outvars:
       index = int(tag.rsplit("_", 1)[1])
       if tag.startswith(IN):
-        for label in ins[0]:
+        first_in = ins[0] if ins else frozenset()
+        for label in first_in:
           hits[label][1].add(index)
-        env[eqn.outvars[0]] = ins[0]
+        env[eqn.outvars[0]] = first_in
       else:
         env[eqn.outvars[0]] = frozenset({index})
       continue
-    if not any(ins):
-      continue
     sub = _inner(eqn)
+    if not any(ins) and sub is None:
+      continue
     if name == "max" and len(ins) == 2 and (
         _is_zero(eqn.invars[0]) or _is_zero(eqn.invars[1])):
       for label in ins[0] | ins[1]:
@@ -128,7 +129,7 @@ def _walk(jaxpr: Any, env: dict, hits: dict) -> list[frozenset]:
       out = frozenset().union(*ins)
       for v in eqn.outvars:
         env[v] = out
-    elif sub is not None and len(sub.invars) == len(ins):
+    elif sub is not None and len(sub.invars) == len(ins):  # markers may be inside
       inner_env = {v: s for v, s in zip(sub.invars, ins) if s}
       outs = _walk(sub, inner_env, hits)
       for v, s in zip(eqn.outvars, outs):
@@ -187,15 +188,18 @@ def auto_pairs(calls: Mapping[int, Call], reach: Mapping[int, Reach]
 def problems(sources: Iterable[str], calls: Mapping[int, Call],
              reach: Mapping[int, Reach]) -> list[str]:
   """One message per selected source path whose output does not reach a
-  ReLU directly (through value-keeping operations)."""
+  ReLU directly (through value-keeping operations). An output that could
+  not be followed at all (its marker inlined away, e.g. under ``nn.remat``,
+  or inside ``scan``/``while``) gives no message."""
   by_path: dict[str, list[int]] = {}
   for k, call in calls.items():
     by_path.setdefault(call.path, []).append(k)
   out = []
   for src in sources:
     ks = by_path.get(src, [])
-    if not ks or any(reach[k].relu for k in ks):
-      continue
+    if not ks or any(reach[k].relu for k in ks) or not any(
+        reach[k].modules or reach[k].ops for k in ks):
+      continue  # fine, or not followed (e.g. inside nn.scan): no claim
     norms = sorted({calls[m].path for k in ks for m in reach[k].modules
                     if is_norm(calls[m].kind)})
     if norms:
@@ -205,7 +209,7 @@ def problems(sources: Iterable[str], calls: Mapping[int, Call],
           f"is not what the ReLU sees; select {{{norms[0]!r}: {src!r}}} "
           "pairs the ReLU's input with this kernel")
     else:
-      ops = sorted({o for k in ks for o in reach[k].ops}) or ["nothing"]
+      ops = sorted({o for k in ks for o in reach[k].ops})
       out.append(
           f"the output of {src!r} does not reach a ReLU (it goes to {ops}): "
           "its 'dead' neurons are not dead ReLUs (a logits layer?)")
