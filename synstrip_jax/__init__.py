@@ -36,5 +36,5 @@ __all__ = [
 __getattr__ = deprecated_getattr(
     __name__, TOP_LEVEL,
     lazy={name: f"synstrip_jax.{name}"
-          for name in ("linen", "nnx", "redo", "stripping", "trees",
+          for name in ("linen", "nnx", "redo", "remedies", "stripping", "trees",
                        "validation")})
