@@ -164,11 +164,16 @@ def test_nnx_dead_tree_aligned_with_kernels():
   _, inter = nnx.capture(model, nnx.Intermediate)(x)
   params = nnx.state(model, nnx.Param)
   stats = probe.reduce_stats_tree(inter)
-  # The dead tree mirrors the params passed: a State with Param leaves here...
+  # The dead tree mirrors the params passed: a State (of plain arrays, None
+  # where nothing is probed) here...
   dead = probe.dead_tree(params, stats)
-  assert isinstance(dead, nnx.State) and dead["head"]["kernel"].get_value() is None
+  assert isinstance(dead, nnx.State) and dead["head"]["kernel"] is None
+  assert isinstance(dead["fc1"]["kernel"], jax.Array)
   assert dead["fc1"]["kernel"].shape == (16,) and bool(dead["fc1"]["kernel"][2])
-  new_params, _ = ss.strip_params(params, dead, stripping_factor=0.2)
+  # strip_params takes it with the pure params (NNX models strip in place
+  # with synstrip_jax.nnx.strip).
+  new_params, _ = ss.strip_params(nnx.to_pure_dict(params), dead.to_pure_dict(),
+                                  stripping_factor=0.2)
   assert new_params["fc1"]["kernel"].shape == (5, 16)
   # ... and a pure dict for a pure dict.
   pure = params.to_pure_dict()
@@ -176,4 +181,4 @@ def test_nnx_dead_tree_aligned_with_kernels():
   assert dead["head"]["kernel"] is None and bool(dead["fc1"]["kernel"][2])
   new_pure, _ = ss.strip_params(pure, dead, stripping_factor=0.2)
   np.testing.assert_array_equal(new_pure["fc1"]["kernel"],
-                                new_params["fc1"]["kernel"].get_value())
+                                new_params["fc1"]["kernel"])
