@@ -230,6 +230,31 @@ def report(found: list[str], on_problem: str) -> None:
   warnings.warn(text, UserWarning, stacklevel=3)
 
 
+def resolve_select(select: Any, activation: Callable[[jax.Array], jax.Array],
+                   check_relu: str, trace: Callable[[], tuple]
+                   ) -> tuple[Any, Optional[tuple]]:
+  """``(select, reach)`` for a ``capture_stats`` call: ``"auto"`` replaced by
+  its :func:`auto_pairs`; ``reach`` (``(calls, reach)`` from ``trace()``, one
+  abstract trace of the model) when the ReLU check or ``"auto"`` needs it,
+  else ``None``."""
+  auto = isinstance(select, str) and select == "auto"
+  if activation is not jax.nn.relu:
+    if auto:
+      raise ValueError("select='auto' finds the layers that feed a ReLU: it "
+                       f"needs activation=jax.nn.relu, got {activation!r}")
+    return select, None
+  reach = trace() if check_relu != "ignore" or auto else None
+  return (auto_pairs(*reach) if auto else select), reach
+
+
+def check_reach(reach: Optional[tuple], captured: list[str],
+                check_relu: str) -> None:
+  """:func:`report` the :func:`problems` of the captured source paths (no-op
+  without a ``reach`` from :func:`resolve_select`)."""
+  if reach is not None:
+    report(problems(captured, *reach), check_relu)
+
+
 def abstract_call(fn: Callable[..., Any], *trees: Any) -> Any:
   """``jax.make_jaxpr(fn)(*trees)`` with every array leaf abstract (shape
   and dtype only) and every other leaf held fixed."""

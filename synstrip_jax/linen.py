@@ -25,8 +25,8 @@ from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
                                   accumulate_sown, check_selection, no_stats,
                                   output_stats, rekey_stats)
 from synstrip_jax._reach import (IN, OUT, Call, Reach, abstract_call,
-                                 auto_pairs, follow, is_norm, mark, problems,
-                                 report)
+                                 check_reach, follow, is_norm, mark,
+                                 resolve_select)
 from synstrip_jax.probe import stats_by_layer, target_tree
 
 PyTree = Any
@@ -246,11 +246,9 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
       inside ``nn.scan``/``nn.vmap`` (unsupported).
   """
   extra = _extra_collections(mutable)
-  reach = None
-  if activation is jax.nn.relu and (check_relu != "ignore" or select == "auto"):
-    reach = _reach(model, variables, args, kwargs, method, extra)
-  if isinstance(select, str) and select == "auto":
-    select = auto_pairs(*reach)
+  select, reach = resolve_select(
+      select, activation, check_relu,
+      lambda: _reach(model, variables, args, kwargs, method, extra))
   selection = Selection(select)
   seen: dict[str, Layer] = {}
   captured: list[str] = []
@@ -260,8 +258,7 @@ def capture_stats(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     out, state = model.apply(variables, *args, method=method,
                              mutable=[CAPTURE] + extra, **kwargs)
   check_selection(selection, seen, captured, other)
-  if reach is not None:
-    report(problems(captured, *reach), check_relu)
+  check_reach(reach, captured, check_relu)
   sown = _sown_stats(state, captured)
   keys = {p: tuple(p.split("/")) for p in seen}
   stats = rekey_stats(sown, selection, seen, keys)

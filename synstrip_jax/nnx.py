@@ -36,8 +36,8 @@ from synstrip_jax._select import (POST_ACT, Layer, Select, Selection,
                                   accumulate_sown, check_selection, no_stats,
                                   output_stats, path_name, rekey_stats)
 from synstrip_jax._reach import (IN, OUT, Call, Reach, abstract_call,
-                                 auto_pairs, follow, is_norm, mark, problems,
-                                 report)
+                                 check_reach, follow, is_norm, mark,
+                                 resolve_select)
 from synstrip_jax.probe import stats_by_layer, target_tree
 from synstrip_jax.stripping import DEFAULT_STRIPPING_FACTOR
 from synstrip_jax.transform import strip_event
@@ -268,11 +268,8 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
     call = lambda m, *a, **k: getattr(m, method)(*a, **k)
   else:
     call = method
-  reach = None
-  if activation is jax.nn.relu and (check_relu != "ignore" or select == "auto"):
-    reach = _reach(model, args, kwargs, call)
-  if isinstance(select, str) and select == "auto":
-    select = auto_pairs(*reach)
+  select, reach = resolve_select(select, activation, check_relu,
+                                 lambda: _reach(model, args, kwargs, call))
   selection = Selection(select)
   seen, other, sources, keys = _scan_modules(model, selection)
   saved = [(m, type(m)) for _, m in sources]
@@ -287,8 +284,7 @@ def capture_stats(model: nnx.Module, *args: Any, select: Select,
     _ACTIVE.reset(token)
   sown = stats_by_layer(state)
   check_selection(selection, seen, list(sown), other)
-  if reach is not None:
-    report(problems(list(sown), *reach), check_relu)
+  check_reach(reach, list(sown), check_relu)
   return out, rekey_stats(sown, selection, seen, keys)
 
 

@@ -90,6 +90,11 @@ def check_aligned(params: PyTree, other: PyTree, name: str) -> None:
     detail.append(f"paths of {name} not in params: {extra[:5]}")
   if not detail:
     detail.append(f"containers differ: params {p_def} vs {name} {o_def}")
+  if missing and {m.removesuffix("/value") for m in missing} == set(extra):
+    detail.append(
+        f"params holds nnx.Variable leaves and {name} plain arrays: pass "
+        f"nnx.to_pure_dict(params) and {name}.to_pure_dict() (or strip an "
+        f"NNX model in place with synstrip_jax.nnx.strip)")
   raise ValueError(
       f"`{name}` must have the structure of `params` (None at untouched "
       f"leaves); " + "; ".join(detail))

@@ -175,6 +175,9 @@ def test_nnx_dead_tree_aligned_with_kernels():
   new_params, _ = ss.strip_params(nnx.to_pure_dict(params), dead.to_pure_dict(),
                                   stripping_factor=0.2)
   assert new_params["fc1"]["kernel"].shape == (5, 16)
+  # A State of Variables with the plain-array dead tree names the remedy.
+  with pytest.raises(ValueError, match=r"nnx.Variable leaves.*to_pure_dict"):
+    ss.strip_params(params, dead, stripping_factor=0.2)
   # ... and a pure dict for a pure dict.
   pure = params.to_pure_dict()
   dead = probe.dead_tree(pure, stats)

@@ -350,3 +350,15 @@ def test_auto_on_the_application_vit_takes_every_mlp_layer():
   assert auto == explicit
   flat = [k for k, v in jax.tree_util.tree_leaves_with_path(auto) if v]
   assert len(flat) == 4
+
+
+def test_auto_needs_the_relu():
+  x = jnp.ones((2, 3))
+  model = TwoDense()
+  variables = model.init(jax.random.PRNGKey(0), x)
+  nmodel = TwoLinear(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="select='auto'.*activation=jax.nn.relu"):
+    ss_linen.capture_stats(model, variables, x, select="auto",
+                           activation=jax.nn.gelu)
+  with pytest.raises(ValueError, match="select='auto'.*activation=jax.nn.relu"):
+    ss_nnx.capture_stats(nmodel, x, select="auto", activation=jax.nn.gelu)
