@@ -24,11 +24,10 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from synstrip_jax import redo
 from synstrip_jax import get_masks, strip_event
 from synstrip_jax.stripping import compile_strip
-from synstrip_vit import config as config_lib, distributed, finite, models
-from synstrip_vit import rundata, steps
+from synstrip_vit import config as config_lib, distributed, finite
+from synstrip_vit import remedy as remedy_lib, rundata, steps
 from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.rundata import RunData
 from synstrip_vit.timings import TIMINGS_FILE, StageTimer
@@ -38,9 +37,10 @@ from synstrip_vit.timings import TIMINGS_FILE, StageTimer
 class Run:
   """The fixed parts of a run, built once by :func:`prepare`.
 
-  ``strip`` and ``recycle`` are ``(params, opt_state, dead[, key]) ->
-  (params, opt_state)``, compiled for the mesh (``recycle`` is None without
-  ReDo); ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
+  ``strip`` is ``(params, opt_state, dead) -> (params, opt_state)``;
+  ``remedy`` the compiled remedy event
+  (:func:`synstrip_vit.remedy.jit_remedy`; None for ``remedy.name='none'``);
+  ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
   (one compile) when :func:`synstrip_vit.rundata.shares_eval_step`;
   ``schedule`` is compiled (one program instead of a dozen op-by-op ones
   per record).
@@ -62,7 +62,7 @@ class Run:
   eval_step: Callable
   probe_step: Callable
   strip: Callable
-  recycle: Optional[Callable]
+  remedy: Optional[remedy_lib.RemedyFn]
   log: Callable[[str], None]
   train_steps: Optional[Callable] = None
   resident: Optional[tuple[jax.Array, jax.Array]] = None
@@ -146,7 +146,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   with timer.stage("init_compile"):
     model, schedule, tx_factory = model_and_schedule(config, run_data)
     init, key, tx = steps.init_program(model, tx_factory,
-                                       run_data.image_shape, config.run.seed)
+                                       run_data.image_shape, config.run.seed,
+                                       remedy_lib.init_fn(config))
     train_step = steps.jit_train_step(model, tx, augment, mesh)
     on_device = rundata.resident(config, run_data)
     chunked = on_device or config.run.steps_per_dispatch > 1
@@ -161,22 +162,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
     state = compile_in_parallel(
         config, run_data, mesh, init, key, None if chunked else train_step,
         (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
-  repl = steps.replicated(mesh)
   # Called eagerly: strip_event runs one compiled program per kernel shape
   # (compiled at start-up by compile_in_parallel) and places its outputs
   # like the (replicated) inputs.
   strip = functools.partial(strip_event,
                             stripping_factor=config.stripping.factor)
-  recycle = (jax.jit(functools.partial(
-      redo.recycle, outgoing=models.outgoing_map(state.params,
-                                                 config.model.name)),
-                     out_shardings=repl, donate_argnums=(0, 1))
-             if config.stripping.redo else None)
   run = Run(config=config, workdir=workdir, data=run_data, mesh=mesh,
             model=model, schedule=jax.jit(schedule),
             steps_per_epoch=rundata.steps_per_epoch(config, run_data),
             train_step=train_step, eval_step=eval_step, probe_step=probe_step,
-            strip=strip, recycle=recycle, log=log, train_steps=train_steps,
+            strip=strip,
+            remedy=remedy_lib.jit_remedy(config, state.params, mesh),
+            log=log, train_steps=train_steps,
             resident=(steps.replicate((run_data.x_train, run_data.y_train),
                                       mesh) if on_device else None))
   return run, state
@@ -253,7 +250,8 @@ def build_state(config: ml_collections.ConfigDict, run_data: RunData,
   """``(model, schedule, replicated initial state, optimizer)`` of a run."""
   model, schedule, tx_factory = model_and_schedule(config, run_data)
   state, tx = steps.create_train_state(model, tx_factory,
-                                       run_data.image_shape, config.run.seed)
+                                       run_data.image_shape, config.run.seed,
+                                       remedy_lib.init_fn(config))
   return model, schedule, steps.replicate(state, mesh), tx
 
 

@@ -44,12 +44,17 @@ class TrainState:
       to by every :func:`train_step` and reset at each epoch start; a
       checkpoint taken inside an epoch carries them, so a resumed epoch
       reports what an uninterrupted one does.
+    remedy: the running state of the run's remedy
+      (:func:`synstrip_vit.remedy.init_fn`: a
+      :class:`~synstrip_jax.remedies.CBPState` for continual backprop),
+      None for a remedy without one.
   """
   step: jax.Array
   params: PyTree
   opt_state: PyTree
   rng: jax.Array
   train_sums: dict[str, jax.Array]
+  remedy: Any = None
 
 
 def zero_sums() -> dict[str, jax.Array]:
@@ -164,14 +169,16 @@ def _no_targets(params: PyTree) -> PyTree:
 
 def init_program(model: nn.Module,
                  tx_factory: Callable[[PyTree], optax.GradientTransformation],
-                 image_shape: tuple[int, ...], seed: int
+                 image_shape: tuple[int, ...], seed: int,
+                 remedy_init: Optional[Callable[[PyTree], Any]] = None
                  ) -> tuple[jax.stages.Lowered, jax.Array,
                             optax.GradientTransformation]:
   """The traced (not yet compiled) program of :func:`create_train_state`.
 
   Returns ``(lowered, key, tx)``: ``lowered.compile()(key)`` is the initial
   :class:`TrainState`; ``lowered.out_info`` its shapes (to trace the steps
-  before the init is compiled); ``tx`` the optimizer.
+  before the init is compiled); ``tx`` the optimizer. ``remedy_init``:
+  ``params -> TrainState.remedy`` (None: no remedy state).
   """
   built = {}
 
@@ -186,7 +193,8 @@ def init_program(model: nn.Module,
         probe.target_tree(params, variables[ss_linen.ACTIVATIONS]))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng,
-                      train_sums=zero_sums())
+                      train_sums=zero_sums(),
+                      remedy=remedy_init(params) if remedy_init else None)
 
   key = jax.random.PRNGKey(seed)
   lowered = jax.jit(init).lower(key)
@@ -195,7 +203,8 @@ def init_program(model: nn.Module,
 
 def create_train_state(model: nn.Module,
                        tx_factory: Callable[[PyTree], optax.GradientTransformation],
-                       image_shape: tuple[int, ...], seed: int
+                       image_shape: tuple[int, ...], seed: int,
+                       remedy_init: Optional[Callable[[PyTree], Any]] = None
                        ) -> tuple[TrainState, optax.GradientTransformation]:
   """Initialise params and optimizer state (host-side, unsharded).
 
@@ -213,8 +222,10 @@ def create_train_state(model: nn.Module,
       kernels that feed sown activations.
     image_shape: ``(H, W, C)``.
     seed: the run's seed.
+    remedy_init: see :func:`init_program`.
   """
-  lowered, key, tx = init_program(model, tx_factory, image_shape, seed)
+  lowered, key, tx = init_program(model, tx_factory, image_shape, seed,
+                                  remedy_init)
   return lowered.compile()(key), tx
 
 

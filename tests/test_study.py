@@ -62,7 +62,7 @@ def test_sensitivity_grid_and_probe_arm():
 def test_regime_search_is_relu_without_stripping():
   runs = _runs("stress_regime")
   assert len(runs) == sum(len(g) for g in stress.REGIME_SEARCH.values())
-  assert all(not c.stripping.enabled and not c.stripping.redo
+  assert all(not c.stripping.enabled and c.remedy.name == "none"
              and c.model.activation == "relu" and c.run.seed == 0
              for c in runs.values())
   assert runs["mlp_bias-1.0_s0"].model.bias_init == -1.0
