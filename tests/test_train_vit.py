@@ -505,7 +505,7 @@ def test_redo_arm_recycles_dead_neurons(tmp_path):
   to kill neurons, recycling events happen and training stays finite."""
   config = tiny_config({"model.width": 16, "model.depth": 3,
                         "run.num_epochs": 3, "stripping.enabled": False,
-                        "stripping.redo": True, "data.augment": False,
+                        "remedy.name": "redo", "data.augment": False,
                         "optimizer.learning_rate": 3e-2,
                         "optimizer.warmup_epochs": 0}, model="mlp")
   records = loop.train_and_evaluate(config, tmp_path / "wd",
