@@ -45,9 +45,9 @@ SECTIONS = ("data", "model", "optimizer", "stripping", "remedy", "run",
 #: ``remedy.name``: the remedy applied to the neurons at its events
 #: (:mod:`synstrip_vit.remedy`, :mod:`synstrip_jax.remedies`).
 REMEDIES = ("none", "redo", "cbp", "shrink_perturb")
-#: Fields that no longer exist and the field that replaces each.
-_REPLACED = {"stripping.redo": "remedy.name='redo' (with remedy.tau and "
-                               "remedy.frequency)"}
+#: Fields of older configs and the field that takes the place of each.
+REPLACED_FIELDS = {"stripping.redo": "remedy.name='redo' (with remedy.tau "
+                                     "and remedy.frequency)"}
 #: ``data.on_device``: ``auto`` keeps the training arrays on the accelerator
 #: when they fit (:data:`synstrip_vit.rundata.RESIDENT_BUDGET_BYTES`; never
 #: on CPU, where host and device memory are one), ``yes`` always, ``no``
@@ -285,6 +285,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def replaced_field(name: str) -> str:
+  """The error message of the old field ``name`` (:data:`REPLACED_FIELDS`)."""
+  return (f"config.{name} no longer exists: use "
+          f"config.{REPLACED_FIELDS[name]}")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ``ValueError`` naming the first invalid field of ``c``.
 
@@ -298,9 +304,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   fields = flatten({k: v for k, v in c.to_dict().items() if k != "model"})
   unknown = sorted(set(fields) - set(CHECKS))
   for name in unknown:
-    if name in _REPLACED:
-      raise ValueError(f"config.{name} no longer exists: use config."
-                       f"{_REPLACED[name]}")
+    if name in REPLACED_FIELDS:
+      raise ValueError(replaced_field(name))
   missing = sorted(set(CHECKS) - set(fields))
   if unknown or missing:
     raise ValueError(f"unknown config field(s) {unknown}, missing {missing}")
@@ -362,7 +367,9 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
           if old.get(k) != new.get(k)}
 
 
-__all__ = ["CHECKS", "ON_DEVICE", "PROBES", "REMEDIES", "RESUMABLE_CHANGES",
+__all__ = ["CHECKS", "ON_DEVICE", "PROBES", "REMEDIES", "REPLACED_FIELDS",
+           "RESUMABLE_CHANGES",
            "SECTIONS", "base_config", "config_diff", "create_model",
-           "flatten", "model_config", "original_config", "upgrade",
+           "flatten", "model_config", "original_config", "replaced_field",
+           "upgrade",
            "validate", "warmup_epochs"]

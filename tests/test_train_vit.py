@@ -296,6 +296,8 @@ def test_rerun_with_another_config_is_refused(script_run):
     (["--config.model.width=8"], "unknown config field 'model.width'"),
     (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
     (["--config.stripping.probe=train"], "config.stripping.probe='train'"),
+    (["--config.stripping.redo=True"], "use config.remedy.name='redo'"),
+    (["--config.remedy.name=cpb"], "config.remedy.name='cpb' is not one of"),
     (["--config.run.batch_size=1000"], "batch_size=1000"),
 ])
 def test_bad_input_one_line_error_before_training(tmp_path, args, expected):
