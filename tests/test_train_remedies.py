@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import re
 
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,8 +21,8 @@ from test_train_vit import Interrupt, interrupt_after, strip_times, tiny_config
 
 from synstrip_jax.remedies import CBPState
 from synstrip_jax.transform import get_masks
-from synstrip_vit import config as config_lib, evaluation, loop, remedy
-from synstrip_vit import writers
+from synstrip_vit import checkpointing, config as config_lib, evaluation, loop
+from synstrip_vit import remedy, steps, writers
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -191,3 +193,33 @@ def test_event_key_is_the_seeds_fold_in():
   np.testing.assert_array_equal(
       key, jax.random.fold_in(jax.random.PRNGKey(3), 7))
   assert not np.array_equal(key, remedy.event_key(3, 8))
+
+
+@flax.struct.dataclass
+class _StateWithoutRemedy:
+  """A :class:`steps.TrainState` as checkpoints hold it without a remedy
+  field."""
+  step: jax.Array
+  params: dict
+  opt_state: tuple
+  rng: jax.Array
+  train_sums: dict
+
+
+def test_checkpoint_without_remedy_field_restores(tmp_path):
+  old = _StateWithoutRemedy(
+      step=jnp.asarray(7, jnp.int32), params={"w": jnp.arange(3.0)},
+      opt_state=(), rng=jnp.asarray([1, 2], jnp.uint32),
+      train_sums=steps.zero_sums())
+  manager = checkpointing.make_manager(tmp_path)
+  checkpointing.save(manager, 7, old)
+  target = steps.TrainState(**{
+      k: jax.tree.map(jnp.zeros_like, v) for k, v in vars(old).items()})
+  step, state = checkpointing.restore_latest(manager, target)
+  manager.close()
+  assert step == 7 and state.remedy is None
+  assert_bitwise_equal(vars(old), {k: getattr(state, k) for k in vars(old)})
+  with pytest.raises(checkpointing.CheckpointError, match="do not match"):
+    checkpointing.restore_latest(
+        checkpointing.make_manager(tmp_path),
+        target.replace(remedy={"util": jnp.zeros(3)}))
