@@ -55,6 +55,7 @@ from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.resume import restore_or_start
 from synstrip_vit.startup import Run, prepare
 from synstrip_vit.evaluation import sums_mean as _mean
+from synstrip_vit.steps import chunk_bounds
 from synstrip_vit.timings import StageTimer
 
 PyTree = Any
@@ -240,7 +241,8 @@ def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
   """Train on ``epoch`` from the batch ``state.step`` points at.
 
   At batch 0 the running sums restart from zero. The steps run in chunks
-  (:func:`chunk_bounds`, :func:`run_steps`); inside the epoch (never at its
+  (:func:`synstrip_vit.steps.chunk_bounds`, :func:`run_steps`); inside the
+  epoch (never at its
   last batch) a checkpoint is taken at a chunk boundary every
   ``run.checkpoint_every_steps`` steps, and at the chunk boundary reached
   when ``stop`` is requested (then :class:`interrupt.Interrupted` is raised;
@@ -286,21 +288,6 @@ def epoch_order(run: Run, epoch: int) -> np.ndarray:
       seed=run.config.run.seed, epoch=epoch,
       process_index=0 if whole else jax.process_index(),
       process_count=1 if whole else jax.process_count())
-
-
-def chunk_bounds(first_step: int, start: int, stop: int, per_dispatch: int,
-                 every: int) -> list[tuple[int, int]]:
-  """``[(b0, b1), ...]`` batches of an epoch run per dispatch.
-
-  Batches ``start..stop-1`` of the epoch whose first global step is
-  ``first_step``, cut after every multiple of ``per_dispatch`` (counted from
-  the epoch's start, so a resumed epoch runs the same chunks) and after
-  every checkpoint step (global step a multiple of ``every`` > 0).
-  """
-  cuts = sorted({b for b in range(start + 1, stop)
-                 if b % per_dispatch == 0
-                 or (every and (first_step + b) % every == 0)} | {stop})
-  return list(zip([start] + cuts[:-1], cuts))
 
 
 def run_steps(run: Run, state: steps.TrainState, rows: np.ndarray

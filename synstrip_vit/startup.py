@@ -161,7 +161,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
                                      collect_stats=False))
     state = compile_in_parallel(
         config, run_data, mesh, init, key, None if chunked else train_step,
-        (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
+        (probe_step,) if eval_step is probe_step else (eval_step, probe_step),
+        train_steps=train_steps, resident=on_device)
   # Called eagerly: strip_event runs one compiled program per kernel shape
   # (compiled at start-up by compile_in_parallel) and places its outputs
   # like the (replicated) inputs.
@@ -182,18 +183,24 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
 def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          mesh: Mesh, init: jax.stages.Lowered, key: jax.Array,
                          train_step: Optional[Callable],
-                         eval_steps: Sequence[Callable]
-                         ) -> steps.TrainState:
-  """Compile the init, the train step, the eval steps, the finite-state
-  check and (with stripping) the strip programs in parallel threads.
+                         eval_steps: Sequence[Callable], *,
+                         train_steps: Optional[Callable] = None,
+                         resident: bool = False) -> steps.TrainState:
+  """Compile the init, the train step or chunk program, the eval steps, the
+  finite-state check and (with stripping) the strip programs in parallel
+  threads.
 
   XLA compiles (and loads from the persistent cache) without holding the
   GIL, so the three overlap with each other and with the tracing of the
   steps here, in this thread, for the shapes the loop calls them with (from
   the init's traced output, before its values exist). A later call of a
   step finds the compiled program in JAX's in-memory caches. Returns the
-  replicated initial state. ``train_step`` None: no per-step program (a
-  chunked run compiles its chunk program at its first call).
+  replicated initial state. ``train_step`` None: no per-step program.
+  ``train_steps`` (:func:`synstrip_vit.steps.jit_train_steps`, over
+  ``resident`` data or not) compiles for every chunk length of the first
+  epoch (:func:`synstrip_vit.steps.chunk_bounds`: ``run.steps_per_dispatch``,
+  the epoch's remainder, the cuts at checkpoint steps); a length met only
+  in a later epoch (a checkpoint cut elsewhere) compiles at its first call.
   """
   abstract = steps.abstract_replicated(init.out_info, mesh)
   d, image = run_data, tuple(run_data.image_shape)
@@ -201,14 +208,22 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   eval_batch = steps.abstract_batch(
       [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
        ((e,), np.bool_)], mesh)
+  chunks = [] if train_steps is None else sorted({
+      b1 - b0 for b0, b1 in steps.chunk_bounds(
+          0, 0, rundata.steps_per_epoch(config, d),
+          config.run.steps_per_dispatch, config.run.checkpoint_every_steps)})
   with concurrent.futures.ThreadPoolExecutor(
-      max_workers=4 + len(eval_steps)) as pool:
+      max_workers=4 + len(eval_steps) + len(chunks)) as pool:
     futures = [pool.submit(init.compile)]
     if train_step is not None:
       futures.append(pool.submit(train_step.lower(
           abstract, *steps.abstract_batch(
               [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
               mesh)).compile))
+    for k in chunks:
+      futures.append(pool.submit(train_steps.lower(
+          abstract, *steps.abstract_chunk(k, b, (d.x_train, d.y_train), mesh,
+                                          resident=resident)).compile))
     for step in eval_steps:
       futures.append(pool.submit(
           step.lower(abstract.params, *eval_batch).compile))

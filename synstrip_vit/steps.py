@@ -397,6 +397,41 @@ def jit_train_steps(model, tx, augment, mesh: Mesh, *, resident: bool):
                  donate_argnums=(0,))
 
 
+def chunk_bounds(first_step: int, start: int, stop: int, per_dispatch: int,
+                 every: int) -> list[tuple[int, int]]:
+  """``[(b0, b1), ...]`` batches of an epoch run per dispatch.
+
+  Batches ``start..stop-1`` of the epoch whose first global step is
+  ``first_step``, cut after every multiple of ``per_dispatch`` (counted from
+  the epoch's start, so a resumed epoch runs the same chunks) and after
+  every checkpoint step (global step a multiple of ``every`` > 0).
+  """
+  cuts = sorted({b for b in range(start + 1, stop)
+                 if b % per_dispatch == 0
+                 or (every and (first_step + b) % every == 0)} | {stop})
+  return list(zip([start] + cuts[:-1], cuts))
+
+
+def abstract_chunk(k: int, batch_size: int,
+                   train: tuple[np.ndarray, np.ndarray], mesh: Mesh, *,
+                   resident: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """The data arguments of a :func:`jit_train_steps` call of ``k`` steps of
+  global batch ``batch_size``, as the loop passes them: ``resident``, the
+  training arrays ``train = (x, y)`` replicated and ``[k, B]`` int32
+  indices; else ``[k, B, ...]`` images and ``[k, B]`` labels sharded on
+  axis 1 (:func:`global_stacked_batches`)."""
+  x, y = train
+  if resident:
+    repl = replicated(mesh)
+    return tuple(jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=repl)
+                 for shape, dtype in ((x.shape, x.dtype), (y.shape, y.dtype),
+                                      ((k, batch_size), np.int32)))
+  stacked = NamedSharding(mesh, P(None, DATA_AXIS))
+  return (jax.ShapeDtypeStruct((k, batch_size) + x.shape[1:], x.dtype,
+                               sharding=stacked),
+          jax.ShapeDtypeStruct((k, batch_size), y.dtype, sharding=stacked))
+
+
 def global_stacked_batches(local: PyTree, mesh: Mesh) -> PyTree:
   """:func:`global_batch` for ``[K, local_batch, ...]`` stacks of batches
   (sharded on axis 1)."""
@@ -444,8 +479,9 @@ def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:
   return new if total is None else _add_trees(total, new)
 
 
-__all__ = ["DATA_AXIS", "TrainState", "abstract_batch", "abstract_replicated",
-           "accumulate", "check_batch_size", "create_train_state",
+__all__ = ["DATA_AXIS", "TrainState", "abstract_batch", "abstract_chunk",
+           "abstract_replicated", "accumulate", "check_batch_size",
+           "chunk_bounds", "create_train_state",
            "cross_entropy", "data_sharded", "eval_step", "evaluate",
            "global_batch", "global_stacked_batches", "init_program",
            "jit_eval_step", "jit_train_step", "jit_train_steps",

@@ -615,10 +615,21 @@ def test_docs_stripping_table_matches_the_default_config():
     assert shown == expected, (name, shown, expected)
 
 
-def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
-  """After prepare, the end-of-epoch finite-state check (compiled with the
-  steps) and the eager strip event (compiled at start-up) compile nothing."""
-  run, state = startup.prepare(tiny_config(), tmp_path, log=lambda m: None)
+@pytest.mark.parametrize("overrides", [
+    {}, {"run.steps_per_dispatch": 4},
+    {"run.steps_per_dispatch": 4, "data.on_device": "yes"}])
+def test_prepare_leaves_nothing_to_compile(tmp_path, overrides):
+  """After prepare, an epoch's train steps (one per dispatch, or chunks of
+  4 and the remainder, on host or resident data), the end-of-epoch
+  finite-state check (compiled with the steps) and the eager strip event
+  (compiled at start-up) compile nothing."""
+  run, state = startup.prepare(tiny_config(overrides), tmp_path,
+                               log=lambda m: None)
+  assert (run.train_steps is None) == (not overrides)
+  order = loop.epoch_order(run, 0)
+  bounds = loop.chunk_bounds(0, 0, run.steps_per_epoch,
+                             run.config.run.steps_per_dispatch, 0)
+  assert len({b1 - b0 for b0, b1 in bounds}) == (2 if overrides else 1)
   masks = get_masks(state.opt_state)
   dead = jax.tree.map(lambda m: np.arange(m.shape[-1]) % 2 == 0, masks)
   compiled = []
@@ -630,6 +641,8 @@ def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
+    for b0, b1 in bounds:
+      state = loop.run_steps(run, state, order[b0:b1])
     assert finite.nonfinite_leaves(state) == []
     params, opt_state = run.strip(state.params, state.opt_state, dead)
     jax.block_until_ready((params, opt_state))
