@@ -159,10 +159,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
     eval_step = (probe_step if rundata.shares_eval_step(config, run_data) else
                  steps.jit_eval_step(model, preprocess, mesh,
                                      collect_stats=False))
+    remedy = remedy_lib.jit_remedy(config, init.out_info.params, mesh)
     state = compile_in_parallel(
         config, run_data, mesh, init, key, None if chunked else train_step,
         (probe_step,) if eval_step is probe_step else (eval_step, probe_step),
-        train_steps=train_steps, resident=on_device)
+        train_steps=train_steps, resident=on_device, remedy=remedy)
   # Called eagerly: strip_event runs one compiled program per kernel shape
   # (compiled at start-up by compile_in_parallel) and places its outputs
   # like the (replicated) inputs.
@@ -173,8 +174,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
             steps_per_epoch=rundata.steps_per_epoch(config, run_data),
             train_step=train_step, eval_step=eval_step, probe_step=probe_step,
             strip=strip,
-            remedy=remedy_lib.jit_remedy(config, state.params, mesh),
-            log=log, train_steps=train_steps,
+            remedy=remedy, log=log, train_steps=train_steps,
             resident=(steps.replicate((run_data.x_train, run_data.y_train),
                                       mesh) if on_device else None))
   return run, state
@@ -185,10 +185,12 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          train_step: Optional[Callable],
                          eval_steps: Sequence[Callable], *,
                          train_steps: Optional[Callable] = None,
-                         resident: bool = False) -> steps.TrainState:
+                         resident: bool = False,
+                         remedy: Optional[remedy_lib.RemedyFn] = None
+                         ) -> steps.TrainState:
   """Compile the init, the train step or chunk program, the eval steps, the
-  finite-state check and (with stripping) the strip programs in parallel
-  threads.
+  finite-state check, (with stripping) the strip programs and the remedy
+  event in parallel threads.
 
   XLA compiles (and loads from the persistent cache) without holding the
   GIL, so the three overlap with each other and with the tracing of the
@@ -201,6 +203,8 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   epoch (:func:`synstrip_vit.steps.chunk_bounds`: ``run.steps_per_dispatch``,
   the epoch's remainder, the cuts at checkpoint steps); a length met only
   in a later epoch (a checkpoint cut elsewhere) compiles at its first call.
+  ``remedy`` (:func:`synstrip_vit.remedy.jit_remedy`) compiles for the
+  statistics of the probe step, the last of ``eval_steps``.
   """
   abstract = steps.abstract_replicated(init.out_info, mesh)
   d, image = run_data, tuple(run_data.image_shape)
@@ -213,7 +217,7 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
           0, 0, rundata.steps_per_epoch(config, d),
           config.run.steps_per_dispatch, config.run.checkpoint_every_steps)})
   with concurrent.futures.ThreadPoolExecutor(
-      max_workers=4 + len(eval_steps) + len(chunks)) as pool:
+      max_workers=5 + len(eval_steps) + len(chunks)) as pool:
     futures = [pool.submit(init.compile)]
     if train_step is not None:
       futures.append(pool.submit(train_step.lower(
@@ -224,9 +228,13 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
       futures.append(pool.submit(train_steps.lower(
           abstract, *steps.abstract_chunk(k, b, (d.x_train, d.y_train), mesh,
                                           resident=resident)).compile))
-    for step in eval_steps:
-      futures.append(pool.submit(
-          step.lower(abstract.params, *eval_batch).compile))
+    lowered = [step.lower(abstract.params, *eval_batch) for step in eval_steps]
+    futures.extend(pool.submit(program.compile) for program in lowered)
+    if remedy is not None:
+      event_key = jax.ShapeDtypeStruct((2,), np.uint32)
+      futures.append(pool.submit(remedy.lower(
+          abstract.params, abstract.opt_state, abstract.remedy,
+          lowered[-1].out_info["stats"], event_key).compile))
     # The end-of-epoch finite-state check (and the save's): ~0.45 s of the
     # first epoch otherwise.
     futures.append(pool.submit(finite.nonfinite_check_compiler(abstract)))

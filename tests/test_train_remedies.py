@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from _shared import assert_bitwise_equal
+from conftest import CompileCounter
 from test_train_vit import Interrupt, interrupt_after, strip_times, tiny_config
 
 from synstrip_jax.remedies import CBPState
 from synstrip_jax.transform import get_masks
 from synstrip_vit import checkpointing, config as config_lib, evaluation, loop
-from synstrip_vit import remedy, steps, writers
+from synstrip_vit import remedy, startup, steps, writers
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -223,3 +224,17 @@ def test_checkpoint_without_remedy_field_restores(tmp_path):
     checkpointing.restore_latest(
         checkpointing.make_manager(tmp_path),
         target.replace(remedy={"util": jnp.zeros(3)}))
+
+
+@pytest.mark.parametrize("name", ["redo", "cbp"])
+def test_prepare_compiles_the_remedy_event(tmp_path, name):
+  """After prepare, an epoch's probe and its remedy event compile nothing
+  new of the remedy (it compiled at start-up with the other programs)."""
+  config = mlp_config({"remedy.name": name})
+  run, state = startup.prepare(config, tmp_path, log=lambda _: None)
+  (_, probed), dead = loop.evaluate_and_probe(run, state.params)
+  with CompileCounter() as counter:
+    _, (_, reset) = loop.strip_or_recycle(run, state, probed["stats"], dead,
+                                          0)
+  assert reset is not None
+  assert counter.count_of("remedy_event") == 0, counter.names
