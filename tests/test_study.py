@@ -34,7 +34,8 @@ def test_stress_arms_share_the_regime_and_differ_only_in_the_arm():
     assert sorted(runs) == sorted(f"{a}_s{s}" for a in stress.ARMS
                                   for s in SEEDS)
     for name, c in runs.items():
-      flat = {f"{s}.{k}": v for s in ("optimizer", "run", "stripping", "model")
+      flat = {f"{s}.{k}": v for s in ("optimizer", "run", "stripping", "remedy",
+                                      "model")
               for k, v in c[s].items()}
       for key, value in regime.items():
         assert flat[key] == value, (name, key)
