@@ -368,8 +368,6 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
 
 
 __all__ = ["CHECKS", "ON_DEVICE", "PROBES", "REMEDIES", "REPLACED_FIELDS",
-           "RESUMABLE_CHANGES",
-           "SECTIONS", "base_config", "config_diff", "create_model",
-           "flatten", "model_config", "original_config", "replaced_field",
-           "upgrade",
-           "validate", "warmup_epochs"]
+           "RESUMABLE_CHANGES", "SECTIONS", "base_config", "config_diff",
+           "create_model", "flatten", "model_config", "original_config",
+           "replaced_field", "upgrade", "validate", "warmup_epochs"]

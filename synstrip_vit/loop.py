@@ -49,12 +49,11 @@ from synstrip_jax.activations import check_finite
 from synstrip_jax.transform import get_masks
 from synstrip_vit import checkpointing, config as config_lib, distributed
 from synstrip_vit import evaluation, finite, input_pipeline, interrupt, resume
-from synstrip_vit import rundata
-from synstrip_vit import remedy as remedy_lib, startup, steps, writers
+from synstrip_vit import remedy as remedy_lib, rundata, startup, steps, writers
 from synstrip_vit import workdir as workdir_lib
+from synstrip_vit.evaluation import sums_mean as _mean
 from synstrip_vit.resume import restore_or_start
 from synstrip_vit.startup import Run, prepare
-from synstrip_vit.evaluation import sums_mean as _mean
 from synstrip_vit.steps import chunk_bounds
 from synstrip_vit.timings import StageTimer
 
@@ -242,9 +241,8 @@ def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
 
   At batch 0 the running sums restart from zero. The steps run in chunks
   (:func:`synstrip_vit.steps.chunk_bounds`, :func:`run_steps`); inside the
-  epoch (never at its
-  last batch) a checkpoint is taken at a chunk boundary every
-  ``run.checkpoint_every_steps`` steps, and at the chunk boundary reached
+  epoch (never at its last batch) a checkpoint is taken at a chunk boundary
+  every ``run.checkpoint_every_steps`` steps, and at the chunk boundary reached
   when ``stop`` is requested (then :class:`interrupt.Interrupted` is raised;
   at the last batch the epoch is finished first); ``callbacks`` get each new
   step after its chunk.
