@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import flax.struct
 import jax
@@ -238,3 +239,15 @@ def test_prepare_compiles_the_remedy_event(tmp_path, name):
                                           0)
   assert reset is not None
   assert counter.count_of("remedy_event") == 0, counter.names
+
+
+def test_docs_remedy_table_matches_the_default_config():
+  """docs/training.md's remedy table lists every field with its default."""
+  text = (Path(__file__).resolve().parents[1] / "docs" / "training.md"
+          ).read_text()
+  rows = dict(re.findall(r"^\| `remedy\.(\w+)` \| (.*?) \|", text, re.M))
+  defaults = config_lib.base_config().remedy
+  assert set(rows) == set(defaults)
+  for name, shown in rows.items():
+    value = defaults[name]
+    assert shown == ("unset" if value is None else f"`{value}`"), name
