@@ -139,11 +139,12 @@ def measure(config, workdir: Path) -> dict[str, Any]:
   chunk_s = time.perf_counter() - t0
   loop.evaluate_and_probe(run, state.params)  # first call: warm-up
   t0 = time.perf_counter()
-  _, dead = loop.evaluate_and_probe(run, state.params)
+  (_, probed), dead = loop.evaluate_and_probe(run, state.params)
   probe_s = time.perf_counter() - t0
-  loop.strip_or_recycle(run, state, dead, 0)  # first event: warm-up
+  stats = probed["stats"]
+  loop.strip_or_recycle(run, state, stats, dead, 0)  # first event: warm-up
   t0 = time.perf_counter()
-  state, _ = loop.strip_or_recycle(run, state, dead, 0)
+  state, _ = loop.strip_or_recycle(run, state, stats, dead, 0)
   strip_s = time.perf_counter() - t0
   manager = checkpointing.make_manager(workdir / "ckpt")
   checkpointing.save(manager, 1, state)  # first save: warm-up

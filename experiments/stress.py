@@ -83,7 +83,7 @@ ARMS = {
     "relu": {"model.activation": "relu", "stripping.enabled": False},
     "relu_strip": {"model.activation": "relu", "stripping.enabled": True},
     "relu_redo": {"model.activation": "relu", "stripping.enabled": False,
-                  "stripping.redo": True},
+                  "remedy.name": "redo"},
     "leaky_relu": {"model.activation": "leaky_relu",
                    "stripping.enabled": False},
     "gelu": {"model.activation": "gelu", "stripping.enabled": False},

@@ -109,7 +109,7 @@ def runs_for(study: str, seeds: list[int]):
       c = mnist_mlp_base()
       c.update_from_flattened_dict({"model.activation": "relu",
                                     "stripping.enabled": False,
-                                    "stripping.redo": True})
+                                    "remedy.name": "redo"})
       c.run.seed = seed
       out.append((f"{REDO_ARM}_s{seed}", c))
   else:

@@ -64,6 +64,7 @@ def apply_default_xla_flags(environ=os.environ) -> str:
 apply_default_xla_flags()
 
 from synstrip_vit import checkpointing, compile_cache, distributed, loop  # noqa: E402
+from synstrip_vit import config as config_lib  # noqa: E402
 from synstrip_vit import interrupt, paths, resume  # noqa: E402
 from synstrip_vit import workdir as workdir_lib  # noqa: E402
 from synstrip_vit.timings import StageTimer  # noqa: E402
@@ -97,6 +98,8 @@ def _unknown_field(error: Exception) -> str:
                                 for p in path.split("."))
         key = path
         break
+  if key in config_lib.REPLACED_FIELDS:
+    return f"error: {config_lib.replaced_field(key)}"
   return (f"error: unknown config field {key!r} on the command line"
           + (f"; did you mean {suggestion!r}?" if suggestion else ""))
 

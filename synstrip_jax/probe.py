@@ -35,8 +35,9 @@ import jax
 
 from synstrip_jax import trees
 from synstrip_jax._select import POST_ACT
-from synstrip_jax.activations import (ActivationStats, check_finite,
-                                      dead_mask, merge_stats, reduce_examples)
+from synstrip_jax.activations import (ActivationStats, Criterion,
+                                      check_finite, dead_mask, merge_stats,
+                                      reduce_examples)
 
 PyTree = Any
 
@@ -130,7 +131,7 @@ def _check_no_missing(missing: list[str], paths: list[str]) -> None:
                    f"'<layer>/kernel' in params{hint}")
 
 
-def dead_tree(params: PyTree, stats_tree: PyTree, tau: Optional[float] = None,
+def dead_tree(params: PyTree, stats_tree: PyTree, tau: Criterion = None,
               ) -> PyTree:
   """Dead-neuron vectors aligned with ``params`` (the ``dead`` of strip_params).
 
@@ -140,7 +141,9 @@ def dead_tree(params: PyTree, stats_tree: PyTree, tau: Optional[float] = None,
     stats_tree: reduced statistics (``[n]`` leaves) sown by
       :class:`ActDense`/:class:`ActLinear` or captured by ``capture_stats``
       (see :func:`reduce_stats_tree`).
-    tau: ``None`` for the original's exact rule, else a ReDo threshold.
+    tau: ``None`` for the original's exact rule, a float ReDo threshold, or
+      any :class:`~synstrip_jax.activations.Dormancy` (see
+      :func:`~synstrip_jax.activations.dead_mask`).
 
   Returns:
     The structure of ``params`` with a ``[n]`` bool at each kernel that feeds
@@ -301,7 +304,7 @@ def probe_stats(stats_fn: Callable[[Any, Any], PyTree], state: Any,
 
 def probe_dead(stats_fn: Callable[[Any, Any], PyTree], state: Any,
                batches: Iterable[Any], *, params: Optional[PyTree] = None,
-               tau: Optional[float] = None,
+               tau: Criterion = None,
                where_fn: Optional[Callable[[Any], jax.Array]] = None,
                axis_name: Any = None) -> PyTree:
   """The ``dead`` tree of a probe set: :func:`probe_stats` then :func:`dead_tree`.
@@ -313,8 +316,8 @@ def probe_dead(stats_fn: Callable[[Any, Any], PyTree], state: Any,
     stats_fn, state, batches, where_fn, axis_name: as :func:`probe_stats`.
     params: the tree the result aligns with. Default: ``state``, or
       ``nnx.state(state, nnx.Param)`` when ``state`` is an NNX module.
-    tau: ``None`` for the exact rule (summed output == 0), else a ReDo
-      dormancy threshold.
+    tau: ``None`` for the exact rule (summed output == 0), a float ReDo
+      dormancy threshold, or any :class:`~synstrip_jax.activations.Dormancy`.
 
   Returns:
     ``params``' structure with a ``[n]`` bool at each probed kernel, ``None``

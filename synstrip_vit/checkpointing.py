@@ -2,7 +2,8 @@
 
 A checkpoint holds one item, ``state``: the :class:`~synstrip_vit.steps.
 TrainState` pytree (step, params, optimizer state with the stripping masks,
-RNG, the running sums of the epoch's training metrics). The loop derives its
+RNG, the running sums of the epoch's training metrics, the remedy's running
+state). The loop derives its
 position from ``state.step`` alone, so the state is all a resumed run needs
 to compute exactly what an uninterrupted one computes.
 
@@ -153,8 +154,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
   for step in steps:
     try:
       integrity.verify(Path(manager.directory) / str(step))
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(like)))
+      restored = {"state": _restore(manager, step, target, like)}
       bad = finite.nonfinite_leaves(restored["state"])
       if bad:
         raise FloatingPointError(finite.nonfinite_names(bad))
@@ -173,6 +173,28 @@ def restore_latest(manager: ocp.CheckpointManager, target: PyTree, *,
   raise CheckpointError(
       f"no checkpoint in {manager.directory} could be restored: "
       + " | ".join(errors) + ". Move the directory away to start afresh.")
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, target: PyTree,
+             like: PyTree) -> PyTree:
+  """Checkpoint ``step`` restored as ``like`` (:func:`abstract` of
+  ``target``). A checkpoint of a state without the fields that are None in
+  a dataclass ``target`` (a :class:`~synstrip_vit.steps.TrainState` saved
+  without its ``remedy`` field) restores into ``target`` with them None."""
+  def restore(item):
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(item)))["state"]
+  try:
+    return restore(like)
+  except ValueError:
+    fields = ([f.name for f in dataclasses.fields(target)
+               if getattr(target, f.name) is None]
+              if dataclasses.is_dataclass(target) else [])
+    if not fields:
+      raise
+    present = {f.name: getattr(like, f.name)
+               for f in dataclasses.fields(target) if f.name not in fields}
+    return target.replace(**restore(present))
 
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int],

@@ -1,6 +1,6 @@
 """The one place a training run's configuration is defined and checked.
 
-A config has six sections; ``base_config()`` gives every field its default
+A config has seven sections; ``base_config()`` gives every field its default
 (the original's set-up where it has one) and the files in
 ``experiments/configs/`` start from it and override what differs::
 
@@ -9,7 +9,10 @@ A config has six sections; ``base_config()`` gives every field its default
   model      name + the constructor fields of its class (models.MODELS;
              passed to it as keyword arguments; see synstrip_vit/models/)
   optimizer  learning_rate, min_learning_rate, warmup_epochs, weight_decay
-  stripping  enabled, factor, frequency, probe, probe_fraction, tau, redo
+  stripping  enabled, factor, frequency, probe, probe_fraction, tau
+  remedy     name (none, redo, cbp, shrink_perturb), frequency, tau,
+             replacement_rate, maturity_threshold, decay_rate, shrink, sigma
+             (synstrip_vit.remedy; runs after stripping at a shared event)
   run        num_epochs, batch_size, eval_batch_size, seed,
              checkpoint_every_steps, max_checkpoints, progress_bar,
              compilation_cache_dir, steps_per_dispatch
@@ -37,7 +40,14 @@ from synstrip_jax.validation import validate_stripping_factor
 from synstrip_vit import models
 
 PROBES = ("train_holdout", "test")
-SECTIONS = ("data", "model", "optimizer", "stripping", "run", "eval")
+SECTIONS = ("data", "model", "optimizer", "stripping", "remedy", "run",
+            "eval")
+#: ``remedy.name``: the remedy applied to the neurons at its events
+#: (:mod:`synstrip_vit.remedy`, :mod:`synstrip_jax.remedies`).
+REMEDIES = ("none", "redo", "cbp", "shrink_perturb")
+#: Fields of older configs and the field that takes the place of each.
+REPLACED_FIELDS = {"stripping.redo": "remedy.name='redo' (with remedy.tau "
+                                     "and remedy.frequency)"}
 #: ``data.on_device``: ``auto`` keeps the training arrays on the accelerator
 #: when they fit (:data:`synstrip_vit.rundata.RESIDENT_BUDGET_BYTES`; never
 #: on CPU, where host and device memory are one), ``yes`` always, ``no``
@@ -87,8 +97,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   ``stripping.probe`` is ``train_holdout`` (a held-out ``probe_fraction`` of
   the training data) or ``test`` (the test set, as the original);
   ``stripping.tau`` unset is the exact rule ``total == 0``, a number the
-  ReDo dormancy threshold; ``stripping.redo`` recycles the dead neurons at
-  the same events (see :mod:`synstrip_jax.redo`);
+  ReDo dormancy threshold;
   ``run.checkpoint_every_steps`` 0 checkpoints at epoch ends only;
   ``run.compilation_cache_dir`` unset uses ``$JAX_COMPILATION_CACHE_DIR`` or
   ``~/.cache/synstrip_jax/jax_cache``, ``''`` disables the persistent
@@ -106,6 +115,16 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   test set after training, at ``eval.severities``, generated from
   ``eval.corruption_seed`` (``frost`` needs ``eval.frost_dir``); results go
   to ``<workdir>/corrupted.json``.
+
+  ``remedy.name`` (one of :data:`REMEDIES`) acts every ``remedy.frequency``
+  epochs, after the strip event of the same epoch if any (so stripping and
+  a remedy combine): ``redo`` recycles the neurons with ReDo score ``<=
+  remedy.tau`` (unset: exact zero); ``cbp`` (continual backprop) replaces
+  ``remedy.replacement_rate`` of the neurons older than
+  ``remedy.maturity_threshold`` events with the lowest running utility
+  (decay ``remedy.decay_rate``; its state is in the checkpoint);
+  ``shrink_perturb`` sets ``p <- remedy.shrink * p + remedy.sigma * N(0,
+  1)``. The fields of the other remedies are unused.
   """
   c = ml_collections.ConfigDict()
   c.data = dict(dataset="cifar10", data_dir="", train_limit=0, test_limit=0,
@@ -116,7 +135,10 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
                      warmup_epochs=5, weight_decay=5e-5)
   c.stripping = dict(enabled=True, factor=DEFAULT_STRIPPING_FACTOR,
                      frequency=1, probe="train_holdout", probe_fraction=0.1,
-                     tau=placeholder(float), redo=False)
+                     tau=placeholder(float))
+  c.remedy = dict(name="none", frequency=1, tau=placeholder(float),
+                  replacement_rate=1e-4, maturity_threshold=100,
+                  decay_rate=0.99, shrink=0.8, sigma=0.01)
   c.run = dict(num_epochs=200, batch_size=128, eval_batch_size=256, seed=0,
                checkpoint_every_steps=0, max_checkpoints=2,
                progress_bar=True, compilation_cache_dir=placeholder(str),
@@ -235,7 +257,13 @@ CHECKS: dict[str, Check] = {
     "stripping.enabled": _bool, "stripping.factor": _stripping_factor,
     "stripping.frequency": _int(1), "stripping.probe": _choice(PROBES),
     "stripping.probe_fraction": _float(0.0, 1.0, open_lo=True, open_hi=True),
-    "stripping.tau": _tau, "stripping.redo": _bool,
+    "stripping.tau": _tau,
+    "remedy.name": _choice(REMEDIES), "remedy.frequency": _int(1),
+    "remedy.tau": _tau, "remedy.replacement_rate": _float(0.0, 1.0),
+    "remedy.maturity_threshold": _int(0),
+    "remedy.decay_rate": _float(0.0, 1.0, open_hi=True),
+    "remedy.shrink": _float(0.0, 1.0),
+    "remedy.sigma": _float(0.0, math.inf, open_hi=True),
     "run.num_epochs": _int(1), "run.batch_size": _int(1),
     "run.eval_batch_size": _int(1), "run.seed": _int(0),
     "run.checkpoint_every_steps": _int(0), "run.max_checkpoints": _int(1),
@@ -257,6 +285,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def replaced_field(name: str) -> str:
+  """The error message of the old field ``name`` (:data:`REPLACED_FIELDS`)."""
+  return (f"config.{name} no longer exists: use "
+          f"config.{REPLACED_FIELDS[name]}")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raise ``ValueError`` naming the first invalid field of ``c``.
 
@@ -269,6 +303,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config sections {sections} must be {list(SECTIONS)}")
   fields = flatten({k: v for k, v in c.to_dict().items() if k != "model"})
   unknown = sorted(set(fields) - set(CHECKS))
+  for name in unknown:
+    if name in REPLACED_FIELDS:
+      raise ValueError(replaced_field(name))
   missing = sorted(set(CHECKS) - set(fields))
   if unknown or missing:
     raise ValueError(f"unknown config field(s) {unknown}, missing {missing}")
@@ -302,17 +339,35 @@ def warmup_epochs(c: ml_collections.ConfigDict) -> tuple[int, Optional[str]]:
                    "epoch(s) instead so the learning rate reaches its peak")
 
 
+def upgrade(old: dict[str, Any]) -> dict[str, Any]:
+  """A config dict written without a ``remedy`` section (``stripping.redo``
+  instead) as today's equivalent: ``redo`` True becomes ``remedy.name='redo'``
+  with the stripping events' ``tau`` and ``frequency``, the other remedy
+  fields their defaults. Any other dict is returned as it is."""
+  if "remedy" in old or not isinstance(old.get("stripping"), dict):
+    return old
+  stripping = dict(old["stripping"])
+  redo = stripping.pop("redo", False)
+  remedy = base_config().remedy.to_dict()
+  if redo:
+    remedy.update(name="redo", tau=stripping.get("tau"),
+                  frequency=stripping.get("frequency", 1))
+  return {**old, "stripping": stripping, "remedy": remedy}
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
   """Dotted fields whose values differ (ignoring :data:`RESUMABLE_CHANGES`).
 
-  ``old`` and ``new`` are configs as nested dicts (e.g. two ``config.json``).
+  ``old`` and ``new`` are configs as nested dicts (e.g. two ``config.json``;
+  ``old`` is read through :func:`upgrade`).
   """
-  old, new = flatten(old), flatten(new)
+  old, new = flatten(upgrade(old)), flatten(new)
   keys = (set(old) | set(new)) - set(RESUMABLE_CHANGES)
   return {k: (old.get(k), new.get(k)) for k in sorted(keys)
           if old.get(k) != new.get(k)}
 
 
-__all__ = ["CHECKS", "ON_DEVICE", "PROBES", "RESUMABLE_CHANGES", "SECTIONS", "base_config",
-           "config_diff", "create_model", "flatten", "model_config",
-           "original_config", "validate", "warmup_epochs"]
+__all__ = ["CHECKS", "ON_DEVICE", "PROBES", "REMEDIES", "REPLACED_FIELDS",
+           "RESUMABLE_CHANGES", "SECTIONS", "base_config", "config_diff",
+           "create_model", "flatten", "model_config", "original_config",
+           "replaced_field", "upgrade", "validate", "warmup_epochs"]

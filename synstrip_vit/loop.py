@@ -11,13 +11,14 @@
     evaluate_and_probe test batches -> eval_step; probe batches ->
                        eval_step(collect_stats) -> stats -> dead tree (a
                        small test set uses the probe step: one compile)
-    strip_or_recycle   at an event epoch (is_event_epoch): strip_event and/or
-                       the ReDo baseline
+    strip_or_recycle   at an event epoch (is_event_epoch): strip_event,
+                       then the remedy (synstrip_vit.remedy)
     check_state        NaN/inf in the state or a loss (synstrip_vit.finite)
     make_record        one typed EpochRecord -> writers (process 0)
     save               checkpoint (all processes)
-  evaluate_corrupted   after the last epoch, with ``eval.corruptions``: the
+  write_corrupted      after the last epoch, with ``eval.corruptions``: the
                        corrupted test sets -> ``corrupted.json``
+                       (synstrip_vit.evaluation)
 
 Everything a resumed run needs is in the checkpointed
 :class:`~synstrip_vit.steps.TrainState`: its step gives the position
@@ -34,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import threading
 import time
 from pathlib import Path
@@ -48,11 +48,13 @@ from synstrip_jax import metrics, probe
 from synstrip_jax.activations import check_finite
 from synstrip_jax.transform import get_masks
 from synstrip_vit import checkpointing, config as config_lib, distributed
-from synstrip_vit import finite, input_pipeline, interrupt, resume, rundata
-from synstrip_vit import startup, steps, writers
+from synstrip_vit import evaluation, finite, input_pipeline, interrupt, resume
+from synstrip_vit import remedy as remedy_lib, rundata, startup, steps, writers
 from synstrip_vit import workdir as workdir_lib
+from synstrip_vit.evaluation import sums_mean as _mean
 from synstrip_vit.resume import restore_or_start
 from synstrip_vit.startup import Run, prepare
+from synstrip_vit.steps import chunk_bounds
 from synstrip_vit.timings import StageTimer
 
 PyTree = Any
@@ -67,7 +69,9 @@ class EpochRecord:
   ``sparsity/<kernel>``; :meth:`as_dict` flattens it after the other fields
   (the file's keys and their order). ``epoch`` is the 0-based index (the
   console's ``epoch k/N`` is ``k = epoch + 1``); ``strippable_neurons`` the
-  number of neurons the probe watches (``dead_neurons`` is out of it). The
+  number of neurons the probe watches (``dead_neurons`` is out of it);
+  ``recycled_now`` whether the ``remedy`` (its name; ``none`` for none) ran
+  after this epoch and ``recycled_neurons`` how many neurons it reset. The
   metrics are defined in ``docs/training.md``.
   """
   epoch: int
@@ -85,6 +89,8 @@ class EpochRecord:
   stripped_weights: int
   stripped_now: bool
   recycled_now: bool
+  remedy: str
+  recycled_neurons: int
   learning_rate: float
   train_time_s: float
   eval_time_s: float
@@ -103,7 +109,9 @@ class EpochRecord:
     return (f"epoch {self.epoch + 1}/{num_epochs}: "
             f"train_loss {self.train_loss:.4f} train_acc {self.train_acc:.4f} "
             f"test_acc {self.test_acc:.4f} dead {self.dead_neurons} "
-            f"active {self.active_params} sparsity {self.sparsity:.4f}")
+            f"active {self.active_params} sparsity {self.sparsity:.4f}"
+            + (f" {self.remedy} reset {self.recycled_neurons}"
+               if self.recycled_now else ""))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
@@ -199,7 +207,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
       t1 = time.perf_counter()
       evals, dead = evaluate_and_probe(run, state.params)
       t2 = time.perf_counter()
-      state, event = strip_or_recycle(run, state, dead, epoch)
+      state, event = strip_or_recycle(run, state, evals[1]["stats"], dead,
+                                      epoch)
       finite.check_state(state, epoch, manager, _losses(evals))
       timings = (t1 - t0, t2 - t1, time.perf_counter() - t2)
       record = make_record(run, state, epoch, evals, dead, event, timings)
@@ -213,13 +222,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
         raise stop.interrupted(epoch + 1, record.step)
   if config.eval.corruptions:
     with timer.stage("corrupted"):
-      corrupted = evaluate_corrupted(run, state.params)
-    if is_main:
-      workdir_lib.atomic_write_text(run.workdir / CORRUPTED_FILE,
-                                    json.dumps(corrupted, indent=1) + "\n")
-      run.log(f"corrupted test sets: mean accuracy "
-              f"{corrupted['mean']['accuracy']:.4f} over "
-              f"{len(corrupted['blocks'])} blocks -> {CORRUPTED_FILE}")
+      evaluation.write_corrupted(run, state.params)
   if is_main and records:
     with timer.stage("plots"):
       writers.plot_metrics(records, run.workdir, title=_title(config))
@@ -237,9 +240,9 @@ def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
   """Train on ``epoch`` from the batch ``state.step`` points at.
 
   At batch 0 the running sums restart from zero. The steps run in chunks
-  (:func:`chunk_bounds`, :func:`run_steps`); inside the epoch (never at its
-  last batch) a checkpoint is taken at a chunk boundary every
-  ``run.checkpoint_every_steps`` steps, and at the chunk boundary reached
+  (:func:`synstrip_vit.steps.chunk_bounds`, :func:`run_steps`); inside the
+  epoch (never at its last batch) a checkpoint is taken at a chunk boundary
+  every ``run.checkpoint_every_steps`` steps, and at the chunk boundary reached
   when ``stop`` is requested (then :class:`interrupt.Interrupted` is raised;
   at the last batch the epoch is finished first); ``callbacks`` get each new
   step after its chunk.
@@ -283,21 +286,6 @@ def epoch_order(run: Run, epoch: int) -> np.ndarray:
       seed=run.config.run.seed, epoch=epoch,
       process_index=0 if whole else jax.process_index(),
       process_count=1 if whole else jax.process_count())
-
-
-def chunk_bounds(first_step: int, start: int, stop: int, per_dispatch: int,
-                 every: int) -> list[tuple[int, int]]:
-  """``[(b0, b1), ...]`` batches of an epoch run per dispatch.
-
-  Batches ``start..stop-1`` of the epoch whose first global step is
-  ``first_step``, cut after every multiple of ``per_dispatch`` (counted from
-  the epoch's start, so a resumed epoch runs the same chunks) and after
-  every checkpoint step (global step a multiple of ``every`` > 0).
-  """
-  cuts = sorted({b for b in range(start + 1, stop)
-                 if b % per_dispatch == 0
-                 or (every and (first_step + b) % every == 0)} | {stop})
-  return list(zip([start] + cuts[:-1], cuts))
 
 
 def run_steps(run: Run, state: steps.TrainState, rows: np.ndarray
@@ -344,43 +332,6 @@ def evaluate_and_probe(run: Run, params: PyTree
   return (test, probed), dead
 
 
-#: Where :func:`evaluate_corrupted`'s results go in the workdir.
-CORRUPTED_FILE = "corrupted.json"
-
-
-def evaluate_corrupted(run: Run, params: PyTree) -> dict[str, Any]:
-  """Loss and accuracy of ``params`` on the corrupted test sets of
-  ``config.eval`` (:func:`synstrip_vit.corruptions.iter_corrupted` of the
-  test images, one ``(corruption, severity)`` block in memory at a time).
-
-  Returns ``{"blocks": [{corruption, severity, loss, accuracy}, ...],
-  "per_corruption": {name: {loss, accuracy}}, "mean": {loss, accuracy}}``
-  (means over blocks; every block has the test set's size).
-  """
-  # Imported here: SciPy is only needed for this evaluation.
-  from synstrip_vit import corruptions  # pylint: disable=import-outside-toplevel
-  c, d = run.config, run.data
-  blocks = []
-  for name, severity, x in corruptions.iter_corrupted(
-      d.x_test, c.eval.corruptions, c.eval.severities,
-      c.eval.corruption_seed, frost_dir=c.eval.frost_dir or None):
-    sums = steps.evaluate(run.eval_step, params, x, d.y_test,
-                          batch_size=c.run.eval_batch_size, mesh=run.mesh)
-    blocks.append({"corruption": name, "severity": int(severity),
-                   "loss": _mean(sums, "loss_sum"),
-                   "accuracy": _mean(sums, "correct")})
-
-  def means(rows):
-    return {k: float(np.mean([r[k] for r in rows]))
-            for k in ("loss", "accuracy")}
-
-  return {"blocks": blocks,
-          "per_corruption": {n: means([b for b in blocks
-                                       if b["corruption"] == n])
-                             for n in c.eval.corruptions},
-          "mean": means(blocks)}
-
-
 @functools.partial(jax.jit, static_argnames="tau")
 def _dead_tree(params: PyTree, stats: PyTree, tau: Optional[float]) -> PyTree:
   """:func:`synstrip_jax.probe.dead_tree`, one compiled program."""
@@ -393,31 +344,32 @@ def is_event_epoch(epoch: int, frequency: int) -> bool:
   return (epoch + 1) % frequency == 0
 
 
-def strip_or_recycle(run: Run, state: steps.TrainState, dead: PyTree,
-                     epoch: int) -> tuple[steps.TrainState, tuple[bool, bool]]:
-  """At an event epoch, strip and/or recycle (ReDo) the dead neurons.
+def strip_or_recycle(run: Run, state: steps.TrainState, stats: PyTree,
+                     dead: PyTree, epoch: int
+                     ) -> tuple[steps.TrainState, tuple[bool, Optional[int]]]:
+  """At a stripping event epoch strip the ``dead`` neurons, then at a
+  remedy event epoch apply the remedy to the probe's ``stats``
+  (:func:`synstrip_vit.remedy.apply`).
 
-  Returns the new state and ``(stripped, recycled)``.
+  Returns the new state and ``(stripped, reset)``: ``reset`` is None
+  without a remedy event, else the number of neurons the remedy reset.
   """
-  c = run.config.stripping
-  if not is_event_epoch(epoch, c.frequency):
-    return state, (False, False)
-  if c.enabled:
+  c = run.config
+  stripped = c.stripping.enabled and is_event_epoch(epoch,
+                                                    c.stripping.frequency)
+  if stripped:
     params, opt_state = run.strip(state.params, state.opt_state, dead)
     state = state.replace(params=params, opt_state=opt_state)
-  if c.redo:
-    # A host value, identical on every process (raw uint32[2] key).
-    key = np.asarray(jax.random.fold_in(
-        jax.random.PRNGKey(run.config.run.seed), epoch))
-    params, opt_state = run.recycle(state.params, state.opt_state, dead, key)
-    state = state.replace(params=params, opt_state=opt_state)
+  reset = None
+  if run.remedy is not None and is_event_epoch(epoch, c.remedy.frequency):
+    state, reset = remedy_lib.apply(run.remedy, c, state, stats, epoch)
   jax.block_until_ready(state.params)
-  return state, (c.enabled, c.redo)
+  return state, (stripped, reset)
 
 
 def make_record(run: Run, state: steps.TrainState, epoch: int,
                 evals: tuple[dict, dict], dead: PyTree,
-                event: tuple[bool, bool], timings: tuple[float, float, float]
+                event: tuple[bool, Optional[int]], timings: tuple[float, float, float]
                 ) -> EpochRecord:
   """The :class:`EpochRecord` of an epoch, after its event.
 
@@ -439,7 +391,9 @@ def make_record(run: Run, state: steps.TrainState, epoch: int,
       strippable_neurons=sum(int(np.size(d)) for d in jax.tree.leaves(dead)),
       active_params=int(summary.pop("active_params")),
       sparsity=float(summary.pop("sparsity")),
-      stripped_weights=stripped, stripped_now=event[0], recycled_now=event[1],
+      stripped_weights=stripped, stripped_now=event[0],
+      recycled_now=event[1] is not None, remedy=run.config.remedy.name,
+      recycled_neurons=event[1] or 0,
       learning_rate=float(run.schedule(step)),
       train_time_s=timings[0], eval_time_s=timings[1],
       strip_time_s=timings[2],
@@ -485,10 +439,6 @@ def progress_bar(run: Run, state: steps.TrainState
 _summary = jax.jit(metrics.summary)
 
 
-def _mean(sums: dict[str, Any], key: str) -> float:
-  return float(sums[key]) / float(sums["count"])
-
-
 def _losses(evals: tuple[dict, dict]) -> list[tuple[str, float]]:
   """The named mean losses of ``(test sums, probe sums)``."""
   return [(name, _mean(sums, "loss_sum"))
@@ -500,8 +450,7 @@ def _title(config: ml_collections.ConfigDict) -> str:
           f"strip={config.stripping.enabled} on {config.data.dataset}")
 
 
-__all__ = ["CORRUPTED_FILE", "EpochRecord", "ProgressBar", "chunk_bounds",
-           "epoch_order", "evaluate_and_probe", "evaluate_corrupted",
-           "is_event_epoch", "make_record", "progress_bar", "run_steps",
+__all__ = ["EpochRecord", "ProgressBar", "chunk_bounds",
+           "epoch_order", "evaluate_and_probe", "is_event_epoch", "make_record", "progress_bar", "run_steps",
            "strip_or_recycle",
            "train_and_evaluate", "train_epoch"]

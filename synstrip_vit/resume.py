@@ -204,6 +204,8 @@ def _check_run_files(workdir: Path, config: ml_collections.ConfigDict,
   accepted = [identity] + [{**identity, "config_sha256": h["config_sha256"]}
                            for h in history if "config_sha256" in h]
   if status == "ok" and isinstance(old, dict):
+    if config_lib.upgrade(old) is not old:  # its run.json hashes it as is
+      accepted.append(_identity(old, identity["data_sha256"]))
     diff = config_lib.config_diff(old, new)
     if diff:
       _refuse_or_extend(workdir, diff, extend)

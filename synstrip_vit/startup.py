@@ -24,11 +24,10 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from synstrip_jax import redo
 from synstrip_jax import get_masks, strip_event
 from synstrip_jax.stripping import compile_strip
-from synstrip_vit import config as config_lib, distributed, finite, models
-from synstrip_vit import rundata, steps
+from synstrip_vit import config as config_lib, distributed, finite
+from synstrip_vit import remedy as remedy_lib, rundata, steps
 from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.rundata import RunData
 from synstrip_vit.timings import TIMINGS_FILE, StageTimer
@@ -38,9 +37,10 @@ from synstrip_vit.timings import TIMINGS_FILE, StageTimer
 class Run:
   """The fixed parts of a run, built once by :func:`prepare`.
 
-  ``strip`` and ``recycle`` are ``(params, opt_state, dead[, key]) ->
-  (params, opt_state)``, compiled for the mesh (``recycle`` is None without
-  ReDo); ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
+  ``strip`` is ``(params, opt_state, dead) -> (params, opt_state)``;
+  ``remedy`` the compiled remedy event
+  (:func:`synstrip_vit.remedy.jit_remedy`; None for ``remedy.name='none'``);
+  ``log`` prints on process 0 only. ``eval_step`` is ``probe_step``
   (one compile) when :func:`synstrip_vit.rundata.shares_eval_step`;
   ``schedule`` is compiled (one program instead of a dozen op-by-op ones
   per record).
@@ -62,7 +62,7 @@ class Run:
   eval_step: Callable
   probe_step: Callable
   strip: Callable
-  recycle: Optional[Callable]
+  remedy: Optional[remedy_lib.RemedyFn]
   log: Callable[[str], None]
   train_steps: Optional[Callable] = None
   resident: Optional[tuple[jax.Array, jax.Array]] = None
@@ -146,7 +146,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   with timer.stage("init_compile"):
     model, schedule, tx_factory = model_and_schedule(config, run_data)
     init, key, tx = steps.init_program(model, tx_factory,
-                                       run_data.image_shape, config.run.seed)
+                                       run_data.image_shape, config.run.seed,
+                                       remedy_lib.init_fn(config))
     train_step = steps.jit_train_step(model, tx, augment, mesh)
     on_device = rundata.resident(config, run_data)
     chunked = on_device or config.run.steps_per_dispatch > 1
@@ -158,25 +159,22 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
     eval_step = (probe_step if rundata.shares_eval_step(config, run_data) else
                  steps.jit_eval_step(model, preprocess, mesh,
                                      collect_stats=False))
+    remedy = remedy_lib.jit_remedy(config, init.out_info.params, mesh)
     state = compile_in_parallel(
         config, run_data, mesh, init, key, None if chunked else train_step,
-        (probe_step,) if eval_step is probe_step else (eval_step, probe_step))
-  repl = steps.replicated(mesh)
+        (probe_step,) if eval_step is probe_step else (eval_step, probe_step),
+        train_steps=train_steps, resident=on_device, remedy=remedy)
   # Called eagerly: strip_event runs one compiled program per kernel shape
   # (compiled at start-up by compile_in_parallel) and places its outputs
   # like the (replicated) inputs.
   strip = functools.partial(strip_event,
                             stripping_factor=config.stripping.factor)
-  recycle = (jax.jit(functools.partial(
-      redo.recycle, outgoing=models.outgoing_map(state.params,
-                                                 config.model.name)),
-                     out_shardings=repl, donate_argnums=(0, 1))
-             if config.stripping.redo else None)
   run = Run(config=config, workdir=workdir, data=run_data, mesh=mesh,
             model=model, schedule=jax.jit(schedule),
             steps_per_epoch=rundata.steps_per_epoch(config, run_data),
             train_step=train_step, eval_step=eval_step, probe_step=probe_step,
-            strip=strip, recycle=recycle, log=log, train_steps=train_steps,
+            strip=strip,
+            remedy=remedy, log=log, train_steps=train_steps,
             resident=(steps.replicate((run_data.x_train, run_data.y_train),
                                       mesh) if on_device else None))
   return run, state
@@ -185,18 +183,28 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
 def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          mesh: Mesh, init: jax.stages.Lowered, key: jax.Array,
                          train_step: Optional[Callable],
-                         eval_steps: Sequence[Callable]
+                         eval_steps: Sequence[Callable], *,
+                         train_steps: Optional[Callable] = None,
+                         resident: bool = False,
+                         remedy: Optional[remedy_lib.RemedyFn] = None
                          ) -> steps.TrainState:
-  """Compile the init, the train step, the eval steps, the finite-state
-  check and (with stripping) the strip programs in parallel threads.
+  """Compile the init, the train step or chunk program, the eval steps, the
+  finite-state check, (with stripping) the strip programs and the remedy
+  event in parallel threads.
 
   XLA compiles (and loads from the persistent cache) without holding the
   GIL, so the three overlap with each other and with the tracing of the
   steps here, in this thread, for the shapes the loop calls them with (from
   the init's traced output, before its values exist). A later call of a
   step finds the compiled program in JAX's in-memory caches. Returns the
-  replicated initial state. ``train_step`` None: no per-step program (a
-  chunked run compiles its chunk program at its first call).
+  replicated initial state. ``train_step`` None: no per-step program.
+  ``train_steps`` (:func:`synstrip_vit.steps.jit_train_steps`, over
+  ``resident`` data or not) compiles for every chunk length of the first
+  epoch (:func:`synstrip_vit.steps.chunk_bounds`: ``run.steps_per_dispatch``,
+  the epoch's remainder, the cuts at checkpoint steps); a length met only
+  in a later epoch (a checkpoint cut elsewhere) compiles at its first call.
+  ``remedy`` (:func:`synstrip_vit.remedy.jit_remedy`) compiles for the
+  statistics of the probe step, the last of ``eval_steps``.
   """
   abstract = steps.abstract_replicated(init.out_info, mesh)
   d, image = run_data, tuple(run_data.image_shape)
@@ -204,17 +212,29 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   eval_batch = steps.abstract_batch(
       [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
        ((e,), np.bool_)], mesh)
+  chunks = [] if train_steps is None else sorted({
+      b1 - b0 for b0, b1 in steps.chunk_bounds(
+          0, 0, rundata.steps_per_epoch(config, d),
+          config.run.steps_per_dispatch, config.run.checkpoint_every_steps)})
   with concurrent.futures.ThreadPoolExecutor(
-      max_workers=4 + len(eval_steps)) as pool:
+      max_workers=5 + len(eval_steps) + len(chunks)) as pool:
     futures = [pool.submit(init.compile)]
     if train_step is not None:
       futures.append(pool.submit(train_step.lower(
           abstract, *steps.abstract_batch(
               [((b,) + image, d.x_train.dtype), ((b,), d.y_train.dtype)],
               mesh)).compile))
-    for step in eval_steps:
-      futures.append(pool.submit(
-          step.lower(abstract.params, *eval_batch).compile))
+    for k in chunks:
+      futures.append(pool.submit(train_steps.lower(
+          abstract, *steps.abstract_chunk(k, b, (d.x_train, d.y_train), mesh,
+                                          resident=resident)).compile))
+    lowered = [step.lower(abstract.params, *eval_batch) for step in eval_steps]
+    futures.extend(pool.submit(program.compile) for program in lowered)
+    if remedy is not None:
+      event_key = jax.ShapeDtypeStruct((2,), np.uint32)
+      futures.append(pool.submit(remedy.lower(
+          abstract.params, abstract.opt_state, abstract.remedy,
+          lowered[-1].out_info["stats"], event_key).compile))
     # The end-of-epoch finite-state check (and the save's): ~0.45 s of the
     # first epoch otherwise.
     futures.append(pool.submit(finite.nonfinite_check_compiler(abstract)))
@@ -253,7 +273,8 @@ def build_state(config: ml_collections.ConfigDict, run_data: RunData,
   """``(model, schedule, replicated initial state, optimizer)`` of a run."""
   model, schedule, tx_factory = model_and_schedule(config, run_data)
   state, tx = steps.create_train_state(model, tx_factory,
-                                       run_data.image_shape, config.run.seed)
+                                       run_data.image_shape, config.run.seed,
+                                       remedy_lib.init_fn(config))
   return model, schedule, steps.replicate(state, mesh), tx
 
 

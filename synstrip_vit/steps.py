@@ -44,12 +44,17 @@ class TrainState:
       to by every :func:`train_step` and reset at each epoch start; a
       checkpoint taken inside an epoch carries them, so a resumed epoch
       reports what an uninterrupted one does.
+    remedy: the running state of the run's remedy
+      (:func:`synstrip_vit.remedy.init_fn`: a
+      :class:`~synstrip_jax.remedies.CBPState` for continual backprop),
+      None for a remedy without one.
   """
   step: jax.Array
   params: PyTree
   opt_state: PyTree
   rng: jax.Array
   train_sums: dict[str, jax.Array]
+  remedy: Any = None
 
 
 def zero_sums() -> dict[str, jax.Array]:
@@ -164,14 +169,16 @@ def _no_targets(params: PyTree) -> PyTree:
 
 def init_program(model: nn.Module,
                  tx_factory: Callable[[PyTree], optax.GradientTransformation],
-                 image_shape: tuple[int, ...], seed: int
+                 image_shape: tuple[int, ...], seed: int,
+                 remedy_init: Optional[Callable[[PyTree], Any]] = None
                  ) -> tuple[jax.stages.Lowered, jax.Array,
                             optax.GradientTransformation]:
   """The traced (not yet compiled) program of :func:`create_train_state`.
 
   Returns ``(lowered, key, tx)``: ``lowered.compile()(key)`` is the initial
   :class:`TrainState`; ``lowered.out_info`` its shapes (to trace the steps
-  before the init is compiled); ``tx`` the optimizer.
+  before the init is compiled); ``tx`` the optimizer. ``remedy_init``:
+  ``params -> TrainState.remedy`` (None: no remedy state).
   """
   built = {}
 
@@ -186,7 +193,8 @@ def init_program(model: nn.Module,
         probe.target_tree(params, variables[ss_linen.ACTIVATIONS]))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=state_rng,
-                      train_sums=zero_sums())
+                      train_sums=zero_sums(),
+                      remedy=remedy_init(params) if remedy_init else None)
 
   key = jax.random.PRNGKey(seed)
   lowered = jax.jit(init).lower(key)
@@ -195,7 +203,8 @@ def init_program(model: nn.Module,
 
 def create_train_state(model: nn.Module,
                        tx_factory: Callable[[PyTree], optax.GradientTransformation],
-                       image_shape: tuple[int, ...], seed: int
+                       image_shape: tuple[int, ...], seed: int,
+                       remedy_init: Optional[Callable[[PyTree], Any]] = None
                        ) -> tuple[TrainState, optax.GradientTransformation]:
   """Initialise params and optimizer state (host-side, unsharded).
 
@@ -213,8 +222,10 @@ def create_train_state(model: nn.Module,
       kernels that feed sown activations.
     image_shape: ``(H, W, C)``.
     seed: the run's seed.
+    remedy_init: see :func:`init_program`.
   """
-  lowered, key, tx = init_program(model, tx_factory, image_shape, seed)
+  lowered, key, tx = init_program(model, tx_factory, image_shape, seed,
+                                  remedy_init)
   return lowered.compile()(key), tx
 
 
@@ -386,6 +397,41 @@ def jit_train_steps(model, tx, augment, mesh: Mesh, *, resident: bool):
                  donate_argnums=(0,))
 
 
+def chunk_bounds(first_step: int, start: int, stop: int, per_dispatch: int,
+                 every: int) -> list[tuple[int, int]]:
+  """``[(b0, b1), ...]`` batches of an epoch run per dispatch.
+
+  Batches ``start..stop-1`` of the epoch whose first global step is
+  ``first_step``, cut after every multiple of ``per_dispatch`` (counted from
+  the epoch's start, so a resumed epoch runs the same chunks) and after
+  every checkpoint step (global step a multiple of ``every`` > 0).
+  """
+  cuts = sorted({b for b in range(start + 1, stop)
+                 if b % per_dispatch == 0
+                 or (every and (first_step + b) % every == 0)} | {stop})
+  return list(zip([start] + cuts[:-1], cuts))
+
+
+def abstract_chunk(k: int, batch_size: int,
+                   train: tuple[np.ndarray, np.ndarray], mesh: Mesh, *,
+                   resident: bool) -> tuple[jax.ShapeDtypeStruct, ...]:
+  """The data arguments of a :func:`jit_train_steps` call of ``k`` steps of
+  global batch ``batch_size``, as the loop passes them: ``resident``, the
+  training arrays ``train = (x, y)`` replicated and ``[k, B]`` int32
+  indices; else ``[k, B, ...]`` images and ``[k, B]`` labels sharded on
+  axis 1 (:func:`global_stacked_batches`)."""
+  x, y = train
+  if resident:
+    repl = replicated(mesh)
+    return tuple(jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=repl)
+                 for shape, dtype in ((x.shape, x.dtype), (y.shape, y.dtype),
+                                      ((k, batch_size), np.int32)))
+  stacked = NamedSharding(mesh, P(None, DATA_AXIS))
+  return (jax.ShapeDtypeStruct((k, batch_size) + x.shape[1:], x.dtype,
+                               sharding=stacked),
+          jax.ShapeDtypeStruct((k, batch_size), y.dtype, sharding=stacked))
+
+
 def global_stacked_batches(local: PyTree, mesh: Mesh) -> PyTree:
   """:func:`global_batch` for ``[K, local_batch, ...]`` stacks of batches
   (sharded on axis 1)."""
@@ -433,8 +479,9 @@ def accumulate(total: Optional[PyTree], new: PyTree) -> PyTree:
   return new if total is None else _add_trees(total, new)
 
 
-__all__ = ["DATA_AXIS", "TrainState", "abstract_batch", "abstract_replicated",
-           "accumulate", "check_batch_size", "create_train_state",
+__all__ = ["DATA_AXIS", "TrainState", "abstract_batch", "abstract_chunk",
+           "abstract_replicated", "accumulate", "check_batch_size",
+           "chunk_bounds", "create_train_state",
            "cross_entropy", "data_sharded", "eval_step", "evaluate",
            "global_batch", "global_stacked_batches", "init_program",
            "jit_eval_step", "jit_train_step", "jit_train_steps",

@@ -34,7 +34,8 @@ def test_stress_arms_share_the_regime_and_differ_only_in_the_arm():
     assert sorted(runs) == sorted(f"{a}_s{s}" for a in stress.ARMS
                                   for s in SEEDS)
     for name, c in runs.items():
-      flat = {f"{s}.{k}": v for s in ("optimizer", "run", "stripping", "model")
+      flat = {f"{s}.{k}": v for s in ("optimizer", "run", "stripping", "remedy",
+                                      "model")
               for k, v in c[s].items()}
       for key, value in regime.items():
         assert flat[key] == value, (name, key)
@@ -62,7 +63,7 @@ def test_sensitivity_grid_and_probe_arm():
 def test_regime_search_is_relu_without_stripping():
   runs = _runs("stress_regime")
   assert len(runs) == sum(len(g) for g in stress.REGIME_SEARCH.values())
-  assert all(not c.stripping.enabled and not c.stripping.redo
+  assert all(not c.stripping.enabled and c.remedy.name == "none"
              and c.model.activation == "relu" and c.run.seed == 0
              for c in runs.values())
   assert runs["mlp_bias-1.0_s0"].model.bias_init == -1.0

@@ -296,6 +296,8 @@ def test_rerun_with_another_config_is_refused(script_run):
     (["--config.model.width=8"], "unknown config field 'model.width'"),
     (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
     (["--config.stripping.probe=train"], "config.stripping.probe='train'"),
+    (["--config.stripping.redo=True"], "use config.remedy.name='redo'"),
+    (["--config.remedy.name=cpb"], "config.remedy.name='cpb' is not one of"),
     (["--config.run.batch_size=1000"], "batch_size=1000"),
 ])
 def test_bad_input_one_line_error_before_training(tmp_path, args, expected):
@@ -505,7 +507,7 @@ def test_redo_arm_recycles_dead_neurons(tmp_path):
   to kill neurons, recycling events happen and training stays finite."""
   config = tiny_config({"model.width": 16, "model.depth": 3,
                         "run.num_epochs": 3, "stripping.enabled": False,
-                        "stripping.redo": True, "data.augment": False,
+                        "remedy.name": "redo", "data.augment": False,
                         "optimizer.learning_rate": 3e-2,
                         "optimizer.warmup_epochs": 0}, model="mlp")
   records = loop.train_and_evaluate(config, tmp_path / "wd",
@@ -613,10 +615,21 @@ def test_docs_stripping_table_matches_the_default_config():
     assert shown == expected, (name, shown, expected)
 
 
-def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
-  """After prepare, the end-of-epoch finite-state check (compiled with the
-  steps) and the eager strip event (compiled at start-up) compile nothing."""
-  run, state = startup.prepare(tiny_config(), tmp_path, log=lambda m: None)
+@pytest.mark.parametrize("overrides", [
+    {}, {"run.steps_per_dispatch": 4},
+    {"run.steps_per_dispatch": 4, "data.on_device": "yes"}])
+def test_prepare_leaves_nothing_to_compile(tmp_path, overrides):
+  """After prepare, an epoch's train steps (one per dispatch, or chunks of
+  4 and the remainder, on host or resident data), the end-of-epoch
+  finite-state check (compiled with the steps) and the eager strip event
+  (compiled at start-up) compile nothing."""
+  run, state = startup.prepare(tiny_config(overrides), tmp_path,
+                               log=lambda m: None)
+  assert (run.train_steps is None) == (not overrides)
+  order = loop.epoch_order(run, 0)
+  bounds = loop.chunk_bounds(0, 0, run.steps_per_epoch,
+                             run.config.run.steps_per_dispatch, 0)
+  assert len({b1 - b0 for b0, b1 in bounds}) == (2 if overrides else 1)
   masks = get_masks(state.opt_state)
   dead = jax.tree.map(lambda m: np.arange(m.shape[-1]) % 2 == 0, masks)
   compiled = []
@@ -628,6 +641,8 @@ def test_prepare_leaves_nothing_to_compile_for_the_check_and_strip(tmp_path):
 
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
+    for b0, b1 in bounds:
+      state = loop.run_steps(run, state, order[b0:b1])
     assert finite.nonfinite_leaves(state) == []
     params, opt_state = run.strip(state.params, state.opt_state, dead)
     jax.block_until_ready((params, opt_state))
