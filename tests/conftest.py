@@ -137,9 +137,9 @@ def random_dead(params: dict, frac: float, seed: Union[int, jax.Array],
       for name, k in zip(layers, keys)})
 
 
-# Hypothesis: a quarter of each property's examples by default, all of them
+# Hypothesis: a tenth of each property's examples by default, all of them
 # when the slow tests are selected (``-m slow``).
-settings.register_profile("quick", max_examples=25)
+settings.register_profile("quick", max_examples=10)
 settings.register_profile("full", max_examples=100)
 
 
@@ -164,5 +164,5 @@ def pytest_collection_modifyitems(config, items):
 
 def examples(n: int) -> int:
   """``n`` examples scaled by the loaded profile (all of them under
-  ``-m slow``, a quarter by default, at least 3)."""
+  ``-m slow``, a tenth by default, at least 3)."""
   return max(n * settings.default.max_examples // 100, 3)

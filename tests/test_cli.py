@@ -65,6 +65,7 @@ def _signal_after_first_epoch(proc, workdir, signum):
   proc.send_signal(signum)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_one_line_then_rerun_matches_uninterrupted(
     tmp_path, uninterrupted, signum):
@@ -103,6 +104,7 @@ def uninterrupted_in_process(tmp_path_factory):
   return config, records, final_params(config, workdir)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("request_at, saved", [(5, (0, 6)), (8, (1, 9)),
                                                (9, (1, 9)), (12, (1, 13))])
 def test_stop_saves_the_step_reached_and_resumes_exactly(
@@ -279,6 +281,7 @@ def test_records_count_the_strippable_neurons(finished):
     assert r["strippable_neurons"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg, expected", [
     ("--config.stripping.facter=0.1",
      "error: unknown config field 'stripping.facter' on the command line; "
@@ -293,6 +296,7 @@ def test_typo_is_one_plain_line_with_the_suggestion(arg, expected):
   assert stderr.strip().splitlines() == [expected]
 
 
+@pytest.mark.slow
 def test_help_is_plain_text_and_points_at_the_reference():
   _, stdout, stderr = script_output("--help")  # absl's exit status: 1
   assert "Traceback" not in stderr, stderr[-2000:]
@@ -311,6 +315,7 @@ def test_missing_shared_data_names_the_variable(tmp_path):
   assert "$SYNSTRIP_SHARED" in lines[0] and str(tmp_path) in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_file, expected", [
     ("experiments/configs/default.py", r"default-\d{8}-\d{6}"),
     ("experiments/configs/default.py:mlp", r"default-mlp-\d{8}-\d{6}"),

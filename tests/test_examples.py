@@ -46,6 +46,7 @@ def check_summary(lines: list[str], num_devices: int) -> None:
         f"missing {prefix!r} in:\n{out}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices", [8])
 def test_pmap_and_shard_map_example_multi_device(num_devices):
   check_summary(run_example(PMAP_EXAMPLE, num_devices), num_devices)

@@ -114,6 +114,7 @@ def test_random_bytes_in_each_checkpoint_file_fall_back(trained, tmp_path,
   assert (workdir / "unreadable_checkpoints" / "6").is_dir()
 
 
+@pytest.mark.slow
 def test_random_corruption_trials_never_restore_wrong_state(trained,
                                                             tmp_path):
   """12 trials of random bytes in a random file of the newest checkpoint:
@@ -133,6 +134,7 @@ def test_random_corruption_trials_never_restore_wrong_state(trained,
     assert_bitwise_equal(jax.device_get(states[3]), jax.device_get(state))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_then_resume_end_to_end(trained, tmp_path):
   """Resume after corrupting the newest checkpoint: falls back, redoes the
   epoch, and ends bit-identical to the uninterrupted run."""
@@ -193,7 +195,7 @@ def test_nonfinite_checkpoint_is_not_good(trained, tmp_path):
 
 # ------------------------------------------- 3, 5. truncated output files
 
-@pytest.mark.parametrize("seed", [0, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_truncated_metrics_is_rebuilt_from_checkpoint(trained, tmp_path,
                                                       seed):
   """metrics.jsonl cut at a random offset (or garbled) and a plot cut: a
@@ -216,6 +218,7 @@ def test_truncated_metrics_is_rebuilt_from_checkpoint(trained, tmp_path,
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_truncated_metrics_of_killed_run_keeps_every_epoch(trained, tmp_path):
   """A run stopped after epoch 1 with its last line cut: the resumed run
   has epoch 0 again (the issue's permanent gap)."""
@@ -230,8 +233,9 @@ def test_truncated_metrics_of_killed_run_keeps_every_epoch(trained, tmp_path):
   assert strip_times(out) == strip_times(records)
 
 
-@pytest.mark.parametrize("name, cut", [("config.json", "empty"),
-                                       ("run.json", "half")])
+@pytest.mark.parametrize("name, cut", [
+    ("config.json", "empty"),
+    pytest.param("run.json", "half", marks=pytest.mark.slow)])
 def test_truncated_run_files_are_rewritten(trained, tmp_path, name, cut):
   config, _, _, _, _ = trained
   workdir = copy_run(trained, tmp_path)
@@ -244,6 +248,7 @@ def test_truncated_run_files_are_rewritten(trained, tmp_path, name, cut):
   assert any(l.startswith("warning:") and name in l for l in lines), lines
 
 
+@pytest.mark.slow
 def test_unreadable_config_without_identity_is_one_line_error(trained,
                                                               tmp_path):
   """Nothing left to check the config against: refused, clearly."""
@@ -323,6 +328,7 @@ def test_data_fingerprint_is_cheap_and_sensitive():
 
 # ------------------------------------------------------------ 2. the lock
 
+@pytest.mark.slow
 def test_second_run_on_a_held_workdir_exits_at_once(tmp_path):
   """The lock of a live holder: one-line error naming its pid and host;
   after the holder dies its lock is taken over with a notice."""
@@ -417,7 +423,8 @@ def test_kill_during_save_then_resume(tmp_path, trained):
 
 # ------------------------------------------------ 9. read-only directories
 
-@pytest.mark.parametrize("which", ["workdir", "parent"])
+@pytest.mark.parametrize("which", [
+    "workdir", pytest.param("parent", marks=pytest.mark.slow)])
 def test_read_only_workdir_is_one_line_error(tmp_path, which):
   """A workdir (or its parent) that cannot be written: a one-line error.
   As root (which ignores file modes) sysfs stands in for a read-only

@@ -352,7 +352,8 @@ def test_create_model_and_get_activation():
     get_activation("tanhh")
 
 
-@pytest.mark.parametrize("name", ["mlp", "vit"])
+@pytest.mark.parametrize("name", [
+    "mlp", pytest.param("vit", marks=pytest.mark.slow)])
 def test_registry_builds_the_model_and_its_outgoing_map(name):
   """One registry: a name's class is what create_model builds, and its
   outgoing builder is what outgoing_map applies to that model's params."""

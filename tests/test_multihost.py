@@ -7,6 +7,8 @@ all-reduce sums in another order than the in-process one: measured, the
 losses agree to ~1e-7 relative, not bit for bit), and checkpoints written by
 8 (1) devices that restore onto 1 (8) devices and train on alike. Every
 process is started with a deadline and killed if a peer fails.
+
+Several JAX processes per test: the whole module runs under ``-m slow``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from _shared import REPO, start_python
 from synstrip_vit import evaluation, writers
 from synstrip_vit.config import base_config
 from synstrip_jax.transform import get_masks
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "experiments" / "train_vit.py"
 TIMEOUT = 240

@@ -76,6 +76,7 @@ def test_normalization_constants(mean, std, expected):
     np.testing.assert_allclose(s, np.asarray(std) * 255, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_script_runs_the_paper_config_with_autoaugment(tmp_path):
   """``--config=paper.py:cifar10 --config.data.dataset=npz:<32x32x3>
   --config.run.num_epochs=1``, shrunk, with one corrupted block."""

@@ -69,7 +69,8 @@ def test_large_finite_outputs_do_not_zero_the_other_scores():
   assert not np.any(np.asarray(stats.nonfinite))
 
 
-@pytest.mark.parametrize("devices", [2, 3])
+@pytest.mark.parametrize("devices", [
+    2, pytest.param(3, marks=pytest.mark.slow)])
 def test_reduction_across_devices_equals_whole(devices):
   """``axis_name`` reductions (here under ``vmap``, as under ``pmap``) give
   the statistics of the whole batch, including the weighted mean."""

@@ -75,6 +75,7 @@ def test_unknown_group_is_named():
     stress.runs_for("stress_nope", SEEDS, None, None)
 
 
+@pytest.mark.slow
 def test_probe_overlap_counts_the_dead_sets_of_both_probes(tmp_path):
   c = study.mnist_mlp_base()
   c.update_from_flattened_dict({

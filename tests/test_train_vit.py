@@ -90,9 +90,12 @@ def script_env(devices=None):
 
 @pytest.mark.parametrize("user, switch, expected", [
     ("", None, "--xla_cpu_experimental_ynn_fusion_type="),
-    ("--xla_foo=1", None, "--xla_cpu_experimental_ynn_fusion_type= --xla_foo=1"),
-    ("--xla_cpu_experimental_ynn_fusion_type=dot", None,
-     "--xla_cpu_experimental_ynn_fusion_type=dot"),
+    pytest.param("--xla_foo=1", None,
+                 "--xla_cpu_experimental_ynn_fusion_type= --xla_foo=1",
+                 marks=pytest.mark.slow),
+    pytest.param("--xla_cpu_experimental_ynn_fusion_type=dot", None,
+                 "--xla_cpu_experimental_ynn_fusion_type=dot",
+                 marks=pytest.mark.slow),
     ("--xla_foo=1", "0", "--xla_foo=1"),
 ])
 def test_default_xla_flags(user, switch, expected):
@@ -206,6 +209,7 @@ def test_script_writes_stage_timings(script_run):
   assert stages["total"] >= sum(v for k, v in stages.items() if k != "total")
 
 
+@pytest.mark.slow
 def test_second_run_loads_every_program_from_the_cache(tmp_path):
   """A second run of a config compiles nothing: it writes no cache entry."""
   cache = tmp_path / "cache"
@@ -286,19 +290,24 @@ def test_rerun_with_another_config_is_refused(script_run):
   assert "different config" in res.stderr and "seed" in res.stderr
 
 
+# Four variants by default (an unknown data set, a typo, a model check, a
+# config choice: the one-line path of each kind of check); the rest under
+# ``-m slow``.
 @pytest.mark.parametrize("args, expected", [
     (["--config.data.dataset=imagenet"], "unknown dataset 'imagenet'"),
-    (["--config.stripping.factor=1.5"], "stripping.factor"),
-    (["--config.stripping.factor=nan"], "stripping.factor"),
-    (["--config.stripping.tau=-1.0"], "config.stripping.tau=-1.0"),
-    (["--config.bogus=1"], "unknown config field 'bogus'"),
     (["--config.stripping.facter=0.1"], "did you mean 'stripping.factor'?"),
-    (["--config.model.width=8"], "unknown config field 'model.width'"),
     (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
-    (["--config.stripping.probe=train"], "config.stripping.probe='train'"),
-    (["--config.stripping.redo=True"], "use config.remedy.name='redo'"),
     (["--config.remedy.name=cpb"], "config.remedy.name='cpb' is not one of"),
-    (["--config.run.batch_size=1000"], "batch_size=1000"),
+    *[pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (["--config.stripping.factor=1.5"], "stripping.factor"),
+        (["--config.stripping.factor=nan"], "stripping.factor"),
+        (["--config.stripping.tau=-1.0"], "config.stripping.tau=-1.0"),
+        (["--config.bogus=1"], "unknown config field 'bogus'"),
+        (["--config.model.width=8"], "unknown config field 'model.width'"),
+        (["--config.stripping.probe=train"], "config.stripping.probe='train'"),
+        (["--config.stripping.redo=True"], "use config.remedy.name='redo'"),
+        (["--config.run.batch_size=1000"], "batch_size=1000"),
+    ]],
 ])
 def test_bad_input_one_line_error_before_training(tmp_path, args, expected):
   res = run_script(tmp_path / "wd", *args, timeout=120)
@@ -346,6 +355,7 @@ def test_bad_npz_fails_before_training(tmp_path, changes, expected):
   assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.slow
 def test_npz_dataset_trains(tmp_path):
   path = _write_npz(tmp_path / "d.npz")
   config = tiny_config({"data.dataset": f"npz:{path}", "data.train_limit": 0,
@@ -355,6 +365,7 @@ def test_npz_dataset_trains(tmp_path):
   assert len(records) == 1 and np.isfinite(records[0]["test_loss"])
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   """A real kill -9 in the middle of the run; rerunning the same command
   ends with exactly the parameters and metrics of an uninterrupted run."""
@@ -419,7 +430,8 @@ def reference_run(tmp_path_factory):
   return config, records, params
 
 
-@pytest.mark.parametrize("interrupts", [[4], [9, 1], [5, 11, 3]])
+@pytest.mark.parametrize("interrupts", [
+    [4], *[pytest.param(i, marks=pytest.mark.slow) for i in [[9, 1], [5, 11, 3]]]])
 def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
                                                          reference_run,
                                                          interrupts):
@@ -439,6 +451,7 @@ def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
       strip_times(ref_records)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_then_errors(tmp_path):
   config = tiny_config({"run.num_epochs": 2})
   workdir = tmp_path / "wd"
