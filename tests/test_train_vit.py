@@ -96,7 +96,7 @@ def script_env(devices=None):
     pytest.param("--xla_cpu_experimental_ynn_fusion_type=dot", None,
                  "--xla_cpu_experimental_ynn_fusion_type=dot",
                  marks=pytest.mark.slow),
-    ("--xla_foo=1", "0", "--xla_foo=1"),
+    pytest.param("--xla_foo=1", "0", "--xla_foo=1", marks=pytest.mark.slow),
 ])
 def test_default_xla_flags(user, switch, expected):
   """train_vit.py sets its XLA:CPU flags before JAX starts; the user's
@@ -257,6 +257,7 @@ def test_stripped_weights_never_come_back(script_run):
       == stripped[-1]
 
 
+@pytest.mark.slow
 def test_without_workdir_a_fresh_named_one_is_used():
   """No --workdir (the quick start): the run goes to runs/default-<time>."""
   res = run_script(None, overrides={"run.num_epochs": 1},
@@ -430,8 +431,8 @@ def reference_run(tmp_path_factory):
   return config, records, params
 
 
-@pytest.mark.parametrize("interrupts", [
-    [4], *[pytest.param(i, marks=pytest.mark.slow) for i in [[9, 1], [5, 11, 3]]]])
+@pytest.mark.slow  # resume bit-identity by default: test_train_remedies.py
+@pytest.mark.parametrize("interrupts", [[4], [9, 1], [5, 11, 3]])
 def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
                                                          reference_run,
                                                          interrupts):
