@@ -6,8 +6,9 @@
       [--figures experiments/results/figures]
 
 prints the markdown tables (also written to ``<results>/tables.md``) and
-writes ``continual_<bench>.png`` (online accuracy, dead and dormant
-fractions and effective rank per task, every arm, mean ± std over seeds).
+writes ``continual_<bench>.png`` (2 x 2 panels: online accuracy, dead and
+dormant fractions and effective rank per task, every arm, mean ± std over
+seeds).
 Every value is mean ± sample std over the seeds found, with n.
 """
 
@@ -104,7 +105,8 @@ PANELS = (("online_acc_tail", "online accuracy, last examples (%)", 100.0),
 
 def figure(arms: dict, bench: str, figures: Path, written: list) -> None:
   """One row of panels per :data:`PANELS`, every arm, over the tasks."""
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4.2))
+  fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+  axes = axes.ravel()
   for ax, (key, title, scale) in zip(axes, PANELS):
     for arm, runs in arms.items():
       color, ls = ARM_STYLE.get(arm, (None, "-"))
@@ -113,7 +115,8 @@ def figure(arms: dict, bench: str, figures: Path, written: list) -> None:
            color, ls)
     ax.set_xlabel("task")
     ax.set_title(title, fontsize=10)
-  axes[0].legend(fontsize=7)
+  axes[0].legend(fontsize=7, ncol=2)
+  fig.suptitle(f"continual {bench}: mean ± std over seeds, per task")
   save_figure(fig, figures / f"continual_{bench}.png", written)
 
 

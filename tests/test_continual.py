@@ -43,7 +43,7 @@ def _strip_times(records: list[dict]) -> list[dict]:
           for r in records]
 
 
-@pytest.mark.parametrize("arm", ["relu", "relu_cbp", "relu_snp", "gelu"])
+@pytest.mark.parametrize("arm", ["relu_cbp", "relu_snp"])
 def test_run_writes_one_record_per_task(tmp_path, data, arm):
   assert continual.run(tmp_path, TINY, arm, 0, data) == "done"
   records = _records(tmp_path / "mnist" / f"{arm}_s0.jsonl")
@@ -62,9 +62,8 @@ def test_run_writes_one_record_per_task(tmp_path, data, arm):
   assert continual.run(tmp_path, TINY, arm, 0, data) == "skipped"
 
 
-@pytest.mark.parametrize("arm", ["relu", "relu_cbp"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, data, arm,
-                                              monkeypatch):
+def test_resumed_run_equals_uninterrupted_run(tmp_path, data, monkeypatch):
+  arm = "relu_cbp"  # the most state: CBP's statistics and the key
   continual.run(tmp_path / "a", TINY, arm, 1, data)
   real = continual.run_task
 
