@@ -59,54 +59,18 @@ if __package__ in (None, ""):
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import synstrip_jax as ss  # noqa: E402
+from experiments.continual_metrics import count_marked, task_metrics  # noqa: E402
+from experiments.continual_tasks import (BENCHES, Bench, Data, Task,  # noqa: E402
+                                         load_data, make_task)
 from experiments.design import SEEDS  # noqa: E402
-from synstrip_jax import metrics, probe, remedies, trees  # noqa: E402
+from synstrip_jax import probe, remedies  # noqa: E402
 from synstrip_jax import linen as ss_linen  # noqa: E402
-from synstrip_jax.activations import Dormancy  # noqa: E402
 from synstrip_vit import writers  # noqa: E402
-from synstrip_vit.paths import shared_file  # noqa: E402
 
 PyTree = Any
 
 
 # -------------------------------------------------------------------- design
-
-class Bench(NamedTuple):
-  """One task sequence.
-
-  Attributes:
-    name: ``'mnist'`` or ``'cifar'``.
-    tasks: number of tasks.
-    examples: training examples per task (per pass).
-    epochs: passes over them per task (1: each example seen once).
-    batch: mini-batch size.
-    lr: SGD step size.
-    width: hidden width.
-    depth: hidden layers of the MLP.
-    probe: held-out probe examples per task.
-    tail: the last ``tail`` training examples give the online accuracy.
-    chunk: SGD steps per call of a per-step remedy (CBP, shrink & perturb).
-  """
-  name: str
-  tasks: int
-  examples: int
-  epochs: int
-  batch: int
-  lr: float
-  width: int
-  depth: int
-  probe: int
-  tail: int
-  chunk: int = 20
-
-
-BENCHES = {
-    "mnist": Bench("mnist", tasks=50, examples=4000, epochs=1, batch=1,
-                   lr=0.01, width=100, depth=3, probe=2000, tail=1000),
-    "cifar": Bench("cifar", tasks=30, examples=3200, epochs=3, batch=16,
-                   lr=0.02, width=100, depth=2, probe=800, tail=3200),
-}
-
 
 class Arm(NamedTuple):
   """One arm: an activation and at most one remedy.
@@ -152,11 +116,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu, "leaky_relu": nn.leaky_relu,
     "gelu": functools.partial(nn.gelu, approximate=False)}
 
-#: The dormancy rules recorded per task: ``{record key: rule}``.
-DORMANCY = {"dead": Dormancy("zero"), "dormant": Dormancy("inactive", 0.01),
-            "redo_dormant": Dormancy("score", 0.1)}
-
-
 # -------------------------------------------------------------------- models
 
 class MLP(nn.Module):
@@ -179,66 +138,6 @@ class MLP(nn.Module):
 
 def make_model(bench: Bench, activation: str) -> nn.Module:
   return MLP(bench.width, bench.depth, activation)
-
-
-# ---------------------------------------------------------------------- data
-
-class Data(NamedTuple):
-  """Float images in [0, 1] (``[N, H, W, C]``) and int32 labels."""
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
-
-
-def load_data(bench: Bench) -> Data:
-  """The bench's arrays from the shared folder (``mnist.npz``;
-  ``cifar10_lossless_4k.npz``, 2x2-average-pooled)."""
-  name = "mnist.npz" if bench.name == "mnist" else "cifar10_lossless_4k.npz"
-  pool = 1 if bench.name == "mnist" else 2
-
-  def images(x):
-    n, h, w, c = x.shape
-    x = x.astype(np.float32).reshape(n, h // pool, pool, w // pool, pool, c)
-    return x.mean(axis=(2, 4)) / 255.0
-
-  with np.load(shared_file("data", name)) as f:
-    return Data(images(f["x_train"]), f["y_train"].astype(np.int32),
-                images(f["x_test"]), f["y_test"].astype(np.int32))
-
-
-class Task(NamedTuple):
-  """One task: ``x`` ``[steps, batch, ...]``, ``y`` ``[steps, batch]``, and
-  the probe ``x_probe`` ``[P, ...]``, ``y_probe`` ``[P]``."""
-  x: np.ndarray
-  y: np.ndarray
-  x_probe: np.ndarray
-  y_probe: np.ndarray
-
-
-def make_task(data: Data, bench: Bench, seed: int, task: int) -> Task:
-  """Task ``task`` of ``seed`` (the same for every arm): MNIST permutes the
-  pixels, CIFAR the labels; the training order is drawn per pass."""
-  rng = np.random.default_rng([seed, task])
-  n = len(data.x_train)
-  if bench.name == "mnist":
-    perm = rng.permutation(784)
-    def view(x):
-      return x.reshape(len(x), -1)[:, perm]
-    labels = np.arange(10, dtype=np.int32)
-  else:
-    labels = rng.permutation(10).astype(np.int32)
-    def view(x):
-      return x
-  order = np.concatenate([rng.permutation(n)[: bench.examples]
-                          for _ in range(bench.epochs)])
-  steps = len(order) // (bench.batch * bench.chunk) * bench.chunk
-  order = order[: steps * bench.batch]
-  x = view(data.x_train[order]).reshape(steps, bench.batch,
-                                        *view(data.x_train[:1]).shape[1:])
-  y = labels[data.y_train[order]].reshape(steps, bench.batch)
-  return Task(x, y, view(data.x_test[: bench.probe]),
-              labels[data.y_test[: bench.probe]])
 
 
 # ------------------------------------------------------------------ training
@@ -378,71 +277,6 @@ def make_learner(bench: Bench, arm: Arm, seed: int, x0: np.ndarray
   return learner, state
 
 
-# ------------------------------------------------------------------- metrics
-
-def effective_rank(sv: np.ndarray) -> float:
-  """``exp(entropy(sv / sum sv))`` (Roy & Vetterli 2007; Dohare's
-  ``compute_effective_rank``); 0 for an all-zero matrix."""
-  total = sv.sum()
-  if total <= 0:
-    return 0.0
-  p = sv[sv > 0] / total
-  return float(np.exp(-np.sum(p * np.log(p))))
-
-
-def srank(sv: np.ndarray, delta: float = 0.01) -> int:
-  """Kumar et al.'s srank: the fewest singular values whose sum reaches
-  ``1 - delta`` of the total (0 for an all-zero matrix)."""
-  total = sv.sum()
-  if total <= 0:
-    return 0
-  return int(np.searchsorted(np.cumsum(sv) / total, 1.0 - delta) + 1)
-
-
-def _count(dead: PyTree) -> tuple[int, int]:
-  """(marked neurons, hidden neurons) of a dead tree."""
-  leaves = [np.asarray(d) for d in jax.tree_util.tree_leaves(dead)]
-  return int(sum(d.sum() for d in leaves)), int(sum(d.size for d in leaves))
-
-
-def task_metrics(params: PyTree, opt_state: Any, stats: PyTree,
-                 feats: np.ndarray) -> dict[str, Any]:
-  """The probe's dead/dormant fractions, ranks, weights and sparsity."""
-  out: dict[str, Any] = {}
-  for name, rule in DORMANCY.items():
-    marked, total = _count(probe.dead_tree(params, stats, rule))
-    out[f"{name}_frac"] = marked / total
-  dead = probe.dead_tree(params, stats, None)
-  out["dead_neurons"], out["hidden_neurons"] = _count(dead)
-  out["dead_last_frac"] = float(np.mean(np.asarray(
-      jax.tree_util.tree_leaves(dead)[-1])))
-  sv = np.linalg.svd(np.asarray(feats, np.float64), compute_uv=False)
-  out["erank_last"] = effective_rank(sv)
-  out["srank_last"] = srank(sv)
-  kernels = [np.asarray(v) for p, v in _kernels(params)]
-  out["weight_mean_abs"] = float(np.mean(np.concatenate(
-      [np.abs(k).ravel() for k in kernels])))
-  masks = _masks(opt_state)
-  out["sparsity"] = (float(metrics.sparsity(masks)["total"])
-                     if masks is not None else 0.0)
-  out["active_params"] = int(metrics.active_params(params, dead, masks)[
-      "total"])
-  return out
-
-
-def _kernels(params: PyTree) -> list[tuple[str, jax.Array]]:
-  return [(p, v) for p, v in trees.leaves_with_path(params)
-          if p.endswith("kernel")]
-
-
-def _masks(opt_state: Any) -> Optional[PyTree]:
-  """The stripping keep-masks, or None when the optimizer has none."""
-  try:
-    return ss.get_masks(opt_state)
-  except ValueError:
-    return None
-
-
 # ---------------------------------------------------------------------- runs
 
 def run_name(arm: str, seed: int) -> str:
@@ -466,7 +300,7 @@ def boundary_event(learner: Learner, arm: Arm, state: State, stats: PyTree,
         tau=arm.tau, init_fn=remedies.KAIMING_UNIFORM)
   jax.block_until_ready((params, opt_state))
   seconds = time.perf_counter() - t0
-  return state._replace(params=params, opt_state=opt_state), _count(dead)[0], \
+  return state._replace(params=params, opt_state=opt_state), count_marked(dead)[0], \
       seconds
 
 

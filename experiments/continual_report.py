@@ -25,7 +25,7 @@ import numpy as np
 if __package__ in (None, ""):
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments import continual, tables  # noqa: E402
+from experiments import continual, continual_tasks, tables  # noqa: E402
 from experiments.plotting import band, plt, save_figure  # noqa: E402
 from experiments.tables import column, md_table  # noqa: E402
 
@@ -77,7 +77,7 @@ def bench_table(results: Path, bench: str) -> tuple[str, dict]:
   """The arms of one bench: accuracy early and late, dead and dormant
   fractions, rank, weights, sparsity, cost."""
   arms = tables.load_arms(results, bench, continual.ARMS)
-  b = continual.BENCHES[bench]
+  b = continual_tasks.BENCHES[bench]
   out = [f"#### {bench}: {b.tasks} tasks x {b.examples} examples x "
          f"{b.epochs} pass(es), batch {b.batch}, SGD lr {b.lr}", ""]
   if not arms:
@@ -144,7 +144,7 @@ def cpu_total(results: Path) -> float:
 def report(results: Path, figures: Path) -> str:
   """All tables (markdown) and figures of the study."""
   parts, written = [], []
-  for bench in continual.BENCHES:
+  for bench in continual_tasks.BENCHES:
     text, arms = bench_table(results, bench)
     parts.append(text)
     if arms:

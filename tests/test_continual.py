@@ -10,11 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import continual
+from experiments import continual, continual_report
+from experiments.continual_metrics import (effective_rank, srank,
+                                           stripping_masks, task_metrics)
+from experiments.continual_tasks import BENCHES, Data, make_task
 from synstrip_vit import writers
 
 #: 3 tasks x 48 examples, batch 2, 4 steps per remedy chunk, MLP 2 x 16.
-TINY = continual.BENCHES["mnist"]._replace(
+TINY = BENCHES["mnist"]._replace(
     tasks=3, examples=48, batch=2, lr=0.05, width=16, depth=2, probe=64,
     tail=16, chunk=4)
 
@@ -26,12 +29,12 @@ FIELDS = {"epoch", "task", "online_acc", "online_acc_tail", "heldout_acc",
 
 
 @pytest.fixture(scope="module")
-def data() -> continual.Data:
+def data() -> Data:
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(160, 28, 28, 1)).astype(np.float32)
   x[:, :4] = 0.0  # always-zero pixels, as MNIST's border
   y = rng.integers(0, 10, 160).astype(np.int32)
-  return continual.Data(x[:96], y[:96], x[96:], y[96:])
+  return Data(x[:96], y[:96], x[96:], y[96:])
 
 
 def _records(path) -> list[dict]:
@@ -62,6 +65,19 @@ def test_run_writes_one_record_per_task(tmp_path, data, arm):
   assert continual.run(tmp_path, TINY, arm, 0, data) == "skipped"
 
 
+def test_report_tables_and_figures_of_finished_runs(tmp_path, data,
+                                                    monkeypatch):
+  monkeypatch.setitem(BENCHES, "mnist", TINY)
+  for arm in ("relu", "relu_strip"):
+    continual.run(tmp_path, TINY, arm, 0, data)
+  text = continual_report.report(tmp_path, tmp_path / "figures")
+  assert "| ReLU | 1 |" in text and "| ReLU + stripping 0.05 | 1 |" in text
+  assert "_Runs found: 2 of 30 expected" in text
+  assert (tmp_path / "figures" / "continual_mnist.png").stat().st_size > 0
+  assert not (tmp_path / "figures" / "continual_cifar.png").exists()
+  assert (tmp_path / "tables.md").read_text() in text
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path, data, monkeypatch):
   arm = "relu_cbp"  # the most state: CBP's statistics and the key
   continual.run(tmp_path / "a", TINY, arm, 1, data)
@@ -84,20 +100,20 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, data, monkeypatch):
 
 
 def test_every_arm_starts_from_the_same_params_and_tasks(data):
-  x0 = continual.make_task(data, TINY, 0, 0).x_probe[:2]
+  x0 = make_task(data, TINY, 0, 0).x_probe[:2]
   first = {arm: continual.make_learner(TINY, spec, 0, x0)[1].params
            for arm, spec in continual.ARMS.items()}
   ref = first["relu"]
   for params in first.values():
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref)
-  a, b = (continual.make_task(data, TINY, 0, 1) for _ in range(2))
+  a, b = (make_task(data, TINY, 0, 1) for _ in range(2))
   np.testing.assert_array_equal(a.x, b.x)
-  assert not np.array_equal(a.x, continual.make_task(data, TINY, 0, 2).x)
+  assert not np.array_equal(a.x, make_task(data, TINY, 0, 2).x)
 
 
 def _with_dead_neuron(arm: str, data) -> tuple:
   """A learner of ``arm`` whose neuron 0 of ``fc1`` is dead (bias -1e3)."""
-  task = continual.make_task(data, TINY, 0, 0)
+  task = make_task(data, TINY, 0, 0)
   learner, state = continual.make_learner(TINY, continual.ARMS[arm], 0,
                                           task.x_probe[:2])
   params = jax.tree_util.tree_map(lambda a: a, state.params)
@@ -110,12 +126,12 @@ def test_strip_event_sparsifies_the_dead_neuron(data):
   state, record = continual.run_task(learner, TINY, continual.ARMS[
       "relu_strip"], state, task, 0)
   assert record["dead_neurons"] >= 1 and record["remedied"] >= 1
-  masks = continual._masks(state.opt_state)
+  masks = stripping_masks(state.opt_state)
   keep = np.asarray(masks["fc1"]["kernel"][:, 0])
   assert not keep.all()
   np.testing.assert_array_equal(
       np.asarray(state.params["fc1"]["kernel"][:, 0])[~keep], 0.0)
-  assert continual.task_metrics(state.params, state.opt_state, *_probe(
+  assert task_metrics(state.params, state.opt_state, *_probe(
       learner, state, task))["sparsity"] > 0
 
 
@@ -131,14 +147,14 @@ def test_redo_event_revives_the_dead_neuron(data):
   state, record = continual.run_task(learner, TINY, arm, state, task, 0)
   assert record["dead_neurons"] >= 1 and record["remedied"] >= 1
   assert float(state.params["fc1"]["bias"][0]) == 0.0
-  after = continual.task_metrics(state.params, state.opt_state,
+  after = task_metrics(state.params, state.opt_state,
                                  *_probe(learner, state, task))
   assert after["dead_neurons"] < record["dead_neurons"]
 
 
-@pytest.mark.parametrize("sv,erank,srank", [
+@pytest.mark.parametrize("sv,erank,expected_srank", [
     (np.ones(10), 10.0, 10), (np.array([3.0, 0.0, 0.0]), 1.0, 1),
     (np.zeros(4), 0.0, 0), (np.array([1.0, 1.0, 0.001]), 2.0, 2)])
-def test_ranks(sv, erank, srank):
-  assert continual.effective_rank(sv) == pytest.approx(erank, rel=1e-2)
-  assert continual.srank(sv) == srank
+def test_ranks(sv, erank, expected_srank):
+  assert effective_rank(sv) == pytest.approx(erank, rel=1e-2)
+  assert srank(sv) == expected_srank
