@@ -108,6 +108,7 @@ ARMS = {
     "relu_cbp": Arm(step="cbp"),
     "relu_snp": Arm(step="snp", weight_decay=1e-4, sigma=1e-5),
     "relu_l2": Arm(weight_decay=1e-4),
+    "relu_l2_1e-3": Arm(weight_decay=1e-3),
     "leaky_relu": Arm(activation="leaky_relu"),
     "gelu": Arm(activation="gelu"),
 }

@@ -33,10 +33,12 @@ ARM_LABELS = {**tables.ARM_LABELS, "relu_strip": "ReLU + stripping 0.05",
               "relu_strip_f0.2": "ReLU + stripping 0.2",
               "relu_strip_e5": "ReLU + stripping 0.05 every 5th task",
               "relu_cbp": "ReLU + CBP", "relu_snp": "ReLU + shrink & perturb",
-              "relu_l2": "ReLU + L2", "leaky_relu": "leaky ReLU"}
+              "relu_l2": "ReLU + L2 1e-4", "relu_l2_1e-3": "ReLU + L2 1e-3",
+              "leaky_relu": "leaky ReLU"}
 ARM_STYLE = {**tables.ARM_STYLE, "relu_strip_f0.2": ("C1", "--"),
              "relu_strip_e5": ("C1", ":"), "relu_cbp": ("C5", "-"),
              "relu_snp": ("C6", "-"), "relu_l2": ("C7", "-"),
+             "relu_l2_1e-3": ("C7", "--"),
              "leaky_relu": ("C4", "-")}
 
 #: Tasks averaged for the "first" and "last" accuracy columns.
