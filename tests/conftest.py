@@ -3,7 +3,6 @@ a compilation counter, small models and dead trees, hypothesis profiles."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
@@ -150,16 +149,7 @@ def _full_examples(config) -> bool:
 
 
 def pytest_configure(config):
-  """Hypothesis profile; and outside ``-m slow``, JAX's
-  ``jax_disable_most_optimizations`` (XLA's LLVM backend at -O0: the same
-  optimized HLO, compiled about 1.5x faster, run slower), here and in the
-  subprocesses the tests start. The tests' tiny programs cost their compile
-  time, not their run time; ``-m slow`` compiles as users do."""
-  full = _full_examples(config)
-  settings.load_profile("full" if full else "quick")
-  if not full and "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
-    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-    jax.config.update("jax_disable_most_optimizations", True)
+  settings.load_profile("full" if _full_examples(config) else "quick")
 
 
 @pytest.hookimpl(tryfirst=True)
