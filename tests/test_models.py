@@ -201,6 +201,7 @@ def test_vit_gelu_variant_and_exact_gelu(tiny):
   assert np.max(np.abs(tanh - ref)) > 1e-4  # the two are distinguishable
 
 
+@pytest.mark.slow
 def test_vit_dropout_only_in_training(tiny):
   model = ViT(**TINY, dropout=0.5)
   x, params = tiny

@@ -284,6 +284,7 @@ def test_rerun_of_a_finished_run_changes_nothing(script_run):
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_rerun_with_another_config_is_refused(script_run):
   workdir, _ = script_run
   res = run_script(workdir, overrides={"run.seed": 1})
@@ -291,15 +292,14 @@ def test_rerun_with_another_config_is_refused(script_run):
   assert "different config" in res.stderr and "seed" in res.stderr
 
 
-# Four variants by default (an unknown data set, a typo, a model check, a
-# config choice: the one-line path of each kind of check); the rest under
-# ``-m slow``.
+# Two variants by default (a data set and a config value refused before any
+# compile, one line, no traceback); the rest under ``-m slow``.
 @pytest.mark.parametrize("args, expected", [
     (["--config.data.dataset=imagenet"], "unknown dataset 'imagenet'"),
-    (["--config.stripping.facter=0.1"], "did you mean 'stripping.factor'?"),
-    (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
     (["--config.remedy.name=cpb"], "config.remedy.name='cpb' is not one of"),
     *[pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (["--config.stripping.facter=0.1"], "did you mean 'stripping.factor'?"),
+        (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
         (["--config.stripping.factor=1.5"], "stripping.factor"),
         (["--config.stripping.factor=nan"], "stripping.factor"),
         (["--config.stripping.tau=-1.0"], "config.stripping.tau=-1.0"),
@@ -479,6 +479,7 @@ def test_corrupt_latest_checkpoint_falls_back_then_errors(tmp_path):
   assert (workdir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_metrics_without_checkpoints_is_refused(tmp_path):
   config = tiny_config({"run.num_epochs": 1})
   workdir = tmp_path / "wd"
@@ -532,6 +533,7 @@ def test_redo_arm_recycles_dead_neurons(tmp_path):
   assert all(np.isfinite(r["train_loss"]) for r in records)
 
 
+@pytest.mark.slow
 def test_bfloat16_computation_keeps_float32_state(tmp_path):
   """dtype=bfloat16: computation in bf16, params/optimizer state/statistics
   and the stripping thresholds in float32."""
@@ -570,6 +572,7 @@ def test_writers_of_other_processes_write_nothing(tmp_path):
   assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_warmup_as_long_as_the_run_is_clamped_with_a_notice(tmp_path):
   """2 epochs with 3 warm-up epochs: a one-line notice, and the learning
   rate reaches its peak (after 1 epoch of warm-up)."""
@@ -630,7 +633,7 @@ def test_docs_stripping_table_matches_the_default_config():
 
 
 @pytest.mark.parametrize("overrides", [
-    {}, {"run.steps_per_dispatch": 4},
+    {}, pytest.param({"run.steps_per_dispatch": 4}, marks=pytest.mark.slow),
     {"run.steps_per_dispatch": 4, "data.on_device": "yes"}])
 def test_prepare_leaves_nothing_to_compile(tmp_path, overrides):
   """After prepare, an epoch's train steps (one per dispatch, or chunks of
