@@ -180,6 +180,16 @@ def prepare(config: ml_collections.ConfigDict, workdir: Path,
   return run, state
 
 
+def first_epoch_chunks(config: ml_collections.ConfigDict, run_data: RunData
+                       ) -> list[int]:
+  """The distinct chunk lengths (steps per dispatch) of the first epoch:
+  ``run.steps_per_dispatch``, the epoch's remainder and the cuts at
+  checkpoint steps (:func:`synstrip_vit.steps.chunk_bounds`), sorted."""
+  return sorted({b1 - b0 for b0, b1 in steps.chunk_bounds(
+      0, 0, rundata.steps_per_epoch(config, run_data),
+      config.run.steps_per_dispatch, config.run.checkpoint_every_steps)})
+
+
 def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
                          mesh: Mesh, init: jax.stages.Lowered, key: jax.Array,
                          train_step: Optional[Callable],
@@ -200,9 +210,8 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   replicated initial state. ``train_step`` None: no per-step program.
   ``train_steps`` (:func:`synstrip_vit.steps.jit_train_steps`, over
   ``resident`` data or not) compiles for every chunk length of the first
-  epoch (:func:`synstrip_vit.steps.chunk_bounds`: ``run.steps_per_dispatch``,
-  the epoch's remainder, the cuts at checkpoint steps); a length met only
-  in a later epoch (a checkpoint cut elsewhere) compiles at its first call.
+  epoch (:func:`first_epoch_chunks`); a length met only in a later epoch (a
+  checkpoint cut elsewhere) compiles at its first call.
   ``remedy`` (:func:`synstrip_vit.remedy.jit_remedy`) compiles for the
   statistics of the probe step, the last of ``eval_steps``.
   """
@@ -212,10 +221,7 @@ def compile_in_parallel(config: ml_collections.ConfigDict, run_data: RunData,
   eval_batch = steps.abstract_batch(
       [((e,) + image, d.x_test.dtype), ((e,), d.y_test.dtype),
        ((e,), np.bool_)], mesh)
-  chunks = [] if train_steps is None else sorted({
-      b1 - b0 for b0, b1 in steps.chunk_bounds(
-          0, 0, rundata.steps_per_epoch(config, d),
-          config.run.steps_per_dispatch, config.run.checkpoint_every_steps)})
+  chunks = [] if train_steps is None else first_epoch_chunks(config, d)
   with concurrent.futures.ThreadPoolExecutor(
       max_workers=5 + len(eval_steps) + len(chunks)) as pool:
     futures = [pool.submit(init.compile)]
@@ -279,4 +285,5 @@ def build_state(config: ml_collections.ConfigDict, run_data: RunData,
 
 
 __all__ = ["Run", "build_state", "compile_in_parallel", "compile_notice",
+           "first_epoch_chunks",
            "load_data", "model_and_schedule", "prepare"]
