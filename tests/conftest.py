@@ -19,17 +19,13 @@ def reference():
   return load_fixtures()
 
 
-@pytest.fixture(scope="module")
-def compilation_cache():
-  """Share compiled programs between the many tiny runs of a module (and its
-  subprocesses, through ``CACHE_DIR``); restores JAX's settings after."""
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+# One persistent compilation cache for the whole session, set before the
+# first compilation of each xdist worker (JAX opens its cache once per
+# process): the workers and the processes the tests start (through
+# ``CACHE_DIR``) compile each program once, and nothing is written to the
+# user's cache.
+jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 class CompileCounter:

@@ -24,7 +24,6 @@ from test_train_vit import (REPO, Interrupt, final_params, interrupt_after,
 from synstrip_vit import config as config_lib, loop, rundata, startup, steps
 from synstrip_vit import writers
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.mark.parametrize("first, start, stop, per, every, expected", [
@@ -81,7 +80,7 @@ def test_resident_chunks_transfer_nothing_to_the_host(tmp_path, monkeypatch):
   device, read nothing back to the host (:func:`no_device_to_host`) and
   give the per-step path's state bit for bit (XLA:CPU)."""
   config = tiny_config({"data.on_device": "yes",
-                        "run.steps_per_dispatch": 3})
+                        "run.steps_per_dispatch": 3}, model="mlp")
   run, state = startup.prepare(config, tmp_path, log=lambda _: None)
   assert run.resident is not None and run.train_steps is not None
   order = loop.epoch_order(run, 0)

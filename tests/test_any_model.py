@@ -308,6 +308,7 @@ def vit_mlp():
   return params, x, _batches(x, 4)
 
 
+@pytest.mark.slow
 def test_vit_mlp_block_dead_neurons_and_strip_events(vit_mlp):
   global _mlp_tx
   params, x, batches = vit_mlp
@@ -760,6 +761,7 @@ def _readme_blocks(heading, doc="README.md"):
   return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
+@pytest.mark.slow
 def test_bring_your_own_model_doc_snippets_run(capsys):
   blocks = (_readme_blocks("Linen", "docs/bring_your_own_model.md")
             + _readme_blocks("NNX", "docs/bring_your_own_model.md"))

@@ -26,7 +26,6 @@ from synstrip_vit import interrupt, loop, resume, rundata, startup, timings
 from synstrip_vit import writers
 from synstrip_vit import workdir as workdir_lib
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 INTERRUPTED = re.compile(r"interrupted after epoch (\d+), step (\d+); rerun "
                          r"the same command to resume")

@@ -46,7 +46,8 @@ def _strip_times(records: list[dict]) -> list[dict]:
           for r in records]
 
 
-@pytest.mark.parametrize("arm", ["relu_cbp", "relu_snp"])
+@pytest.mark.parametrize("arm", [
+    pytest.param("relu_cbp", marks=pytest.mark.slow), "relu_snp"])
 def test_run_writes_one_record_per_task(tmp_path, data, arm):
   assert continual.run(tmp_path, TINY, arm, 0, data) == "done"
   records = _records(tmp_path / "mnist" / f"{arm}_s0.jsonl")
@@ -65,6 +66,7 @@ def test_run_writes_one_record_per_task(tmp_path, data, arm):
   assert continual.run(tmp_path, TINY, arm, 0, data) == "skipped"
 
 
+@pytest.mark.slow
 def test_report_tables_and_figures_of_finished_runs(tmp_path, data,
                                                     monkeypatch):
   monkeypatch.setitem(BENCHES, "mnist", TINY)

@@ -64,6 +64,7 @@ def _probe_ds(data):
           "label": data["train_label"][:PROBE]}
 
 
+@pytest.mark.slow
 def test_linen_example_dead_neurons_match_numpy(data):
   state, _ = flax_mnist_linen.train_and_evaluate(
       data, epochs=1, batch_size=BATCH, probe_examples=PROBE, log=lambda s: None)

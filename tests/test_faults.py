@@ -36,7 +36,6 @@ FAST = {"data.train_limit": 128, "data.test_limit": 64, "run.num_epochs": 2}
 QUIET = dict(log=lambda _: None)
 
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -224,6 +224,7 @@ def test_vit_dropout_only_in_training(tiny):
       np.asarray(m0.apply(v, x, train=False)))
 
 
+@pytest.mark.slow
 def test_vit_bf16_computes_with_float32_params(tiny):
   model = ViT(**TINY, dtype=jnp.bfloat16)
   x, params32 = tiny
@@ -260,6 +261,7 @@ def test_vit_attn_scale(tiny):
   assert not np.allclose(np.asarray(y), np.asarray(y_other))
 
 
+@pytest.mark.slow
 def test_vit_jit_and_grad(tiny):
   model = ViT(**TINY)
   x, params = tiny
@@ -293,7 +295,8 @@ def test_vit_errors(tiny):
 
 # ----------------------------------------------------------------------- MLP
 
-@pytest.mark.parametrize("depth,width", [(1, 16), (3, 8)])
+@pytest.mark.parametrize("depth,width", [
+    (1, 16), pytest.param(3, 8, marks=pytest.mark.slow)])
 def test_mlp_shapes_and_sown_layers(depth, width):
   model = MLP(num_classes=5, width=width, depth=depth)
   x = _images(3, 4, 4, 2)
@@ -376,6 +379,7 @@ def test_registry_names_the_known_models():
 
 # --------------------------------------------------------------- bias init
 
+@pytest.mark.slow
 def test_bias_init_sets_only_the_strippable_layers(tiny):
   x, params = tiny
   vit = _flat(_init(ViT(**TINY, bias_init=-0.25), x))

@@ -94,7 +94,8 @@ HAND = {
 }
 
 
-@pytest.mark.parametrize("name", ["mlp", "vit", "cnn", "resnet"])
+@pytest.mark.parametrize("name", [
+    "mlp", "vit", "cnn", pytest.param("resnet", marks=pytest.mark.slow)])
 def test_linen_found_equals_hand_written(name):
   apply, params, x = _linen_case(name)
   found = remedies.find_outgoing(apply, params, x)
@@ -128,6 +129,7 @@ def _nnx_case():
   return apply, params, x
 
 
+@pytest.mark.slow
 def test_nnx_found_equals_hand_written():
   apply, params, x = _nnx_case()
   found = remedies.find_outgoing(apply, params, x)
@@ -138,8 +140,9 @@ def test_nnx_found_equals_hand_written():
 
 @pytest.mark.parametrize("name, layer, bias_of", [
     ("mlp", "fc0", "fc0"), ("vit", "encoder_block_0/mlp/fc1", None),
-    ("cnn", "Conv_0", "Conv_0"), ("resnet", "conv1", "bn1"),
-    ("nnx", "conv1", "conv1")])
+    pytest.param("cnn", "Conv_0", "Conv_0", marks=pytest.mark.slow),
+    ("resnet", "conv1", "bn1"),
+    pytest.param("nnx", "conv1", "conv1", marks=pytest.mark.slow)])
 def test_recycling_dead_neurons_is_bit_identical(name, layer, bias_of):
   apply, params, x = _nnx_case() if name == "nnx" else _linen_case(name)
   found = remedies.find_outgoing(apply, params, x)

@@ -18,7 +18,6 @@ from test_train_vit import REPO, SCRIPT, script_env
 
 from synstrip_vit import config as config_lib, rundata
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 PAPER = REPO / "experiments" / "configs" / "paper.py"
 

@@ -508,6 +508,7 @@ def make_steps(name):
   return tx, steps
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(8), **SETTINGS)
 @given(name=st.sampled_from(sorted(OPTIMIZERS)),
        q=st.just(0.5),
@@ -699,6 +700,7 @@ def accumulate(chunks, order):
   return parts[0]
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(15), **SETTINGS)
 @given(case=activation_case("int"),
        order=st.sampled_from(["update", "right", "tree"]))
@@ -722,6 +724,7 @@ def test_batch_stats_split_invariant_exact_for_integers(case, order):
       acts.dead_mask(whole), np.all(x.reshape(-1, x.shape[-1]) == 0, axis=0))
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(15), **SETTINGS)
 @given(case=activation_case("float"),
        order=st.sampled_from(["update", "right", "tree"]))

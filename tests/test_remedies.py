@@ -244,7 +244,8 @@ def test_strip_is_strip_event():
   assert not bool(ss.get_masks(got[1])["fc0"]["kernel"][:, 1].all())
 
 
-@pytest.mark.parametrize("remedy", ["redo", "cbp", "shrink_perturb"])
+@pytest.mark.parametrize("remedy", [
+    "redo", pytest.param("cbp", marks=pytest.mark.slow), "shrink_perturb"])
 def test_stripped_weights_stay_zero(remedy):
   params, state, x, _ = _stripped_setup()
   masks = ss.get_masks(state)
@@ -358,6 +359,7 @@ def test_cbp_matches_gnt():
     assert float(params["fc0"]["bias"][j]) == 0.0
 
 
+@pytest.mark.slow
 def test_docs_snippets_run():
   """Every ``python`` block of docs/remedies.md runs, in order, in one
   namespace."""

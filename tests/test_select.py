@@ -44,6 +44,7 @@ def _shared_stats(model, batch):
   return ss_nnx.capture_stats(model, batch["x"], batch["y"], select="alias")[1]
 
 
+@pytest.mark.slow
 def test_nnx_shared_module_probe_matches_eager_capture():
   model = SharedNNX(nnx.Rngs(0))
   # x drives every neuron positive, y none: the neurons are alive only
@@ -301,7 +302,8 @@ def _same_stats(a, b):
                                                           np.asarray(v)), a, b)
 
 
-@pytest.mark.parametrize("case", ["linen_cnn", "resnet_block"])
+@pytest.mark.parametrize("case", [
+    "linen_cnn", pytest.param("resnet_block", marks=pytest.mark.slow)])
 def test_auto_matches_explicit_selection_linen(case):
   rng = np.random.default_rng(1)
   if case == "linen_cnn":
@@ -322,6 +324,7 @@ def test_auto_matches_explicit_selection_linen(case):
   _same_stats(auto, expl)
 
 
+@pytest.mark.slow
 def test_auto_matches_explicit_selection_nnx_tutorial_cnn():
   model = TutorialCNN(rngs=nnx.Rngs(0))
   model.eval()

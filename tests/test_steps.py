@@ -219,6 +219,7 @@ def test_create_train_state_vit(setup):
   assert isinstance(tx, optax.GradientTransformation)
 
 
+@pytest.mark.slow
 def test_create_train_state_is_seeded():
   model = MLP(num_classes=10, width=16, depth=2)
   a, _ = steps.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
@@ -287,6 +288,7 @@ def test_train_step_keeps_stripped_weights_at_zero(setup, train_fn):
   assert bool(jnp.any(kernel != params["encoder_block_0"]["mlp"]["fc1"]["kernel"]))
 
 
+@pytest.mark.slow
 def test_train_step_draws_new_augmentation_each_step():
   """The augmentation key is a pure function of ``(rng, step)``."""
   model = MLP(num_classes=10, width=8, depth=1)
@@ -320,6 +322,7 @@ def eval_fns(setup):
       collect_stats=flag)) for flag in (True, False)}
 
 
+@pytest.mark.slow
 def test_eval_step_padding_rows_are_ignored(setup, eval_fns):
   _, state, _, _ = setup
   images, labels = make_batch(6, seed=4)
@@ -398,6 +401,7 @@ def test_check_batch_size_messages():
     steps.check_batch_size(0, mesh, what="eval_batch_size")
 
 
+@pytest.mark.slow
 def test_jitted_steps_on_one_device_mesh_match_plain_jit(setup, train_fn,
                                                        eval_fns):
   """The sharded, donating jit_* steps = ``jax.jit`` of the plain functions."""
@@ -422,6 +426,7 @@ def test_jitted_steps_on_one_device_mesh_match_plain_jit(setup, train_fn,
     assert_trees_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_jitted_steps_match_eager_mlp():
   """jit_train_step / jit_eval_step = the un-jitted (eager) functions.
 
@@ -449,6 +454,7 @@ def test_jitted_steps_match_eager_mlp():
   assert float(out["count"]) == 5.0
 
 
+@pytest.mark.slow
 def test_mixed_precision_bfloat16_model():
   model = tiny_vit(jnp.bfloat16, depth=1)
   state, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,

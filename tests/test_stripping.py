@@ -78,7 +78,8 @@ def test_all_zero_dead_row_is_left_alone(reference):
 # stripped, "head" is not.
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [
+    jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_dense_and_conv_kernels(dtype):
   params = small_params(dtype=dtype)
   dead = small_dead(fc1=jnp.arange(8) % 2 == 0,
@@ -223,7 +224,8 @@ def test_compile_strip_ahead_of_time_leaves_nothing_to_compile(
                  for x in jax.tree.leaves(m))) > 0  # something was pruned
 
 
-@pytest.mark.parametrize("with_masks", [False, True])
+@pytest.mark.parametrize("with_masks", [
+    False, pytest.param(True, marks=pytest.mark.slow)])
 def test_traced_strip_params_equals_eager(with_masks):
   """Under jit, same-shape kernels are stacked and mapped: same bits."""
   shapes = [(12, 20), (20, 12), (12, 20), (12, 20), (20, 12), (3, 3, 4, 20)]

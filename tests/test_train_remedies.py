@@ -26,7 +26,6 @@ from synstrip_jax.transform import get_masks
 from synstrip_vit import checkpointing, config as config_lib, evaluation, loop
 from synstrip_vit import remedy, startup, steps, writers
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 WIDTH = 16
 #: A tiny MLP that loses neurons (high learning rate, no augmentation) and
@@ -116,6 +115,7 @@ def cbp_reference(tmp_path_factory):
       evaluation.final_state(config, workdir)[0])
 
 
+@pytest.mark.slow
 def test_cbp_combines_with_stripping(cbp_reference):
   _, records, state = cbp_reference
   assert all(r["stripped_now"] and r["recycled_now"] for r in records)

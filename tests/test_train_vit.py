@@ -35,6 +35,7 @@ from synstrip_vit.config import base_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_vit.py"
+DEFAULT_CONFIG = REPO / "experiments" / "configs" / "default.py"
 
 TINY = {
     "data.dataset": "digits", "data.train_limit": 320, "data.test_limit": 96,
@@ -49,18 +50,29 @@ REQUIRED = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc",
             "dead_neurons", "active_params", "sparsity")
 
 
-def tiny_config(overrides=None, model="vit"):
+#: The model of the tiny runs: the package's MLP compiles in about half the
+#: time of the tiny ViT, and nothing the loop does depends on the model (the
+#: ViT's steps are tested in test_steps.py, its runs under ``-m slow``).
+MODEL = "mlp"
+
+
+def _tiny(model: str) -> dict:
+  return {k: v for k, v in TINY.items()
+          if model == "vit" or not k.startswith("model.")}
+
+
+def tiny_config(overrides=None, model=MODEL):
   """The tiny run's config; ``overrides``: dotted field -> value."""
   c = base_config(model)
-  tiny = {k: v for k, v in TINY.items()
-          if model == "vit" or not k.startswith("model.")}
-  c.update_from_flattened_dict({**tiny, **(overrides or {})})
+  c.update_from_flattened_dict({**_tiny(model), **(overrides or {})})
   return c
 
 
-def overrides_argv(overrides=None):
-  values = {**TINY, **(overrides or {})}
-  return [f"--config.{k}={v}" for k, v in values.items()]
+def overrides_argv(overrides=None, model=MODEL):
+  """The script's arguments that give :func:`tiny_config`."""
+  values = {**_tiny(model), **(overrides or {})}
+  return [f"--config={DEFAULT_CONFIG}:{model}",
+          *[f"--config.{k}={v}" for k, v in values.items()]]
 
 
 class Interrupt(Exception):
@@ -152,7 +164,6 @@ def tensorboard_scalars(logdir):
   return out
 
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 # --------------------------------------------------------------- the script
@@ -180,7 +191,8 @@ def test_script_writes_metrics_plots_and_config(script_run):
     png = workdir / f"{name}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((workdir / "config.json").read_text())
-  assert saved["model"]["hidden_size"] == TINY["model.hidden_size"]
+  assert saved["model"]["name"] == MODEL
+  assert saved["data"]["train_limit"] == TINY["data.train_limit"]
   assert "epoch 2/2" in res.stdout
   assert "compiling (first run of this config: about " in res.stdout
   for name in ("config.json", "run.json", "dead_neurons.png"):
@@ -402,6 +414,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
       strip_times(writers.read_jsonl(killed / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_eight_fake_devices(tmp_path, script_run):
   """The same run over 8 (fake CPU) devices: same metrics up to float
   reassociation of the gradient all-reduce; a clear error when the batch
@@ -503,13 +516,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert len(steps) == len(records)
 
 
-def test_tfds_path_with_mock_data(tmp_path):
+@pytest.mark.parametrize("model", [
+    "mlp", pytest.param("vit", marks=pytest.mark.slow)])
+def test_tfds_path_with_mock_data(tmp_path, model):
   """cifar10 through the TFDS API (mock data: nothing is read or fetched)."""
   tfds = pytest.importorskip("tensorflow_datasets")
   config = tiny_config({"data.dataset": "cifar10", "data.train_limit": 0,
                         "data.test_limit": 0, "run.num_epochs": 1,
-                        "model.patch_size": 8, "data.crop_padding": 4,
-                        "data.flip": True})
+                        "data.crop_padding": 4, "data.flip": True,
+                        **({"model.patch_size": 8} if model == "vit" else {})},
+                       model=model)
   with tfds.testing.mock_data(num_examples=64):
     records = loop.train_and_evaluate(config, tmp_path / "wd",
                                       log=lambda _: None)
@@ -517,6 +533,7 @@ def test_tfds_path_with_mock_data(tmp_path):
   assert records[0]["dead_neurons"] >= 0 and np.isfinite(records[0]["test_loss"])
 
 
+@pytest.mark.slow
 def test_redo_arm_recycles_dead_neurons(tmp_path):
   """The ReDo baseline through the loop: with a learning rate high enough
   to kill neurons, recycling events happen and training stays finite."""
@@ -551,6 +568,7 @@ def test_bfloat16_computation_keeps_float32_state(tmp_path):
 
 # ------------------------------------------------- config, writers, warm-up
 
+@pytest.mark.slow
 def test_without_tensorboardx_only_jsonl_is_written(tmp_path, monkeypatch):
   """tensorboardX absent (its import fails): the run writes no event files
   and everything else as usual."""
@@ -604,7 +622,7 @@ def test_config_sections_validate_and_diff():
       ("run.num_epochs", 0, "config.run.num_epochs=0 must be an int >= 1"),
       ("model.dropout", 1.5, "config.model: ViT.dropout must be in"),
       ("model.activation", "tanhh", "unknown activation 'tanhh'")]:
-    bad = tiny_config({field: value})
+    bad = tiny_config({field: value}, model="vit")
     with pytest.raises(ValueError, match=re.escape(message)):
       config_lib.validate(bad)
   old = json.loads(tiny_config().to_json())
@@ -634,7 +652,8 @@ def test_docs_stripping_table_matches_the_default_config():
 
 @pytest.mark.parametrize("overrides", [
     {}, pytest.param({"run.steps_per_dispatch": 4}, marks=pytest.mark.slow),
-    {"run.steps_per_dispatch": 4, "data.on_device": "yes"}])
+    pytest.param({"run.steps_per_dispatch": 4, "data.on_device": "yes"},
+                 marks=pytest.mark.slow)])
 def test_prepare_leaves_nothing_to_compile(tmp_path, overrides):
   """After prepare, an epoch's train steps (one per dispatch, or chunks of
   4 and the remainder, on host or resident data), the end-of-epoch
