@@ -35,6 +35,7 @@ import optax
 import pytest
 
 from _shared import assert_bitwise_equal
+from conftest import examples
 
 from synstrip_jax import probe, redo, trees
 from synstrip_jax import linen as ss_linen
@@ -669,7 +670,7 @@ def chain_case(draw):
   return lead, f, n, m, p, da, db, seed
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(case=chain_case())
 def test_property_chain_invariants(case):
   """Over random shapes and dead sets: entries outside ``recycled_mask`` are
@@ -715,7 +716,7 @@ def _prop_recycle(params, dead, key):
   return redo.recycle_params(params, dead, key, outgoing=_PROP_OUT)
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(d0=st.lists(st.booleans(), min_size=16, max_size=16),
        d1=st.lists(st.booleans(), min_size=16, max_size=16),
        seed=st.integers(0, 2**16))
