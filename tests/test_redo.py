@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 
-from absl.testing import parameterized
 import chex
 import flax.linen as nn
 from hypothesis import HealthCheck, given, settings
@@ -33,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from _shared import assert_bitwise_equal
+from conftest import examples
 
 from synstrip_jax import probe, redo, trees
 from synstrip_jax import linen as ss_linen
@@ -52,8 +53,16 @@ SETTINGS = dict(deadline=None, database=None,
 # ----------------------------------------------------------------------------
 
 OUTGOING = {"conv/kernel": "fc/kernel", "fc/kernel": "head/kernel"}
-# One function object, so that jitted variants share their compilation.
+# Built once, so that the tests share their compilations.
 RECYCLE = functools.partial(redo.recycle_params, outgoing=OUTGOING)
+RECYCLE_JIT = jax.jit(RECYCLE)
+RECYCLE_STATE_JIT = jax.jit(functools.partial(redo.recycle, outgoing=OUTGOING))
+# ``outgoing`` as a static argument (the package's maps are hashable).
+RECYCLE_STATIC_JIT = jax.jit(redo.recycle_params, static_argnames=("outgoing",))
+# Chains a -> b -> c of the fresh-scale test and the chain property.
+CHAIN_OUT = {"a/kernel": "b/kernel", "b/kernel": "c/kernel"}
+RECYCLE_CHAIN_JIT = jax.jit(functools.partial(redo.recycle_params,
+                                              outgoing=CHAIN_OUT))
 
 
 def make_params(seed: int = 0):
@@ -157,139 +166,137 @@ def vit_setup():
 # ----------------------------------------------------------------------------
 
 
-class RecycleParamsTest(chex.TestCase):
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_live_untouched_dead_reset(jit):
+  """Live columns and rows bit for bit; dead columns redrawn; outgoing rows
+  and recycled biases exactly 0; other leaves untouched."""
+  params, dead = make_params(), make_dead()
+  fn = RECYCLE_JIT if jit else RECYCLE
+  new = fn(params, dead, jax.random.PRNGKey(7))
+  dc = np.asarray(dead["conv"]["kernel"])
+  df = np.asarray(dead["fc"]["kernel"])
+  conv, fc, head = (np.asarray(new[k]["kernel"])
+                    for k in ("conv", "fc", "head"))
+  old_conv, old_fc, old_head = (np.asarray(params[k]["kernel"])
+                                for k in ("conv", "fc", "head"))
+  # incoming columns
+  assert_bitwise_equal(conv[..., ~dc], old_conv[..., ~dc], "live conv columns")
+  assert np.all(conv[..., dc] != old_conv[..., dc])
+  # fc: rows of dead conv channels are 0 (also where they cross dead
+  # columns), the other entries of dead columns are redrawn.
+  np.testing.assert_array_equal(fc[dc, :], 0.0)
+  assert_bitwise_equal(fc[~dc][:, ~df], old_fc[~dc][:, ~df], "live fc entries")
+  assert np.all(fc[~dc][:, df] != old_fc[~dc][:, df])
+  # head: rows of dead fc neurons are 0, the rest untouched
+  np.testing.assert_array_equal(head[df, :], 0.0)
+  assert_bitwise_equal(head[~df, :], old_head[~df, :], "live head rows")
+  # biases
+  for name, d in (("conv", dc), ("fc", df)):
+    b, old_b = np.asarray(new[name]["bias"]), np.asarray(params[name]["bias"])
+    np.testing.assert_array_equal(b[d], 0.0)
+    assert_bitwise_equal(b[~d], old_b[~d], f"{name} live bias")
+  assert_bitwise_equal(new["head"]["bias"], params["head"]["bias"])
+  assert_bitwise_equal(new["norm"]["scale"], params["norm"]["scale"])
+  chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_live_untouched_dead_reset(self):
-    """Live columns and rows bit for bit; dead columns redrawn; outgoing rows
-    and recycled biases exactly 0; other leaves untouched."""
-    params, dead = make_params(), make_dead()
-    fn = self.variant(RECYCLE)
-    new = fn(params, dead, jax.random.PRNGKey(7))
-    dc = np.asarray(dead["conv"]["kernel"])
-    df = np.asarray(dead["fc"]["kernel"])
-    conv, fc, head = (np.asarray(new[k]["kernel"])
-                      for k in ("conv", "fc", "head"))
-    old_conv, old_fc, old_head = (np.asarray(params[k]["kernel"])
-                                  for k in ("conv", "fc", "head"))
-    # incoming columns
-    assert_bitwise_equal(conv[..., ~dc], old_conv[..., ~dc], "live conv columns")
-    self.assertTrue(np.all(conv[..., dc] != old_conv[..., dc]))
-    # fc: rows of dead conv channels are 0 (also where they cross dead
-    # columns), the other entries of dead columns are redrawn.
-    np.testing.assert_array_equal(fc[dc, :], 0.0)
-    assert_bitwise_equal(fc[~dc][:, ~df], old_fc[~dc][:, ~df], "live fc entries")
-    self.assertTrue(np.all(fc[~dc][:, df] != old_fc[~dc][:, df]))
-    # head: rows of dead fc neurons are 0, the rest untouched
-    np.testing.assert_array_equal(head[df, :], 0.0)
-    assert_bitwise_equal(head[~df, :], old_head[~df, :], "live head rows")
-    # biases
-    for name, d in (("conv", dc), ("fc", df)):
-      b, old_b = np.asarray(new[name]["bias"]), np.asarray(params[name]["bias"])
-      np.testing.assert_array_equal(b[d], 0.0)
-      assert_bitwise_equal(b[~d], old_b[~d], f"{name} live bias")
-    assert_bitwise_equal(new["head"]["bias"], params["head"]["bias"])
-    assert_bitwise_equal(new["norm"]["scale"], params["norm"]["scale"])
-    chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_fresh_scale(self):
-    """Redrawn columns follow lecun_normal of the whole kernel: std
-    1/sqrt(fan_in) with the receptive field counted (dense and conv)."""
-    rng = np.random.default_rng(1)
-    params = {"a": {"kernel": jnp.asarray(5 * rng.normal(size=(3, 3, 8, 32)),
-                                          jnp.float32)},
-              "b": {"kernel": jnp.asarray(5 * rng.normal(size=(32, 128)),
-                                          jnp.float32)},
-              "c": {"kernel": jnp.zeros((128, 2))}}
-    dead = {"a": {"kernel": np.arange(32) % 2 == 0},
-            "b": {"kernel": np.arange(128) % 2 == 0}, "c": {"kernel": None}}
-    out = {"a/kernel": "b/kernel", "b/kernel": "c/kernel"}
-    new = self.variant(functools.partial(redo.recycle_params, outgoing=out))(
-        params, dead, jax.random.PRNGKey(3))
-    a = np.asarray(new["a"]["kernel"])[..., ::2]
-    b = np.asarray(new["b"]["kernel"])[1::2, ::2]  # rows of live a-neurons
-    np.testing.assert_allclose(a.std(), 1 / np.sqrt(3 * 3 * 8), rtol=0.1)
-    np.testing.assert_allclose(b.std(), 1 / np.sqrt(32), rtol=0.1)
-    self.assertLess(abs(a.mean()), 0.15 / np.sqrt(72))
+def test_fresh_scale():
+  """Redrawn columns follow lecun_normal of the whole kernel: std
+  1/sqrt(fan_in) with the receptive field counted (dense and conv)."""
+  rng = np.random.default_rng(1)
+  params = {"a": {"kernel": jnp.asarray(5 * rng.normal(size=(3, 3, 8, 32)),
+                                        jnp.float32)},
+            "b": {"kernel": jnp.asarray(5 * rng.normal(size=(32, 128)),
+                                        jnp.float32)},
+            "c": {"kernel": jnp.zeros((128, 2))}}
+  dead = {"a": {"kernel": np.arange(32) % 2 == 0},
+          "b": {"kernel": np.arange(128) % 2 == 0}, "c": {"kernel": None}}
+  new = RECYCLE_CHAIN_JIT(params, dead, jax.random.PRNGKey(3))
+  a = np.asarray(new["a"]["kernel"])[..., ::2]
+  b = np.asarray(new["b"]["kernel"])[1::2, ::2]  # rows of live a-neurons
+  np.testing.assert_allclose(a.std(), 1 / np.sqrt(3 * 3 * 8), rtol=0.1)
+  np.testing.assert_allclose(b.std(), 1 / np.sqrt(32), rtol=0.1)
+  assert abs(a.mean()) < 0.15 / np.sqrt(72)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_matches_eager(self):
-    """jit and no-jit agree (the fresh draws up to float rounding, the rest
-    bit for bit)."""
-    params, dead = make_params(), make_dead()
-    key = jax.random.PRNGKey(11)
-    fn = self.variant(RECYCLE)
-    ref = redo.recycle_params(params, dead, key, outgoing=OUTGOING)
-    chex.assert_trees_all_close(fn(params, dead, key), ref, rtol=1e-6,
-                                atol=1e-7)
 
-  def test_key_per_path_and_typed_key(self):
-    """A kernel's fresh weights depend on the key and its path only (not on
-    which other kernels are recycled); typed keys work; other keys differ."""
-    params, dead = make_params(), make_dead()
-    key = jax.random.PRNGKey(11)
-    ref = redo.recycle_params(params, dead, key, outgoing=OUTGOING)
-    only_fc = dict(dead, conv={"kernel": None, "bias": None})
-    got_fc = redo.recycle_params(params, only_fc, key, outgoing=OUTGOING)
-    df = np.asarray(dead["fc"]["kernel"])
-    dc = np.asarray(dead["conv"]["kernel"])
-    assert_bitwise_equal(np.asarray(got_fc["fc"]["kernel"])[~dc][:, df],
-                         np.asarray(ref["fc"]["kernel"])[~dc][:, df])
-    typed = redo.recycle_params(params, dead, jax.random.key(11),
-                                outgoing=OUTGOING)
-    conv = np.asarray(typed["conv"]["kernel"])[..., dc]
-    self.assertTrue(np.all(np.isfinite(conv)) and np.all(conv != 0))
-    other = redo.recycle_params(params, dead, jax.random.PRNGKey(12),
-                                outgoing=OUTGOING)
-    self.assertTrue(np.all(np.asarray(other["conv"]["kernel"])[..., dc]
-                           != np.asarray(ref["conv"]["kernel"])[..., dc]))
+def test_jit_matches_eager():
+  """jit and no-jit agree (the fresh draws up to float rounding, the rest
+  bit for bit)."""
+  params, dead = make_params(), make_dead()
+  key = jax.random.PRNGKey(11)
+  ref = redo.recycle_params(params, dead, key, outgoing=OUTGOING)
+  chex.assert_trees_all_close(RECYCLE_JIT(params, dead, key), ref, rtol=1e-6,
+                              atol=1e-7)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_nothing_dead_is_identity(self):
-    params = make_params()
-    dead = jax.tree_util.tree_map(lambda d: jnp.zeros_like(d), make_dead())
-    new = self.variant(RECYCLE)(params, dead, jax.random.PRNGKey(0))
-    assert_bitwise_equal(new, params)
 
-  def test_custom_initializer_and_mapping(self):
-    """``init_fn`` is used for the fresh weights; a mapping gives one per
-    kernel."""
-    params, dead = make_params(), make_dead()
-    dc = np.asarray(dead["conv"]["kernel"])
-    df = np.asarray(dead["fc"]["kernel"])
-    new = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
-                              outgoing=OUTGOING,
-                              init_fn=nn.initializers.constant(0.5))
-    np.testing.assert_array_equal(np.asarray(new["conv"]["kernel"])[..., dc], 0.5)
-    new = redo.recycle_params(
-        params, dead, jax.random.PRNGKey(0), outgoing=OUTGOING,
-        init_fn={"conv/kernel": nn.initializers.constant(0.25),
-                 "fc/kernel": nn.initializers.constant(-2.0)})
-    np.testing.assert_array_equal(
-        np.asarray(new["conv"]["kernel"])[..., dc], 0.25)
-    np.testing.assert_array_equal(
-        np.asarray(new["fc"]["kernel"])[~dc][:, df], -2.0)
-
-  def test_masks_keep_stripped_weights_zero(self):
-    """With keep-masks, recycled columns get fresh weights at kept entries
-    only; every masked-out entry is 0.0."""
-    params, dead = make_params(), make_dead()
-    rng = np.random.default_rng(0)
-    masks = {"conv": {"kernel": jnp.asarray(rng.random((3, 3, 2, 4)) > 0.5),
-                      "bias": None},
-             "fc": {"kernel": jnp.asarray(rng.random((4, 6)) > 0.5),
-                    "bias": None},
-             "head": {"kernel": None, "bias": None}, "norm": {"scale": None}}
-    new = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
-                              outgoing=OUTGOING, masks=masks)
-    ref = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
+def test_key_per_path_and_typed_key():
+  """A kernel's fresh weights depend on the key and its path only (not on
+  which other kernels are recycled); typed keys work; other keys differ."""
+  params, dead = make_params(), make_dead()
+  key = jax.random.PRNGKey(11)
+  ref = redo.recycle_params(params, dead, key, outgoing=OUTGOING)
+  only_fc = dict(dead, conv={"kernel": None, "bias": None})
+  got_fc = redo.recycle_params(params, only_fc, key, outgoing=OUTGOING)
+  df = np.asarray(dead["fc"]["kernel"])
+  dc = np.asarray(dead["conv"]["kernel"])
+  assert_bitwise_equal(np.asarray(got_fc["fc"]["kernel"])[~dc][:, df],
+                       np.asarray(ref["fc"]["kernel"])[~dc][:, df])
+  typed = redo.recycle_params(params, dead, jax.random.key(11),
                               outgoing=OUTGOING)
-    for name in ("conv", "fc"):
-      m = np.asarray(masks[name]["kernel"])
-      k = np.asarray(new[name]["kernel"])
-      np.testing.assert_array_equal(k[~m], 0.0)
-      assert_bitwise_equal(k[m], np.asarray(ref[name]["kernel"])[m])
+  conv = np.asarray(typed["conv"]["kernel"])[..., dc]
+  assert np.all(np.isfinite(conv)) and np.all(conv != 0)
+  other = redo.recycle_params(params, dead, jax.random.PRNGKey(12),
+                              outgoing=OUTGOING)
+  assert np.all(np.asarray(other["conv"]["kernel"])[..., dc]
+                != np.asarray(ref["conv"]["kernel"])[..., dc])
+
+
+def test_nothing_dead_is_identity():
+  params = make_params()
+  dead = jax.tree_util.tree_map(lambda d: jnp.zeros_like(d), make_dead())
+  new = RECYCLE_JIT(params, dead, jax.random.PRNGKey(0))
+  assert_bitwise_equal(new, params)
+
+
+def test_custom_initializer_and_mapping():
+  """``init_fn`` is used for the fresh weights; a mapping gives one per
+  kernel."""
+  params, dead = make_params(), make_dead()
+  dc = np.asarray(dead["conv"]["kernel"])
+  df = np.asarray(dead["fc"]["kernel"])
+  new = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
+                            outgoing=OUTGOING,
+                            init_fn=nn.initializers.constant(0.5))
+  np.testing.assert_array_equal(np.asarray(new["conv"]["kernel"])[..., dc], 0.5)
+  new = redo.recycle_params(
+      params, dead, jax.random.PRNGKey(0), outgoing=OUTGOING,
+      init_fn={"conv/kernel": nn.initializers.constant(0.25),
+               "fc/kernel": nn.initializers.constant(-2.0)})
+  np.testing.assert_array_equal(
+      np.asarray(new["conv"]["kernel"])[..., dc], 0.25)
+  np.testing.assert_array_equal(
+      np.asarray(new["fc"]["kernel"])[~dc][:, df], -2.0)
+
+
+def test_masks_keep_stripped_weights_zero():
+  """With keep-masks, recycled columns get fresh weights at kept entries
+  only; every masked-out entry is 0.0."""
+  params, dead = make_params(), make_dead()
+  rng = np.random.default_rng(0)
+  masks = {"conv": {"kernel": jnp.asarray(rng.random((3, 3, 2, 4)) > 0.5),
+                    "bias": None},
+           "fc": {"kernel": jnp.asarray(rng.random((4, 6)) > 0.5),
+                  "bias": None},
+           "head": {"kernel": None, "bias": None}, "norm": {"scale": None}}
+  new = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
+                            outgoing=OUTGOING, masks=masks)
+  ref = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
+                            outgoing=OUTGOING)
+  for name in ("conv", "fc"):
+    m = np.asarray(masks[name]["kernel"])
+    k = np.asarray(new[name]["kernel"])
+    np.testing.assert_array_equal(k[~m], 0.0)
+    assert_bitwise_equal(k[m], np.asarray(ref[name]["kernel"])[m])
 
 
 # ----------------------------------------------------------------------------
@@ -299,67 +306,64 @@ class RecycleParamsTest(chex.TestCase):
 X = jnp.asarray(np.random.default_rng(5).normal(size=(64, 6)), jnp.float32)
 
 
-class FunctionPreservedTest(chex.TestCase):
+def test_mlp_output_unchanged():
+  """Recycle neurons a probe finds dead in every hidden layer of the MLP:
+  the logits do not change, and recycled neurons are alive again."""
+  model, params = mlp_setup()
+  params = kill(params, "fc0", [1, 5, 9])
+  params = kill(params, "fc1", [0, 2, 15])
+  dead, _ = probe_dead(model, params, X)
+  for layer, idx in (("fc0", [1, 5, 9]), ("fc1", [0, 2, 15])):
+    assert np.all(np.asarray(dead[layer]["kernel"])[idx]), layer
+  outgoing = models.outgoing_map(params, "mlp")
+  new = RECYCLE_STATIC_JIT(params, dead, jax.random.PRNGKey(1),
+                           outgoing=outgoing)
+  np.testing.assert_allclose(apply(model, new, X), apply(model, params, X),
+                             rtol=1e-6, atol=1e-6)
+  _, stats = probe_dead(model, new, X)
+  for layer, idx in (("fc0", [1, 5, 9]), ("fc1", [0, 2, 15])):
+    total = np.asarray(stats[layer]["post_act"].total)
+    assert np.all(total[idx] > 0), layer
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_mlp_output_unchanged(self):
-    """Recycle neurons a probe finds dead in every hidden layer of the MLP:
-    the logits do not change, and recycled neurons are alive again."""
-    model, params = mlp_setup()
-    params = kill(params, "fc0", [1, 5, 9])
-    params = kill(params, "fc1", [0, 2, 15])
-    dead, _ = probe_dead(model, params, X)
-    for layer, idx in (("fc0", [1, 5, 9]), ("fc1", [0, 2, 15])):
-      self.assertTrue(np.all(np.asarray(dead[layer]["kernel"])[idx]), layer)
-    outgoing = models.outgoing_map(params, "mlp")
-    new = self.variant(functools.partial(redo.recycle_params,
-                                         outgoing=outgoing))(
-                                             params, dead, jax.random.PRNGKey(1))
-    np.testing.assert_allclose(apply(model, new, X), apply(model, params, X),
-                               rtol=1e-6, atol=1e-6)
-    _, stats = probe_dead(model, new, X)
-    for layer, idx in (("fc0", [1, 5, 9]), ("fc1", [0, 2, 15])):
-      total = np.asarray(stats[layer]["post_act"].total)
-      self.assertTrue(np.all(total[idx] > 0), layer)
 
-  def test_vit_fc1_preserved_fc2_changes(self):
-    """ViT: recycling fc1 neurons preserves the function (their outgoing
-    rows in fc2 are zeroed); an fc2 neuron maps to None (residual stream),
-    so recycling it changes the function, as documented."""
-    model, params, x = vit_setup()
-    blk = dict(params["encoder_block_0"])
-    mlp = {k: dict(v) for k, v in blk["mlp"].items()}
-    idx = jnp.array([2, 7])
-    mlp["fc1"]["kernel"] = mlp["fc1"]["kernel"].at[:, idx].set(0.0)
-    mlp["fc1"]["bias"] = mlp["fc1"]["bias"].at[idx].set(-1.0)
-    mlp["fc2"]["kernel"] = mlp["fc2"]["kernel"].at[:, 3].set(0.0)
-    mlp["fc2"]["bias"] = mlp["fc2"]["bias"].at[3].set(-1.0)
-    blk["mlp"] = mlp
-    params = dict(params, encoder_block_0=blk)
-    dead, _ = probe_dead(model, params, x)
-    fc1_dead = np.asarray(dead["encoder_block_0"]["mlp"]["fc1"]["kernel"])
-    fc2_dead = np.asarray(dead["encoder_block_0"]["mlp"]["fc2"]["kernel"])
-    self.assertTrue(fc1_dead[2] and fc1_dead[7] and fc2_dead[3])
-    outgoing = models.outgoing_map(params, "vit")
-    # fc2 columns drawn positive: fc1's outputs are >= 0, so the recycled
-    # fc2 neuron certainly fires.
-    init_fn = {p: (nn.initializers.constant(0.5) if "fc2" in p
-                   else redo.DEFAULT_INIT) for p in outgoing}
-    recycle = jax.jit(functools.partial(redo.recycle_params, outgoing=outgoing,
-                                        init_fn=init_fn))
-    before = apply(model, params, x)
-    only_fc1 = jax.tree_util.tree_map(lambda d: d, dead,  # fresh containers
-                                      is_leaf=trees.is_none)
-    only_fc1["encoder_block_0"]["mlp"]["fc2"]["kernel"] = None
-    only_fc1["encoder_block_1"]["mlp"]["fc2"]["kernel"] = None
-    new = recycle(params, only_fc1, jax.random.PRNGKey(3))
-    fc1 = lambda p: np.asarray(p["encoder_block_0"]["mlp"]["fc1"]["kernel"])
-    self.assertFalse(np.allclose(fc1(new), fc1(params)))
-    np.testing.assert_allclose(apply(model, new, x), before,
-                               rtol=1e-5, atol=1e-5)
-    new = recycle(params, dead, jax.random.PRNGKey(3))
-    after = apply(model, new, x)
-    self.assertGreater(float(jnp.max(jnp.abs(after - before))), 1e-4)
+def test_vit_fc1_preserved_fc2_changes():
+  """ViT: recycling fc1 neurons preserves the function (their outgoing
+  rows in fc2 are zeroed); an fc2 neuron maps to None (residual stream),
+  so recycling it changes the function, as documented."""
+  model, params, x = vit_setup()
+  blk = dict(params["encoder_block_0"])
+  mlp = {k: dict(v) for k, v in blk["mlp"].items()}
+  idx = jnp.array([2, 7])
+  mlp["fc1"]["kernel"] = mlp["fc1"]["kernel"].at[:, idx].set(0.0)
+  mlp["fc1"]["bias"] = mlp["fc1"]["bias"].at[idx].set(-1.0)
+  mlp["fc2"]["kernel"] = mlp["fc2"]["kernel"].at[:, 3].set(0.0)
+  mlp["fc2"]["bias"] = mlp["fc2"]["bias"].at[3].set(-1.0)
+  blk["mlp"] = mlp
+  params = dict(params, encoder_block_0=blk)
+  dead, _ = probe_dead(model, params, x)
+  fc1_dead = np.asarray(dead["encoder_block_0"]["mlp"]["fc1"]["kernel"])
+  fc2_dead = np.asarray(dead["encoder_block_0"]["mlp"]["fc2"]["kernel"])
+  assert fc1_dead[2] and fc1_dead[7] and fc2_dead[3]
+  outgoing = models.outgoing_map(params, "vit")
+  # fc2 columns drawn positive: fc1's outputs are >= 0, so the recycled
+  # fc2 neuron certainly fires.
+  init_fn = {p: (nn.initializers.constant(0.5) if "fc2" in p
+                 else redo.DEFAULT_INIT) for p in outgoing}
+  recycle = jax.jit(functools.partial(redo.recycle_params, outgoing=outgoing,
+                                      init_fn=init_fn))
+  before = apply(model, params, x)
+  only_fc1 = jax.tree_util.tree_map(lambda d: d, dead,  # fresh containers
+                                    is_leaf=trees.is_none)
+  only_fc1["encoder_block_0"]["mlp"]["fc2"]["kernel"] = None
+  only_fc1["encoder_block_1"]["mlp"]["fc2"]["kernel"] = None
+  new = recycle(params, only_fc1, jax.random.PRNGKey(3))
+  fc1 = lambda p: np.asarray(p["encoder_block_0"]["mlp"]["fc1"]["kernel"])
+  assert not np.allclose(fc1(new), fc1(params))
+  np.testing.assert_allclose(apply(model, new, x), before,
+                             rtol=1e-5, atol=1e-5)
+  new = recycle(params, dead, jax.random.PRNGKey(3))
+  after = apply(model, new, x)
+  assert float(jnp.max(jnp.abs(after - before))) > 1e-4
 
 
 # ----------------------------------------------------------------------------
@@ -408,122 +412,121 @@ def _field_of(path: str, fields) -> bool:
   return any(part in fields for part in path.split("/"))
 
 
-def check_reset(test, old_state, new_state, params, rec, fields):
+def check_reset(old_state, new_state, params, rec, fields):
   """Moment fields: ``where(rec, 0, old)`` exactly; all other leaves equal."""
   n_checked = 0
   for field in fields:
     olds = optax.tree_utils.tree_get_all_with_path(old_state, field)
     news = optax.tree_utils.tree_get_all_with_path(new_state, field)
-    test.assertEqual(len(olds), len(news))
+    assert len(olds) == len(news), field
     p_def = jax.tree_util.tree_structure(params)
     paths = [p for p, _ in trees.leaves_with_path(params)]
     for (_, o), (_, n) in zip(olds, news):
       o_l, n_l, r_l = (p_def.flatten_up_to(t) for t in (o, n, rec))
       for path, ol, nl, r in zip(paths, o_l, n_l, r_l):
         if isinstance(ol, optax.MaskedNode):
-          test.assertIsInstance(nl, optax.MaskedNode)
+          assert isinstance(nl, optax.MaskedNode), f"{field}/{path}"
           continue
         want = ol if r is None else jnp.where(r, 0.0, ol)
         assert_bitwise_equal(nl, want, f"{field}/{path}")
         if r is not None:
-          test.assertTrue(np.all(np.asarray(ol)[np.asarray(r)] != 0))
+          assert np.all(np.asarray(ol)[np.asarray(r)] != 0), f"{field}/{path}"
           n_checked += 1
-  test.assertGreater(n_checked, 0)
+  assert n_checked > 0
   old_l = trees.leaves_with_path(old_state)
   new_l = trees.leaves_with_path(new_state)
-  test.assertEqual([p for p, _ in old_l], [p for p, _ in new_l])
+  assert [p for p, _ in old_l] == [p for p, _ in new_l]
   for (path, o), (_, n) in zip(old_l, new_l):
     if not _field_of(path, fields):
       np.testing.assert_array_equal(np.asarray(n), np.asarray(o), err_msg=path)
 
 
-class MomentsTest(chex.TestCase, parameterized.TestCase):
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_recycle_resets_moments_only(name):
+  """``recycle`` zeroes the moments at recycled entries (incoming columns,
+  biases, outgoing rows) and changes nothing else in the state. (Eager:
+  one compilation per state structure would cost more than the sweep;
+  the jitted path is checked with ``with_stripping`` below.)"""
+  make_tx, fields = OPTIMIZERS[name]
+  tx = make_tx()
+  params, state = warm_state(tx, make_params())
+  dead = make_dead()
+  new_params, new_state = redo.recycle(params, state, dead,
+                                       jax.random.PRNGKey(0),
+                                       outgoing=OUTGOING)
+  rec = redo.recycled_mask(params, dead, outgoing=OUTGOING)
+  check_reset(state, new_state, params, rec, fields)
+  chex.assert_trees_all_equal_structs(new_state, state)
+  ref = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
+                            outgoing=OUTGOING)
+  chex.assert_trees_all_close(new_params, ref, rtol=1e-6, atol=1e-7)
 
-  @parameterized.named_parameters(*[(k, k) for k in OPTIMIZERS])
-  def test_recycle_resets_moments_only(self, name):
-    """``recycle`` zeroes the moments at recycled entries (incoming columns,
-    biases, outgoing rows) and changes nothing else in the state. (Eager:
-    one compilation per state structure would cost more than the sweep;
-    the jitted path is checked with ``with_stripping`` below.)"""
-    make_tx, fields = OPTIMIZERS[name]
-    tx = make_tx()
-    params, state = warm_state(tx, make_params())
-    dead = make_dead()
-    new_params, new_state = redo.recycle(params, state, dead,
-                                         jax.random.PRNGKey(0),
-                                         outgoing=OUTGOING)
-    rec = redo.recycled_mask(params, dead, outgoing=OUTGOING)
-    check_reset(self, state, new_state, params, rec, fields)
-    chex.assert_trees_all_equal_structs(new_state, state)
-    ref = redo.recycle_params(params, dead, jax.random.PRNGKey(0),
-                              outgoing=OUTGOING)
-    chex.assert_trees_all_close(new_params, ref, rtol=1e-6, atol=1e-7)
 
-  def test_recycled_mask_entries(self):
-    """``recycled_mask``: incoming columns, bias entries, outgoing rows."""
-    rec = redo.recycled_mask(make_params(), make_dead(), outgoing=OUTGOING)
-    dc = np.asarray(make_dead()["conv"]["kernel"])
-    df = np.asarray(make_dead()["fc"]["kernel"])
-    np.testing.assert_array_equal(rec["conv"]["kernel"],
-                                  np.broadcast_to(dc, (3, 3, 2, 4)))
-    np.testing.assert_array_equal(rec["conv"]["bias"], dc)
-    np.testing.assert_array_equal(rec["fc"]["kernel"],
-                                  dc[:, None] | df[None, :])
-    np.testing.assert_array_equal(rec["fc"]["bias"], df)
-    np.testing.assert_array_equal(rec["head"]["kernel"],
-                                  np.broadcast_to(df[:, None], (6, 3)))
-    self.assertIsNone(rec["head"]["bias"])
-    self.assertIsNone(rec["norm"]["scale"])
+def test_recycled_mask_entries():
+  """``recycled_mask``: incoming columns, bias entries, outgoing rows."""
+  rec = redo.recycled_mask(make_params(), make_dead(), outgoing=OUTGOING)
+  dc = np.asarray(make_dead()["conv"]["kernel"])
+  df = np.asarray(make_dead()["fc"]["kernel"])
+  np.testing.assert_array_equal(rec["conv"]["kernel"],
+                                np.broadcast_to(dc, (3, 3, 2, 4)))
+  np.testing.assert_array_equal(rec["conv"]["bias"], dc)
+  np.testing.assert_array_equal(rec["fc"]["kernel"],
+                                dc[:, None] | df[None, :])
+  np.testing.assert_array_equal(rec["fc"]["bias"], df)
+  np.testing.assert_array_equal(rec["head"]["kernel"],
+                                np.broadcast_to(df[:, None], (6, 3)))
+  assert rec["head"]["bias"] is None
+  assert rec["norm"]["scale"] is None
 
-  def test_with_stripping_masks_honoured(self):
-    """With a ``with_stripping`` state holding masks, ``recycle`` keeps the
-    stripped weights at 0.0 (fresh weights only at kept entries), leaves the
-    masks as they are, and the next update keeps them at 0.0."""
-    tx = with_stripping(optax.adamw(1e-2, weight_decay=0.1), _targets)
-    params, state = warm_state(tx, make_params())
-    rng = np.random.default_rng(3)
-    masks = jax.tree_util.tree_map(
-        lambda m: None if m is None else jnp.asarray(rng.random(m.shape) > 0.4),
-        get_masks(state), is_leaf=trees.is_none)
-    state = set_masks(state, masks)
-    params = masked_params(params, state)
-    dead = make_dead()
-    new_params, new_state = jax.jit(functools.partial(
-        redo.recycle, outgoing=OUTGOING))(params, state, dead,
-                                          jax.random.PRNGKey(4))
-    chex.assert_trees_all_equal(get_masks(new_state), masks)
-    check_reset(self, state, new_state, params,
-                redo.recycled_mask(params, dead, outgoing=OUTGOING),
-                ("mu", "nu"))
-    ref = redo.recycle_params(params, dead, jax.random.PRNGKey(4),
-                              outgoing=OUTGOING)
-    for name in ("conv", "fc", "head"):
-      m = np.asarray(masks[name]["kernel"])
-      k = np.asarray(new_params[name]["kernel"])
-      np.testing.assert_array_equal(k[~m], 0.0)
-      np.testing.assert_allclose(k[m], np.asarray(ref[name]["kernel"])[m],
-                                 rtol=1e-6)
-    dc = np.asarray(dead["conv"]["kernel"])
-    kept = np.asarray(masks["conv"]["kernel"])[..., dc]
-    self.assertTrue(np.all(
-        np.asarray(new_params["conv"]["kernel"])[..., dc][kept]
-        != np.asarray(params["conv"]["kernel"])[..., dc][kept]))
-    g = jax.tree_util.tree_map(jnp.ones_like, new_params)
-    u, _ = jax.jit(tx.update)(g, new_state, new_params)
-    stepped = optax.apply_updates(new_params, u)
-    for name in ("conv", "fc", "head"):
-      m = np.asarray(masks[name]["kernel"])
-      np.testing.assert_array_equal(np.asarray(stepped[name]["kernel"])[~m], 0.0)
 
-  def test_count_and_hyperparams_untouched(self):
-    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=3e-3)
-    params, state = warm_state(tx, make_params())
-    _, new_state = redo.recycle(params, state, make_dead(),
-                                jax.random.PRNGKey(0), outgoing=OUTGOING)
-    self.assertEqual(int(new_state.count), int(state.count))
-    self.assertEqual(int(new_state.inner_state[0].count),
-                     int(state.inner_state[0].count))
-    chex.assert_trees_all_equal(new_state.hyperparams, state.hyperparams)
+def test_with_stripping_masks_honoured():
+  """With a ``with_stripping`` state holding masks, ``recycle`` keeps the
+  stripped weights at 0.0 (fresh weights only at kept entries), leaves the
+  masks as they are, and the next update keeps them at 0.0."""
+  tx = with_stripping(optax.adamw(1e-2, weight_decay=0.1), _targets)
+  params, state = warm_state(tx, make_params())
+  rng = np.random.default_rng(3)
+  masks = jax.tree_util.tree_map(
+      lambda m: None if m is None else jnp.asarray(rng.random(m.shape) > 0.4),
+      get_masks(state), is_leaf=trees.is_none)
+  state = set_masks(state, masks)
+  params = masked_params(params, state)
+  dead = make_dead()
+  new_params, new_state = RECYCLE_STATE_JIT(params, state, dead,
+                                            jax.random.PRNGKey(4))
+  chex.assert_trees_all_equal(get_masks(new_state), masks)
+  check_reset(state, new_state, params,
+              redo.recycled_mask(params, dead, outgoing=OUTGOING),
+              ("mu", "nu"))
+  ref = redo.recycle_params(params, dead, jax.random.PRNGKey(4),
+                            outgoing=OUTGOING)
+  for name in ("conv", "fc", "head"):
+    m = np.asarray(masks[name]["kernel"])
+    k = np.asarray(new_params[name]["kernel"])
+    np.testing.assert_array_equal(k[~m], 0.0)
+    np.testing.assert_allclose(k[m], np.asarray(ref[name]["kernel"])[m],
+                               rtol=1e-6)
+  dc = np.asarray(dead["conv"]["kernel"])
+  kept = np.asarray(masks["conv"]["kernel"])[..., dc]
+  assert np.all(np.asarray(new_params["conv"]["kernel"])[..., dc][kept]
+                != np.asarray(params["conv"]["kernel"])[..., dc][kept])
+  g = jax.tree_util.tree_map(jnp.ones_like, new_params)
+  u, _ = jax.jit(tx.update)(g, new_state, new_params)
+  stepped = optax.apply_updates(new_params, u)
+  for name in ("conv", "fc", "head"):
+    m = np.asarray(masks[name]["kernel"])
+    np.testing.assert_array_equal(np.asarray(stepped[name]["kernel"])[~m], 0.0)
+
+
+def test_count_and_hyperparams_untouched():
+  tx = optax.inject_hyperparams(optax.adamw)(learning_rate=3e-3)
+  params, state = warm_state(tx, make_params())
+  _, new_state = redo.recycle(params, state, make_dead(),
+                              jax.random.PRNGKey(0), outgoing=OUTGOING)
+  assert int(new_state.count) == int(state.count)
+  assert (int(new_state.inner_state[0].count)
+          == int(state.inner_state[0].count))
+  chex.assert_trees_all_equal(new_state.hyperparams, state.hyperparams)
 
 
 # ----------------------------------------------------------------------------
@@ -531,61 +534,63 @@ class MomentsTest(chex.TestCase, parameterized.TestCase):
 # ----------------------------------------------------------------------------
 
 
-class OutgoingMapTest(parameterized.TestCase):
+def test_outgoing_map_mlp():
+  model, params = mlp_setup()
+  assert (models.outgoing_map(params, "MLP")
+          == {"fc0/kernel": "fc1/kernel", "fc1/kernel": "head/kernel"})
+  dead, _ = probe_dead(model, params, X)
+  set_paths = {p for p, d in trees.leaves_with_path(dead, keep_none=True)
+               if d is not None}
+  assert set_paths == set(models.outgoing_map(params, "mlp"))
+  _, deeper = mlp_setup(depth=4)
+  assert models.mlp_outgoing(deeper) == {
+      "fc0/kernel": "fc1/kernel", "fc1/kernel": "fc2/kernel",
+      "fc2/kernel": "fc3/kernel", "fc3/kernel": "head/kernel"}
 
-  def test_mlp(self):
-    model, params = mlp_setup()
-    self.assertEqual(models.outgoing_map(params, "MLP"),
-                     {"fc0/kernel": "fc1/kernel", "fc1/kernel": "head/kernel"})
-    dead, _ = probe_dead(model, params, X)
-    set_paths = {p for p, d in trees.leaves_with_path(dead, keep_none=True)
-                 if d is not None}
-    self.assertEqual(set_paths, set(models.outgoing_map(params, "mlp")))
-    _, deeper = mlp_setup(depth=4)
-    self.assertEqual(models.mlp_outgoing(deeper),
-                     {"fc0/kernel": "fc1/kernel", "fc1/kernel": "fc2/kernel",
-                      "fc2/kernel": "fc3/kernel", "fc3/kernel": "head/kernel"})
 
-  def test_vit(self):
-    model, params, x = vit_setup()
-    out = models.outgoing_map(params, "vit")
-    want = {}
-    for i in range(VIT_KW["depth"]):
-      b = f"encoder_block_{i}/mlp"
-      want[f"{b}/fc1/kernel"] = f"{b}/fc2/kernel"
-      want[f"{b}/fc2/kernel"] = None
-    self.assertEqual(out, want)
-    dead, _ = probe_dead(model, params, x)
-    set_paths = {p for p, d in trees.leaves_with_path(dead, keep_none=True)
-                 if d is not None}
-    self.assertEqual(set_paths, set(out))
+def test_outgoing_map_vit():
+  model, params, x = vit_setup()
+  out = models.outgoing_map(params, "vit")
+  want = {}
+  for i in range(VIT_KW["depth"]):
+    b = f"encoder_block_{i}/mlp"
+    want[f"{b}/fc1/kernel"] = f"{b}/fc2/kernel"
+    want[f"{b}/fc2/kernel"] = None
+  assert out == want
+  dead, _ = probe_dead(model, params, x)
+  set_paths = {p for p, d in trees.leaves_with_path(dead, keep_none=True)
+               if d is not None}
+  assert set_paths == set(out)
 
-  def test_static_argument(self):
-    """The built maps are hashable: ``outgoing`` can be a static argument."""
-    model, params = mlp_setup()
-    outgoing = models.outgoing_map(params, "mlp")
-    params = kill(params, "fc0", [4])
-    dead, _ = probe_dead(model, params, X)
-    fn = jax.jit(redo.recycle_params, static_argnames=("outgoing",))
-    new = fn(params, dead, jax.random.PRNGKey(0), outgoing=outgoing)
-    np.testing.assert_array_equal(np.asarray(new["fc1"]["kernel"])[4], 0.0)
 
-  def test_sequential(self):
-    self.assertEqual(redo.sequential_outgoing(["a/kernel", "b/kernel", "c"]),
-                     {"a/kernel": "b/kernel", "b/kernel": "c"})
-    self.assertEqual(redo.sequential_outgoing(["a"]), {})
+def test_outgoing_map_static_argument():
+  """The built maps are hashable: ``outgoing`` can be a static argument."""
+  model, params = mlp_setup()
+  outgoing = models.outgoing_map(params, "mlp")
+  params = kill(params, "fc0", [4])
+  dead, _ = probe_dead(model, params, X)
+  new = RECYCLE_STATIC_JIT(params, dead, jax.random.PRNGKey(0),
+                           outgoing=outgoing)
+  np.testing.assert_array_equal(np.asarray(new["fc1"]["kernel"])[4], 0.0)
 
-  def test_errors(self):
-    _, params = mlp_setup()
-    with self.assertRaisesRegex(ValueError, "unknown model 'resnet'"):
-      models.outgoing_map(params, "resnet")
-    with self.assertRaisesRegex(ValueError, "fc1/kernel"):
-      models.outgoing_map(params, "vit")
-    with self.assertRaisesRegex(ValueError, "models.MLP"):
-      models.outgoing_map(make_params(), "mlp")
-    no_head = {k: v for k, v in params.items() if k != "head"}
-    with self.assertRaisesRegex(ValueError, "head/kernel"):
-      models.mlp_outgoing(no_head)
+
+def test_sequential_outgoing():
+  assert (redo.sequential_outgoing(["a/kernel", "b/kernel", "c"])
+          == {"a/kernel": "b/kernel", "b/kernel": "c"})
+  assert redo.sequential_outgoing(["a"]) == {}
+
+
+def test_outgoing_map_errors():
+  _, params = mlp_setup()
+  with pytest.raises(ValueError, match="unknown model 'resnet'"):
+    models.outgoing_map(params, "resnet")
+  with pytest.raises(ValueError, match="fc1/kernel"):
+    models.outgoing_map(params, "vit")
+  with pytest.raises(ValueError, match="models.MLP"):
+    models.outgoing_map(make_params(), "mlp")
+  no_head = {k: v for k, v in params.items() if k != "head"}
+  with pytest.raises(ValueError, match="head/kernel"):
+    models.mlp_outgoing(no_head)
 
 
 # ----------------------------------------------------------------------------
@@ -642,7 +647,6 @@ def test_training_after_recycling_is_finite_and_revives():
 # with a single neuron and input, a conv-like one; few shapes so that few
 # programs are compiled.
 CHAIN_SHAPES = [((), 1, 1, 3, 2), ((3, 3), 2, 5, 4, 3)]
-CHAIN_OUT = {"a/kernel": "b/kernel", "b/kernel": "c/kernel"}
 
 
 @jax.jit
@@ -666,7 +670,7 @@ def chain_case(draw):
   return lead, f, n, m, p, da, db, seed
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(case=chain_case())
 def test_property_chain_invariants(case):
   """Over random shapes and dead sets: entries outside ``recycled_mask`` are
@@ -712,7 +716,7 @@ def _prop_recycle(params, dead, key):
   return redo.recycle_params(params, dead, key, outgoing=_PROP_OUT)
 
 
-@settings(max_examples=25, **SETTINGS)
+@settings(max_examples=examples(25), **SETTINGS)
 @given(d0=st.lists(st.booleans(), min_size=16, max_size=16),
        d1=st.lists(st.booleans(), min_size=16, max_size=16),
        seed=st.integers(0, 2**16))
@@ -737,87 +741,93 @@ def test_property_mlp_function_preserved(d0, d1, seed):
 # ----------------------------------------------------------------------------
 
 
-class BadInputTest(parameterized.TestCase):
+def call_recycle(params=None, dead=None, outgoing=None, **kw):
+  """``recycle_params`` of the shared set-up with the given parts replaced."""
+  params = make_params() if params is None else params
+  dead = make_dead() if dead is None else dead
+  outgoing = OUTGOING if outgoing is None else outgoing
+  return redo.recycle_params(params, dead, jax.random.PRNGKey(0),
+                             outgoing=outgoing, **kw)
 
-  def _call(self, params=None, dead=None, outgoing=None, **kw):
-    params = make_params() if params is None else params
-    dead = make_dead() if dead is None else dead
-    outgoing = OUTGOING if outgoing is None else outgoing
-    return redo.recycle_params(params, dead, jax.random.PRNGKey(0),
-                               outgoing=outgoing, **kw)
 
-  def test_dead_structure(self):
-    dead = make_dead()
-    del dead["norm"]
-    with self.assertRaisesRegex(ValueError, r"norm/scale"):
-      self._call(dead=dead)
-    with self.assertRaisesRegex(TypeError, "dead must be a tree"):
-      redo.recycle_params(make_params(), None, jax.random.PRNGKey(0),
-                          outgoing=OUTGOING)
+def test_dead_structure():
+  dead = make_dead()
+  del dead["norm"]
+  with pytest.raises(ValueError, match=r"norm/scale"):
+    call_recycle(dead=dead)
+  with pytest.raises(TypeError, match="dead must be a tree"):
+    redo.recycle_params(make_params(), None, jax.random.PRNGKey(0),
+                        outgoing=OUTGOING)
 
-  def test_dead_length_and_dtype(self):
-    dead = make_dead()
-    dead["fc"]["kernel"] = jnp.zeros((5,), bool)
-    with self.assertRaisesRegex(ValueError,
-                                r"dead\[fc/kernel\] has shape \(5,\)"):
-      self._call(dead=dead)
-    dead["fc"]["kernel"] = jnp.zeros((6,), jnp.int32)
-    with self.assertRaisesRegex(TypeError, r"dead\[fc/kernel\].*bool"):
-      self._call(dead=dead)
 
-  def test_outgoing_paths(self):
-    with self.assertRaisesRegex(ValueError, "'fc/kernal' is not a path"):
-      self._call(outgoing={**OUTGOING, "fc/kernal": None})
-    with self.assertRaisesRegex(ValueError,
-                                r"outgoing\['fc/kernel'\] = 'hed/kernel'"):
-      self._call(outgoing={**OUTGOING, "fc/kernel": "hed/kernel"})
-    with self.assertRaisesRegex(ValueError, r"params\[fc/bias\] has shape"):
-      self._call(outgoing={**OUTGOING, "fc/bias": None})
-    with self.assertRaisesRegex(TypeError, "outgoing must be a mapping"):
-      self._call(outgoing=[("fc/kernel", "head/kernel")])
-    with self.assertRaisesRegex(TypeError, r"outgoing\['fc/kernel'\]"):
-      self._call(outgoing={**OUTGOING, "fc/kernel": 3})
+def test_dead_length_and_dtype():
+  dead = make_dead()
+  dead["fc"]["kernel"] = jnp.zeros((5,), bool)
+  with pytest.raises(ValueError,
+                     match=r"dead\[fc/kernel\] has shape \(5,\)"):
+    call_recycle(dead=dead)
+  dead["fc"]["kernel"] = jnp.zeros((6,), jnp.int32)
+  with pytest.raises(TypeError, match=r"dead\[fc/kernel\].*bool"):
+    call_recycle(dead=dead)
 
-  def test_outgoing_axis_mismatch(self):
-    with self.assertRaisesRegex(
-        ValueError, r"outgoing\['conv/kernel'\] = 'head/kernel'.*\(6, 3\).*4 "
-        "neurons of conv/kernel"):
-      self._call(outgoing={**OUTGOING, "conv/kernel": "head/kernel"})
 
-  def test_dead_without_outgoing_entry(self):
-    with self.assertRaisesRegex(ValueError, r"dead\[fc/kernel\] is set but "
-                                "outgoing has no entry"):
-      self._call(outgoing={"conv/kernel": "fc/kernel"})
+def test_outgoing_paths():
+  with pytest.raises(ValueError, match="'fc/kernal' is not a path"):
+    call_recycle(outgoing={**OUTGOING, "fc/kernal": None})
+  with pytest.raises(ValueError,
+                     match=r"outgoing\['fc/kernel'\] = 'hed/kernel'"):
+    call_recycle(outgoing={**OUTGOING, "fc/kernel": "hed/kernel"})
+  with pytest.raises(ValueError, match=r"params\[fc/bias\] has shape"):
+    call_recycle(outgoing={**OUTGOING, "fc/bias": None})
+  with pytest.raises(TypeError, match="outgoing must be a mapping"):
+    call_recycle(outgoing=[("fc/kernel", "head/kernel")])
+  with pytest.raises(TypeError, match=r"outgoing\['fc/kernel'\]"):
+    call_recycle(outgoing={**OUTGOING, "fc/kernel": 3})
 
-  def test_bias_shape(self):
-    params = make_params()
-    params["fc"]["bias"] = jnp.zeros((5,))
-    with self.assertRaisesRegex(ValueError, r"params\[fc/bias\] has shape"):
-      self._call(params=params)
 
-  def test_init_fn_and_key(self):
-    with self.assertRaisesRegex(ValueError, "no initializer.*'fc/kernel'"):
-      self._call(init_fn={"conv/kernel": nn.initializers.zeros})
-    with self.assertRaisesRegex(TypeError, "must be callable"):
-      self._call(init_fn=3.0)
-    with self.assertRaisesRegex(TypeError, "PRNG key"):
-      redo.recycle_params(make_params(), make_dead(), None, outgoing=OUTGOING)
+def test_outgoing_axis_mismatch():
+  with pytest.raises(
+      ValueError, match=r"outgoing\['conv/kernel'\] = 'head/kernel'.*\(6, 3\)"
+      ".*4 neurons of conv/kernel"):
+    call_recycle(outgoing={**OUTGOING, "conv/kernel": "head/kernel"})
 
-  def test_masks_and_recycled(self):
-    masks = jax.tree_util.tree_map(lambda _: None, make_params())
-    masks["fc"]["kernel"] = jnp.ones((4, 5), bool)
-    with self.assertRaisesRegex(ValueError, r"masks\[fc/kernel\] has shape"):
-      self._call(masks=masks)
-    params = make_params()
-    state = optax.adam(1e-3).init(params)
-    rec = redo.recycled_mask(params, make_dead(), outgoing=OUTGOING)
-    bad = dict(rec, head={"kernel": jnp.ones((3, 3), bool), "bias": None})
-    with self.assertRaisesRegex(ValueError,
-                                r"recycled\[head/kernel\] has shape"):
-      redo.reset_moments(state, params, bad)
-    bad = dict(rec, head={"kernel": jnp.ones((6, 3)), "bias": None})
-    with self.assertRaisesRegex(TypeError, r"recycled\[head/kernel\].*bool"):
-      redo.reset_moments(state, params, bad)
-    bad = {k: v for k, v in rec.items() if k != "norm"}
-    with self.assertRaisesRegex(ValueError, "recycled"):
-      redo.reset_moments(state, params, bad)
+
+def test_dead_without_outgoing_entry():
+  with pytest.raises(ValueError, match=r"dead\[fc/kernel\] is set but "
+                     "outgoing has no entry"):
+    call_recycle(outgoing={"conv/kernel": "fc/kernel"})
+
+
+def test_bias_shape():
+  params = make_params()
+  params["fc"]["bias"] = jnp.zeros((5,))
+  with pytest.raises(ValueError, match=r"params\[fc/bias\] has shape"):
+    call_recycle(params=params)
+
+
+def test_init_fn_and_key():
+  with pytest.raises(ValueError, match="no initializer.*'fc/kernel'"):
+    call_recycle(init_fn={"conv/kernel": nn.initializers.zeros})
+  with pytest.raises(TypeError, match="must be callable"):
+    call_recycle(init_fn=3.0)
+  with pytest.raises(TypeError, match="PRNG key"):
+    redo.recycle_params(make_params(), make_dead(), None, outgoing=OUTGOING)
+
+
+def test_masks_and_recycled():
+  masks = jax.tree_util.tree_map(lambda _: None, make_params())
+  masks["fc"]["kernel"] = jnp.ones((4, 5), bool)
+  with pytest.raises(ValueError, match=r"masks\[fc/kernel\] has shape"):
+    call_recycle(masks=masks)
+  params = make_params()
+  state = optax.adam(1e-3).init(params)
+  rec = redo.recycled_mask(params, make_dead(), outgoing=OUTGOING)
+  bad = dict(rec, head={"kernel": jnp.ones((3, 3), bool), "bias": None})
+  with pytest.raises(ValueError, match=r"recycled\[head/kernel\] has shape"):
+    redo.reset_moments(state, params, bad)
+  bad = dict(rec, head={"kernel": jnp.ones((6, 3)), "bias": None})
+  with pytest.raises(TypeError, match=r"recycled\[head/kernel\].*bool"):
+    redo.reset_moments(state, params, bad)
+  bad = {k: v for k, v in rec.items() if k != "norm"}
+  with pytest.raises(ValueError, match="recycled"):
+    redo.reset_moments(state, params, bad)
