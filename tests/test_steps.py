@@ -1,6 +1,6 @@
 """Tests of ``synstrip_vit.steps``: schedule, optimizer, state, steps, mesh.
 
-Tiny models (a 2-block ViT of width 32 on 16x16x3 images) keep the module
+Tiny models (a 1-block ViT of width 32 on 16x16x3 images) keep the module
 under a minute on a 2-core CPU; every compiled step is built once per module.
 The 8-device checks run this file as a script in a subprocess (``XLA_FLAGS``
 must be set before JAX starts): ``python tests/test_steps.py --worker``
@@ -32,6 +32,9 @@ from synstrip_vit.models.vit import ViT
 from synstrip_jax.transform import get_masks, strip_event
 
 IMAGE_SHAPE = (16, 16, 3)
+#: Encoder blocks of the tiny ViT (one block compiles in about half the time
+#: of two and exercises every step path).
+DEPTH = 1
 BATCH = 8
 MEAN = np.array([125.3, 123.0, 113.9], np.float32)
 STD = np.array([63.0, 62.1, 66.7], np.float32)
@@ -39,7 +42,8 @@ NUM_DEVICES = 8
 WORKER_TIMEOUT_S = 240
 
 
-def tiny_vit(dtype=jnp.float32, depth=2) -> ViT:
+def tiny_vit(dtype=jnp.float32, depth=None) -> ViT:
+  depth = DEPTH if depth is None else depth
   return ViT(num_classes=10, patch_size=4, hidden_size=32, depth=depth,
              num_heads=4, mlp_dim=64, dtype=dtype)
 
@@ -198,7 +202,7 @@ def test_create_train_state_vit(setup):
   model, state, tx, targets = setup
   flat = {"/".join(str(k.key) for k in path): v for path, v in
           jax.tree_util.tree_flatten_with_path(targets)[0]}
-  expected = {f"encoder_block_{i}/mlp/fc{j}/kernel" for i in range(2)
+  expected = {f"encoder_block_{i}/mlp/fc{j}/kernel" for i in range(DEPTH)
               for j in (1, 2)}
   assert {k for k, v in flat.items() if v} == expected
   assert all(isinstance(v, bool) for v in flat.values())
@@ -210,12 +214,12 @@ def test_create_train_state_vit(setup):
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
   assert "activations" not in state.params
   masks = get_masks(state.opt_state)
-  for i in range(2):
+  for i in range(DEPTH):
     for j in (1, 2):
       kernel = state.params[f"encoder_block_{i}"]["mlp"][f"fc{j}"]["kernel"]
       mask = masks[f"encoder_block_{i}"]["mlp"][f"fc{j}"]["kernel"]
       assert mask.shape == kernel.shape and bool(jnp.all(mask))
-  assert len(jax.tree.leaves(masks)) == 4
+  assert len(jax.tree.leaves(masks)) == 2 * DEPTH
   assert isinstance(tx, optax.GradientTransformation)
 
 
@@ -360,7 +364,7 @@ def test_eval_step_stats_equal_direct_apply(setup, eval_fns):
                                   mutable=["activations"])
   expected = probe.reduce_stats_tree(ss_linen.linen_stats(variables))
   assert_trees_close(out["stats"], expected, rtol=1e-6, atol=0)
-  s = out["stats"]["encoder_block_1"]["mlp"]["fc2"]["post_act"]
+  s = out["stats"][f"encoder_block_{DEPTH - 1}"]["mlp"]["fc2"]["post_act"]
   assert s.total.shape == (32,) and s.total.dtype == jnp.float32
   # count: examples x tokens (16 patches + the class token).
   assert float(s.count) == BATCH * 17

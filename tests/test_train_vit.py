@@ -69,10 +69,11 @@ def tiny_config(overrides=None, model=MODEL):
 
 
 def overrides_argv(overrides=None, model=MODEL):
-  """The script's arguments that give :func:`tiny_config`."""
+  """The script's arguments that give :func:`tiny_config` (the ViT is the
+  script's default config)."""
   values = {**_tiny(model), **(overrides or {})}
-  return [f"--config={DEFAULT_CONFIG}:{model}",
-          *[f"--config.{k}={v}" for k, v in values.items()]]
+  return ([] if model == "vit" else [f"--config={DEFAULT_CONFIG}:{model}"]) + [
+      f"--config.{k}={v}" for k, v in values.items()]
 
 
 class Interrupt(Exception):
@@ -126,10 +127,10 @@ def test_default_xla_flags(user, switch, expected):
 
 
 def run_script(workdir, *args, devices=None, timeout=300, env=None,
-               overrides=None) -> subprocess.CompletedProcess:
+               overrides=None, model=MODEL) -> subprocess.CompletedProcess:
   """Runs the script to its end (``workdir=None``: no ``--workdir``)."""
   cmd = [SCRIPT, *([f"--workdir={workdir}"] if workdir else []),
-         *overrides_argv(overrides), *args]
+         *overrides_argv(overrides, model), *args]
   proc = start_python(cmd, env=env or script_env(devices))
   stdout, stderr = finish(proc, timeout, "train_vit.py")
   return subprocess.CompletedProcess(proc.args, proc.returncode, stdout,
@@ -273,7 +274,7 @@ def test_stripped_weights_never_come_back(script_run):
 def test_without_workdir_a_fresh_named_one_is_used():
   """No --workdir (the quick start): the run goes to runs/default-<time>."""
   res = run_script(None, overrides={"run.num_epochs": 1},
-                   env=subprocess_env(None))
+                   env=subprocess_env(None), model="vit")
   assert res.returncode == 0, res.stderr[-3000:]
   line = next(l for l in res.stdout.splitlines() if l.startswith("workdir: "))
   workdir = Path(line[len("workdir: "):])
@@ -323,7 +324,7 @@ def test_rerun_with_another_config_is_refused(script_run):
     ]],
 ])
 def test_bad_input_one_line_error_before_training(tmp_path, args, expected):
-  res = run_script(tmp_path / "wd", *args, timeout=120)
+  res = run_script(tmp_path / "wd", *args, timeout=120, model="vit")
   assert res.returncode != 0
   lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
   assert lines and lines[-1].startswith("error:"), res.stderr[-2000:]
