@@ -93,6 +93,7 @@ def _bn(x, bn):
           + bn["bias"])
 
 
+@pytest.mark.slow
 def test_nnx_example_dead_neurons_match_numpy(data, monkeypatch):
   model, optimizer, _ = nnx_mnist_tutorial.train_and_evaluate(
       data, epochs=1, batch_size=BATCH, probe_examples=PROBE,

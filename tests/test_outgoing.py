@@ -95,7 +95,8 @@ HAND = {
 
 
 @pytest.mark.parametrize("name", [
-    "mlp", "vit", "cnn", pytest.param("resnet", marks=pytest.mark.slow)])
+    "mlp", pytest.param("vit", marks=pytest.mark.slow), "cnn",
+    pytest.param("resnet", marks=pytest.mark.slow)])
 def test_linen_found_equals_hand_written(name):
   apply, params, x = _linen_case(name)
   found = remedies.find_outgoing(apply, params, x)
@@ -139,7 +140,9 @@ def test_nnx_found_equals_hand_written():
 
 
 @pytest.mark.parametrize("name, layer, bias_of", [
-    ("mlp", "fc0", "fc0"), ("vit", "encoder_block_0/mlp/fc1", None),
+    ("mlp", "fc0", "fc0"),
+    pytest.param("vit", "encoder_block_0/mlp/fc1", None,
+                 marks=pytest.mark.slow),
     pytest.param("cnn", "Conv_0", "Conv_0", marks=pytest.mark.slow),
     ("resnet", "conv1", "bn1"),
     pytest.param("nnx", "conv1", "conv1", marks=pytest.mark.slow)])
