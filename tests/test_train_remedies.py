@@ -55,7 +55,9 @@ def no_remedy(tmp_path_factory):
   return records, evaluation.final_state(config, workdir)[0]
 
 
-@pytest.mark.parametrize("name", ["redo", "cbp", "shrink_perturb"])
+# CBP through the loop by default: test_cbp_resume_is_bit_identical.
+@pytest.mark.parametrize("name", [
+    "redo", pytest.param("cbp", marks=pytest.mark.slow), "shrink_perturb"])
 def test_each_remedy_runs_at_its_events(tmp_path, no_remedy, name):
   config = mlp_config({"remedy.name": name})
   records = run(config, tmp_path / "wd")
