@@ -6,7 +6,7 @@
                      synstrip_vit.startup, the data in synstrip_vit.rundata)
   restore_or_start   config.json check, latest readable checkpoint or step 0
                      (synstrip_vit.resume)
-  per epoch:
+  per epoch (run_epoch, then the record's writers and the save):
     train_epoch        train batches -> train_step -> state (+ running sums)
     evaluate_and_probe test batches -> eval_step; probe batches ->
                        eval_step(collect_stats) -> stats -> dead tree (a
@@ -54,7 +54,6 @@ from synstrip_vit import workdir as workdir_lib
 from synstrip_vit.evaluation import sums_mean as _mean
 from synstrip_vit.resume import restore_or_start
 from synstrip_vit.startup import Run, prepare
-from synstrip_vit.steps import chunk_bounds
 from synstrip_vit.timings import StageTimer
 
 PyTree = Any
@@ -203,15 +202,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
     callbacks = [cb for cb in (bar, on_step) if cb is not None]
     for epoch in range(first_epoch, config.run.num_epochs):
       t0 = time.perf_counter()
-      state = train_epoch(run, state, epoch, manager, callbacks, stop)
-      t1 = time.perf_counter()
-      evals, dead = evaluate_and_probe(run, state.params)
-      t2 = time.perf_counter()
-      state, event = strip_or_recycle(run, state, evals[1]["stats"], dead,
-                                      epoch)
-      finite.check_state(state, epoch, manager, _losses(evals))
-      timings = (t1 - t0, t2 - t1, time.perf_counter() - t2)
-      record = make_record(run, state, epoch, evals, dead, event, timings)
+      state, record = run_epoch(run, state, epoch, manager, callbacks, stop)
       writer.write(record.step, record.as_dict())
       records.append(record.as_dict())
       (bar.write if bar else run.log)(record.summary(config.run.num_epochs))
@@ -232,6 +223,24 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, *,
 
 
 # ------------------------------------------------------------- the phases
+
+def run_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
+              callbacks: Sequence[StepCallback], stop: interrupt.StopFlag
+              ) -> tuple[steps.TrainState, EpochRecord]:
+  """The phases of ``epoch`` up to its record: :func:`train_epoch`,
+  :func:`evaluate_and_probe`, the event (:func:`strip_or_recycle`) and the
+  finite-state check; returns the new state and the epoch's record (with
+  the phases' times)."""
+  t0 = time.perf_counter()
+  state = train_epoch(run, state, epoch, manager, callbacks, stop)
+  t1 = time.perf_counter()
+  evals, dead = evaluate_and_probe(run, state.params)
+  t2 = time.perf_counter()
+  state, event = strip_or_recycle(run, state, evals[1]["stats"], dead, epoch)
+  finite.check_state(state, epoch, manager, _losses(evals))
+  timings = (t1 - t0, t2 - t1, time.perf_counter() - t2)
+  return state, make_record(run, state, epoch, evals, dead, event, timings)
+
 
 def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
                 callbacks: Sequence[StepCallback],
@@ -258,7 +267,7 @@ def train_epoch(run: Run, state: steps.TrainState, epoch: int, manager,
                                                      run.mesh))
   order = epoch_order(run, epoch)
   every = c.run.checkpoint_every_steps
-  for b0, b1 in chunk_bounds(epoch * spe, start, spe,
+  for b0, b1 in steps.chunk_bounds(epoch * spe, start, spe,
                              c.run.steps_per_dispatch, every):
     state = run_steps(run, state, order[b0:b1])
     step = epoch * spe + b1  # == state.step, without waiting for it
@@ -369,8 +378,8 @@ def strip_or_recycle(run: Run, state: steps.TrainState, stats: PyTree,
 
 def make_record(run: Run, state: steps.TrainState, epoch: int,
                 evals: tuple[dict, dict], dead: PyTree,
-                event: tuple[bool, Optional[int]], timings: tuple[float, float, float]
-                ) -> EpochRecord:
+                event: tuple[bool, Optional[int]],
+                timings: tuple[float, float, float]) -> EpochRecord:
   """The :class:`EpochRecord` of an epoch, after its event.
 
   ``timings`` are the seconds spent training, evaluating and stripping.
@@ -450,7 +459,7 @@ def _title(config: ml_collections.ConfigDict) -> str:
           f"strip={config.stripping.enabled} on {config.data.dataset}")
 
 
-__all__ = ["EpochRecord", "ProgressBar", "chunk_bounds",
-           "epoch_order", "evaluate_and_probe", "is_event_epoch", "make_record", "progress_bar", "run_steps",
-           "strip_or_recycle",
-           "train_and_evaluate", "train_epoch"]
+__all__ = ["EpochRecord", "ProgressBar", "epoch_order", "evaluate_and_probe",
+           "is_event_epoch", "make_record", "progress_bar", "run_epoch",
+           "run_steps", "strip_or_recycle", "train_and_evaluate",
+           "train_epoch"]

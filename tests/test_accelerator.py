@@ -25,7 +25,6 @@ from synstrip_vit import config as config_lib, loop, rundata, startup, steps
 from synstrip_vit import writers
 
 
-
 @pytest.mark.parametrize("first, start, stop, per, every, expected", [
     (0, 0, 10, 1, 0, [(b, b + 1) for b in range(10)]),
     (0, 0, 10, 4, 0, [(0, 4), (4, 8), (8, 10)]),
@@ -36,7 +35,7 @@ from synstrip_vit import writers
 def test_chunk_bounds(first, start, stop, per, every, expected):
   """Cuts at multiples of the chunk size (counted from the epoch start) and
   after every checkpoint step; nothing lost, nothing repeated."""
-  bounds = loop.chunk_bounds(first, start, stop, per, every)
+  bounds = steps.chunk_bounds(first, start, stop, per, every)
   assert bounds == expected
   assert [b for b0, b1 in bounds for b in range(b0, b1)] == \
       list(range(start, stop))
@@ -80,11 +79,11 @@ def test_resident_chunks_transfer_nothing_to_the_host(tmp_path, monkeypatch):
   device, read nothing back to the host (:func:`no_device_to_host`) and
   give the per-step path's state bit for bit (XLA:CPU)."""
   config = tiny_config({"data.on_device": "yes",
-                        "run.steps_per_dispatch": 3}, model="mlp")
+                        "run.steps_per_dispatch": 3})
   run, state = startup.prepare(config, tmp_path, log=lambda _: None)
   assert run.resident is not None and run.train_steps is not None
   order = loop.epoch_order(run, 0)
-  bounds = loop.chunk_bounds(0, 0, run.steps_per_epoch, 3, 0)
+  bounds = steps.chunk_bounds(0, 0, run.steps_per_epoch, 3, 0)
   reference = jax.device_get(state)
   by_step = steps.replicate(reference, run.mesh)
   for rows in order:

@@ -36,8 +36,6 @@ FAST = {"data.train_limit": 128, "data.test_limit": 64, "run.num_epochs": 2}
 QUIET = dict(log=lambda _: None)
 
 
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """``(config, workdir, records, {step: state}, target)`` of a finished run."""

@@ -32,6 +32,7 @@ from synstrip_vit import (checkpointing, compile_cache, config as config_lib,
                           evaluation, finite, loop, resume, startup, timings,
                           writers)
 from synstrip_vit.config import base_config
+from synstrip_vit.steps import chunk_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "train_vit.py"
@@ -664,8 +665,8 @@ def test_prepare_leaves_nothing_to_compile(tmp_path, overrides):
                                log=lambda m: None)
   assert (run.train_steps is None) == (not overrides)
   order = loop.epoch_order(run, 0)
-  bounds = loop.chunk_bounds(0, 0, run.steps_per_epoch,
-                             run.config.run.steps_per_dispatch, 0)
+  bounds = chunk_bounds(0, 0, run.steps_per_epoch,
+                        run.config.run.steps_per_dispatch, 0)
   assert len({b1 - b0 for b0, b1 in bounds}) == (2 if overrides else 1)
   masks = get_masks(state.opt_state)
   dead = jax.tree.map(lambda m: np.arange(m.shape[-1]) % 2 == 0, masks)
