@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import settings
 
@@ -77,19 +78,48 @@ SMALL_TARGETS = {"conv": {"kernel": True, "bias": False},
                  "head": {"kernel": False, "bias": False}}
 
 
+Seed = Union[int, Sequence[int], jax.Array]
+
+
+def host_rng(seed: Seed) -> np.random.Generator:
+  """A NumPy generator seeded by ints or by a JAX key's data (test data is
+  drawn on the host: an eager ``jax.random`` draw compiles a program per
+  shape, about a second each on a small CPU)."""
+  if isinstance(seed, jax.Array):
+    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+      seed = jax.random.key_data(seed)
+    seed = np.asarray(seed).ravel().tolist()
+  return np.random.default_rng(seed)
+
+
+def init_key(seed: int = 0) -> jax.Array:
+  """A typed RBG key for the tests' model inits (``model.init``,
+  ``nnx.Rngs``), whose values are arbitrary: threefry's draws compile a
+  program of seconds per parameter shape on a small CPU, RBG's do not."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def normal(shape: Sequence[int], seed: Seed = 0,
+           dtype: Any = jnp.float32) -> jax.Array:
+  """``N(0, 1)`` of ``shape`` drawn on the host (:func:`host_rng`)."""
+  return jnp.asarray(host_rng(seed).standard_normal(tuple(shape)).astype(
+      np.float32).astype(jnp.dtype(dtype)))
+
+
 def small_params(shapes: Optional[Mapping[str, Sequence[int]]] = None,
-                 seed: Union[int, jax.Array] = 0,
+                 seed: Seed = 0,
                  dtype: Any = jnp.float32) -> dict:
   """``{layer: {"kernel": N(0, 1) [shape], "bias": 0.1 N(0, 1) [shape[-1]]}}``.
 
   ``shapes`` maps layer names to kernel shapes (default
-  :data:`SMALL_SHAPES`); ``seed`` is an int or a ``jax.random.PRNGKey``.
+  :data:`SMALL_SHAPES`); ``seed`` is an int or a JAX key (:func:`host_rng`).
   """
   shapes = SMALL_SHAPES if shapes is None else shapes
-  key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-  keys = iter(jax.random.split(key, 2 * len(shapes)))
-  return {name: {"kernel": jax.random.normal(next(keys), tuple(s), dtype),
-                 "bias": 0.1 * jax.random.normal(next(keys), (s[-1],), dtype)}
+  rng = host_rng(seed)
+  draw = lambda shape, scale=1.0: jnp.asarray(
+      (scale * rng.standard_normal(tuple(shape))).astype(np.float32).astype(
+          jnp.dtype(dtype)))
+  return {name: {"kernel": draw(s), "bias": draw((s[-1],), 0.1)}
           for name, s in shapes.items()}
 
 
@@ -121,21 +151,20 @@ def small_dead(**dead: Any) -> dict:
   return dead_tree(jax.eval_shape(small_params), dead)
 
 
-def random_dead(params: dict, frac: float, seed: Union[int, jax.Array],
+def random_dead(params: dict, frac: float, seed: Seed,
                 layers: Optional[Sequence[str]] = None) -> dict:
   """A :func:`dead_tree` with each neuron of ``layers`` (default: every
-  layer) dead with probability ``frac``; ``seed``: int or PRNGKey."""
+  layer) dead with probability ``frac``; ``seed``: int or JAX key."""
   layers = list(params) if layers is None else list(layers)
-  key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
-  keys = jax.random.split(key, len(layers))
+  rng = host_rng(seed)
   return dead_tree(params, {
-      name: jax.random.bernoulli(k, frac, params[name]["kernel"].shape[-1:])
-      for name, k in zip(layers, keys)})
+      name: jnp.asarray(rng.random(params[name]["kernel"].shape[-1]) < frac)
+      for name in layers})
 
 
-# Hypothesis: a tenth of each property's examples by default, all of them
-# when the slow tests are selected (``-m slow``).
-settings.register_profile("quick", max_examples=10)
+# Hypothesis: a twentieth of each property's examples by default (each new
+# shape compiles), all of them when the slow tests are selected (``-m slow``).
+settings.register_profile("quick", max_examples=5)
 settings.register_profile("full", max_examples=100)
 
 
@@ -160,5 +189,5 @@ def pytest_collection_modifyitems(config, items):
 
 def examples(n: int) -> int:
   """``n`` examples scaled by the loaded profile (all of them under
-  ``-m slow``, a tenth by default, at least 3)."""
-  return max(n * settings.default.max_examples // 100, 3)
+  ``-m slow``, a twentieth by default, at least 2)."""
+  return max(n * settings.default.max_examples // 100, 2)

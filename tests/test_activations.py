@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import init_key, normal
+
 import synstrip_jax as ss
 from synstrip_jax import activations as acts, linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
@@ -75,7 +77,7 @@ def test_dormancy_threshold_redo():
 
 
 def test_merge_is_split_invariant_and_jittable():
-  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (32, 7, 16)) - 1.5)
+  x = jax.nn.relu(normal((32, 7, 16)) - 1.5)
   whole = ss.batch_stats(x)
   parts = ss.init_stats(16)
   step = jax.jit(lambda s, x: ss.merge_stats(s, ss.batch_stats(x)))
@@ -98,8 +100,8 @@ class _LinenMLP(nn.Module):
 
 def test_linen_dead_tree_aligned_with_kernels():
   model = _LinenMLP()
-  x = jax.random.normal(jax.random.key(0), (6, 5))
-  params = model.init(jax.random.key(1), x)["params"]
+  x = normal((6, 5))
+  params = model.init(init_key(1), x)["params"]
   params["fc1"]["bias"] = params["fc1"]["bias"].at[3].set(-1e3)  # kill neuron 3
   _, state = model.apply({"params": params}, x, mutable=[ss_linen.ACTIVATIONS])
   stats = probe.reduce_stats_tree(ss_linen.linen_stats(state))
@@ -123,7 +125,7 @@ def test_linen_layer_called_twice_accumulates():
       return layer(x) + layer(x)
 
   x = jnp.ones((2, 4))
-  v = Twice().init(jax.random.key(0), x)
+  v = Twice().init(init_key(0), x)
   _, state = Twice().apply({"params": v["params"]}, x, mutable=[ss_linen.ACTIVATIONS])
   s = probe.reduce_stats_tree(ss_linen.linen_stats(state))["shared"]["post_act"]
   assert float(s.count) == 4.0
@@ -132,7 +134,7 @@ def test_linen_layer_called_twice_accumulates():
 def test_dead_tree_mismatch_names_the_path():
   model = _LinenMLP()
   x = jnp.ones((2, 5))
-  params = model.init(jax.random.key(1), x)["params"]
+  params = model.init(init_key(1), x)["params"]
   _, state = model.apply({"params": params}, x, mutable=[ss_linen.ACTIVATIONS])
   stats = probe.reduce_stats_tree(ss_linen.linen_stats(state))
   renamed = {"fc1": params["fc1"], "fc2_renamed": params["fc2"], "head": params["head"]}
@@ -158,9 +160,9 @@ class _NNXMLP(nnx.Module):
 
 
 def test_nnx_dead_tree_aligned_with_kernels():
-  model = _NNXMLP(nnx.Rngs(0))
+  model = _NNXMLP(nnx.Rngs(init_key(0)))
   model.fc1.bias.value = model.fc1.bias.value.at[2].set(-1e3)
-  x = jax.random.normal(jax.random.key(0), (6, 5))
+  x = normal((6, 5))
   _, inter = nnx.capture(model, nnx.Intermediate)(x)
   params = nnx.state(model, nnx.Param)
   stats = probe.reduce_stats_tree(inter)

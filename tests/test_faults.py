@@ -1,6 +1,6 @@
 """Fault injection: what a run survives, and what it refuses.
 
-One tiny trained run (2 epochs, checkpoints at steps 3 and 6) is shared by
+One tiny trained run (2 epochs, checkpoints at steps 9 and 18) is shared by
 the module; each case copies its workdir and damages the copy: random bytes
 in each kind of checkpoint file, truncation of each output file, two runs on
 one workdir, a kill -9 during a save, a swapped dataset, a read-only
@@ -32,14 +32,16 @@ from synstrip_vit import (checkpointing, evaluation, integrity, loop, resume,
                           rundata, startup, steps, writers)
 from synstrip_vit import workdir as workdir_lib
 
-FAST = {"data.train_limit": 128, "data.test_limit": 64, "run.num_epochs": 2}
+#: The checkpoints of the shared run (test_train_vit's tiny config, whose
+#: programs other modules compile too): one per epoch of 9 steps.
+FIRST, LAST = 9, 18
 QUIET = dict(log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """``(config, workdir, records, {step: state}, target)`` of a finished run."""
-  config = tiny_config(FAST)
+  config = tiny_config()
   workdir = tmp_path_factory.mktemp("trained") / "wd"
   records = loop.train_and_evaluate(config, workdir, **QUIET)
   run_data = rundata.RunData(config)
@@ -49,7 +51,7 @@ def trained(tmp_path_factory):
       state=ocp.args.StandardRestore(checkpointing.abstract(target))))
             ["state"] for s in manager.all_steps()}
   manager.close()
-  assert sorted(states) == [3, 6]
+  assert sorted(states) == [FIRST, LAST]
   return config, workdir, records, states, target
 
 
@@ -98,17 +100,17 @@ def test_random_bytes_in_each_checkpoint_file_fall_back(trained, tmp_path,
   _, _, _, states, target = trained
   workdir = copy_run(trained, tmp_path)
   rng = np.random.default_rng(sorted(KINDS).index(kind))
-  files = sorted((workdir / "checkpoints" / "6").glob(KINDS[kind]))
+  files = sorted((workdir / "checkpoints" / str(LAST)).glob(KINDS[kind]))
   assert files, kind
   flip_bytes(files[int(rng.integers(len(files)))], rng)
   warnings = []
   step, state = restore(workdir, target, warn=warnings.append,
                         quarantine_dir=workdir / "unreadable_checkpoints")
-  assert step == 3
-  assert_bitwise_equal(jax.device_get(states[3]), jax.device_get(state))
-  assert len(warnings) == 1 and "checkpoint 6" in warnings[0] \
-      and "checkpoint 3" in warnings[0], warnings
-  assert (workdir / "unreadable_checkpoints" / "6").is_dir()
+  assert step == FIRST
+  assert_bitwise_equal(jax.device_get(states[FIRST]), jax.device_get(state))
+  assert len(warnings) == 1 and f"checkpoint {LAST}" in warnings[0] \
+      and f"checkpoint {FIRST}" in warnings[0], warnings
+  assert (workdir / "unreadable_checkpoints" / str(LAST)).is_dir()
 
 
 @pytest.mark.slow
@@ -119,7 +121,7 @@ def test_random_corruption_trials_never_restore_wrong_state(trained,
   _, _, _, states, target = trained
   rng = np.random.default_rng(11)
   pristine = copy_run(trained, tmp_path)
-  step_dir = pristine / "checkpoints" / "6"
+  step_dir = pristine / "checkpoints" / str(LAST)
   files = sorted(p for p in step_dir.rglob("*") if p.is_file())
   for trial in range(12):
     path = files[int(rng.integers(len(files)))]
@@ -127,8 +129,8 @@ def test_random_corruption_trials_never_restore_wrong_state(trained,
     flip_bytes(path, rng)
     step, state = restore(pristine, target, warn=lambda _: None)
     path.write_bytes(saved)
-    assert step == 3, (trial, path)
-    assert_bitwise_equal(jax.device_get(states[3]), jax.device_get(state))
+    assert step == FIRST, (trial, path)
+    assert_bitwise_equal(jax.device_get(states[FIRST]), jax.device_get(state))
 
 
 @pytest.mark.slow
@@ -137,16 +139,16 @@ def test_corrupt_latest_then_resume_end_to_end(trained, tmp_path):
   epoch, and ends bit-identical to the uninterrupted run."""
   config, _, records, states, _ = trained
   workdir = copy_run(trained, tmp_path)
-  data = sorted((workdir / "checkpoints" / "6").glob(KINDS["array_data"]))
+  data = sorted((workdir / "checkpoints" / str(LAST)).glob(KINDS["array_data"]))
   flip_bytes(max(data, key=lambda p: p.stat().st_size),
              np.random.default_rng(3))
   lines = []
   out = loop.train_and_evaluate(config, workdir, log=lines.append)
   assert strip_times(out) == strip_times(records)
-  assert any(l.startswith("warning:") and "checkpoint 6" in l
-             and "resuming from checkpoint 3" in l for l in lines), lines
+  assert any(l.startswith("warning:") and f"checkpoint {LAST}" in l
+             and f"resuming from checkpoint {FIRST}" in l for l in lines), lines
   state, _, _ = evaluation.final_state(config, workdir)
-  assert_bitwise_equal(jax.device_get(states[6].params),
+  assert_bitwise_equal(jax.device_get(states[LAST].params),
                        jax.device_get(state.params))
 
 
@@ -155,16 +157,17 @@ def test_all_checkpoints_corrupt_clear_error_nothing_overwritten(trained,
   config, _, _, _, _ = trained
   workdir = copy_run(trained, tmp_path)
   rng = np.random.default_rng(5)
-  for step in ("3", "6"):
+  for step in (str(FIRST), str(LAST)):
     data = sorted((workdir / "checkpoints" / step).glob(KINDS["array_data"]))
     flip_bytes(max(data, key=lambda p: p.stat().st_size), rng)
   before = {p: p.read_bytes() for p in workdir.glob("*.json*")}
   with pytest.raises(checkpointing.CheckpointError,
-                     match="could be restored.*checkpoint 6.*checkpoint 3"):
+                     match=(f"could be restored.*checkpoint {LAST}.*"
+                            f"checkpoint {FIRST}")):
     loop.train_and_evaluate(config, workdir, **QUIET)
   assert {p: p.read_bytes() for p in workdir.glob("*.json*")} == before
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == \
-      ["3", "6"]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == \
+      [FIRST, LAST]
 
 
 def test_nonfinite_checkpoint_is_not_good(trained, tmp_path):
@@ -172,22 +175,23 @@ def test_nonfinite_checkpoint_is_not_good(trained, tmp_path):
   a NaN state is never saved."""
   _, _, _, states, target = trained
   workdir = copy_run(trained, tmp_path)
-  bad = jax.tree.map(lambda x: x, states[6])
+  bad = jax.tree.map(lambda x: x, states[LAST])
   leaf = jax.tree.leaves(bad.params)[0]
   bad = bad.replace(params=jax.tree.map(
       lambda x: x * np.float32("nan") if x is leaf else x, bad.params))
   manager = checkpointing.make_manager(workdir, max_to_keep=3)
   with pytest.raises(FloatingPointError, match="not finite.*not saved"):
-    checkpointing.save(manager, 12, bad)
-  manager.save(12, args=ocp.args.Composite(
+    checkpointing.save(manager, LAST + 1, bad)
+  manager.save(LAST + 1, args=ocp.args.Composite(
       state=ocp.args.StandardSave(bad)), force=True)  # bypass the check
   manager.wait_until_finished()
   manager.close()
-  integrity.write_manifest(workdir / "checkpoints" / "12")
+  integrity.write_manifest(workdir / "checkpoints" / str(LAST + 1))
   warnings = []
   step, _ = restore(workdir, target, warn=warnings.append)
-  assert step == 6
-  assert "FloatingPointError" in warnings[0] and "checkpoint 12" in warnings[0]
+  assert step == LAST
+  assert "FloatingPointError" in warnings[0]
+  assert f"checkpoint {LAST + 1}" in warnings[0]
 
 
 # ------------------------------------------- 3, 5. truncated output files
@@ -221,7 +225,7 @@ def test_truncated_metrics_of_killed_run_keeps_every_epoch(trained, tmp_path):
   has epoch 0 again (the issue's permanent gap)."""
   config, _, records, _, _ = trained
   workdir = copy_run(trained, tmp_path)
-  shutil.rmtree(workdir / "checkpoints" / "6")
+  shutil.rmtree(workdir / "checkpoints" / str(LAST))
   path = workdir / writers.METRICS_FILE
   first = path.read_bytes().split(b"\n")[0]
   path.write_bytes(first[:len(first) // 2])
@@ -253,7 +257,7 @@ def test_unreadable_config_without_identity_is_one_line_error(trained,
   workdir = copy_run(trained, tmp_path)
   (workdir / "config.json").write_text("")
   (workdir / "run.json").unlink()
-  for step in ("3", "6"):
+  for step in (str(FIRST), str(LAST)):
     (workdir / "checkpoints" / step / integrity.META_FILE).unlink()
     (workdir / "checkpoints" / step / integrity.MANIFEST_FILE).unlink()
   with pytest.raises(resume.RunError, match="config.json is missing or "
@@ -295,7 +299,7 @@ def test_swapped_dataset_is_refused(trained, tmp_path, monkeypatch):
   with pytest.raises(resume.RunError, match="other data"):
     loop.train_and_evaluate(config, workdir, **QUIET)
   (workdir / "run.json").unlink()  # the checkpoint records it too
-  with pytest.raises(resume.RunError, match="checkpoint 6 .* other data"):
+  with pytest.raises(resume.RunError, match=f"checkpoint {LAST} .* other data"):
     loop.train_and_evaluate(config, workdir, **QUIET)
   after = {p.name: p.read_bytes() for p in workdir.glob("*.json*")}
   assert after == {k: v for k, v in before.items() if k != "run.json"}
@@ -306,7 +310,7 @@ def test_hand_edited_config_is_refused(trained, tmp_path):
   still refuses it."""
   config, _, _, _, _ = trained
   workdir = copy_run(trained, tmp_path)
-  other = tiny_config({**FAST, "run.seed": 7})
+  other = tiny_config({"run.seed": 7})
   (workdir / "config.json").write_text(other.to_json())
   with pytest.raises(resume.RunError, match="other config"):
     loop.train_and_evaluate(other, workdir, **QUIET)
@@ -372,9 +376,9 @@ def test_two_concurrent_resumes_one_wins(trained, tmp_path):
   """Two resumes started together: one finishes, the other is refused; the
   metrics hold each epoch once."""
   workdir = copy_run(trained, tmp_path)
-  shutil.rmtree(workdir / "checkpoints" / "6")
+  shutil.rmtree(workdir / "checkpoints" / str(LAST))
   procs = [start_python([SCRIPT, f"--workdir={workdir}",
-                         *overrides_argv(FAST)], env=script_env())
+                         *overrides_argv()], env=script_env())
            for _ in range(2)]
   outs = [finish(p, 300, "concurrent run") for p in procs]
   codes = sorted(p.returncode for p in procs)
@@ -391,7 +395,7 @@ def test_kill_during_save_then_resume(tmp_path, trained):
   with the uninterrupted run's metrics and params."""
   config, _, records, states, _ = trained
   workdir = tmp_path / "wd"
-  extra = {**FAST, "run.checkpoint_every_steps": 1}
+  extra = {"run.checkpoint_every_steps": 1}
   for delay in (0.0, 0.05):
     proc = start_python([SCRIPT, f"--workdir={workdir}",
                          *overrides_argv(extra)], env=script_env(),
@@ -411,7 +415,7 @@ def test_kill_during_save_then_resume(tmp_path, trained):
   assert proc.returncode == 0, stderr[-3000:]
   ref = tiny_config(extra)
   state, _, _ = evaluation.final_state(ref, workdir)
-  assert_bitwise_equal(jax.device_get(states[6].params),
+  assert_bitwise_equal(jax.device_get(states[LAST].params),
                        jax.device_get(state.params))
   assert strip_times(writers.read_jsonl(workdir / "metrics.jsonl")) == \
       strip_times(records)

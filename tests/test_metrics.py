@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from _shared import load_fixtures
+from conftest import normal
 
 from synstrip_jax.metrics import active_params, dead_counts, sparsity, summary
 from synstrip_jax.transform import get_masks, strip_event, with_stripping
@@ -117,8 +118,7 @@ def test_with_masks_from_the_optimizer_state():
   """The masks read from a with_stripping state after a strip_event feed
   active_params directly."""
   _, params, dead, _ = fixture_trees()
-  params["fc1"]["kernel"] = jax.random.normal(jax.random.PRNGKey(0),
-                                              (64, 32))
+  params["fc1"]["kernel"] = normal((64, 32))
   targets = {"fc1": {"kernel": True, "bias": False},
              "fc2": {"kernel": True, "bias": False}}
   opt = with_stripping(optax.sgd(0.1), targets)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import init_key, normal
+
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_vit import models
 from synstrip_vit.models import (MLP, ViT, create_model, gelu_exact,
@@ -22,11 +24,11 @@ TINY = dict(num_classes=10, patch_size=4, hidden_size=32, depth=2,
 
 
 def _images(b=4, h=8, w=8, c=3, seed=0):
-  return jax.random.normal(jax.random.key(seed), (b, h, w, c), jnp.float32)
+  return normal((b, h, w, c), seed)
 
 
 def _init(model, x):
-  return model.init(jax.random.key(1), x, train=False)["params"]
+  return model.init(init_key(1), x, train=False)["params"]
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +280,9 @@ def test_vit_jit_and_grad(tiny):
 def test_vit_errors(tiny):
   x, _ = tiny
   with pytest.raises(ValueError, match="patch_size"):
-    ViT(**{**TINY, "patch_size": 3}).init(jax.random.key(0), x, train=False)
+    ViT(**{**TINY, "patch_size": 3}).init(init_key(0), x, train=False)
   with pytest.raises(ValueError, match="divisible"):
-    ViT(**TINY).init(jax.random.key(0), _images(1, 8, 10), train=False)
+    ViT(**TINY).init(init_key(0), _images(1, 8, 10), train=False)
   with pytest.raises(ValueError, match="num_heads"):
     ViT(**{**TINY, "num_heads": 5})
   with pytest.raises(ValueError, match="activation"):
@@ -290,7 +292,7 @@ def test_vit_errors(tiny):
   with pytest.raises(ValueError, match="depth"):
     ViT(**{**TINY, "depth": 0})
   with pytest.raises(ValueError, match="B, H, W, C"):
-    ViT(**TINY).init(jax.random.key(0), jnp.ones((2, 8, 8)), train=False)
+    ViT(**TINY).init(init_key(0), jnp.ones((2, 8, 8)), train=False)
 
 
 # ----------------------------------------------------------------------- MLP
@@ -365,7 +367,7 @@ def test_registry_builds_the_model_and_its_outgoing_map(name):
   model = create_model(name.upper(), **kwargs)
   spec = models.model_spec(name)
   assert type(model) is spec.cls  # pylint: disable=unidiomatic-typecheck
-  params = model.init(jax.random.PRNGKey(0),
+  params = model.init(init_key(0),
                       jnp.zeros((1, 8, 8, 3)), train=False)["params"]
   outgoing = models.outgoing_map(params, name)
   assert outgoing and outgoing == spec.outgoing(params)
@@ -407,11 +409,11 @@ def test_bias_init_rejects_non_numbers(value):
 
 
 def test_negative_bias_init_kills_neurons():
-  x = _images(16, 4, 4, 1)
-  model = MLP(num_classes=3, width=32, depth=1, bias_init=-100.0)
+  x = _images(8, 4, 4, 1)  # the shapes of test_mlp_dead_neuron_and_bf16
+  model = MLP(num_classes=3, width=16, depth=2, bias_init=-100.0)
   dead, _ = _dead(model, _init(model, x), x)
   assert bool(dead["fc0"]["kernel"].all())
-  model = MLP(num_classes=3, width=32, depth=1)
+  model = MLP(num_classes=3, width=16, depth=2)
   dead, _ = _dead(model, _init(model, x), x)
   assert not bool(dead["fc0"]["kernel"].any())
 

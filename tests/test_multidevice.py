@@ -81,8 +81,9 @@ CHECKS = {
     ),
 }
 SLOW = {"sharded_jit_strip_params_sharded_kernel",
-        "eager_strip_params_keeps_shardings",
-        "opt_state_sharding_eager_init_auto", "explicit_mesh_jit_init"}
+        "eager_strip_params_keeps_shardings", "pmap_strip_params",
+        "opt_state_sharding_eager_init_auto", "explicit_mesh_jit_init",
+        "explicit_mesh_update_and_strip_event", "probe_dead_over_devices"}
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,12 @@ import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
 from _shared import REPO
+from conftest import init_key
 
 sys.path.insert(0, str(REPO / "docs" / "examples"))
 from flax_mnist_linen import CNN as LinenCNN  # noqa: E402  pylint: disable=wrong-import-position
 from nnx_mnist_tutorial import CNN as TutorialCNN  # noqa: E402  pylint: disable=wrong-import-position
+
 
 
 class SharedNNX(nnx.Module):
@@ -46,7 +48,7 @@ def _shared_stats(model, batch):
 
 @pytest.mark.slow
 def test_nnx_shared_module_probe_matches_eager_capture():
-  model = SharedNNX(nnx.Rngs(0))
+  model = SharedNNX(nnx.Rngs(init_key(0)))
   # x drives every neuron positive, y none: the neurons are alive only
   # through the fc1 calls.
   w = np.asarray(model.fc1.kernel[...])
@@ -86,12 +88,12 @@ class TwoLinear(nnx.Module):
 def test_select_list_entry_matching_nothing_is_an_error(select):
   x = jnp.ones((2, 3))
   model = TwoDense()
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = model.init(init_key(0), x)
   bad = re.escape(f"select entries {[select[1]]}")
   with pytest.raises(ValueError, match=bad):
     ss_linen.capture_stats(model, variables, x, select=select)
   with pytest.raises(ValueError, match=bad):
-    ss_nnx.capture_stats(TwoLinear(nnx.Rngs(0)), x, select=select)
+    ss_nnx.capture_stats(TwoLinear(nnx.Rngs(init_key(0))), x, select=select)
 
 
 class BNDropCNN(nnx.Module):
@@ -118,7 +120,7 @@ def _snapshot(model):
 
 
 def test_nnx_targets_from_shapes_update_nothing():
-  model = BNDropCNN(nnx.Rngs(0))
+  model = BNDropCNN(nnx.Rngs(init_key(0)))
   before = _snapshot(model)
   x = jax.ShapeDtypeStruct((2, 6, 6, 1), jnp.float32)
   targets = ss_nnx.targets(model, x, select={"bn1": "conv1"})
@@ -144,7 +146,7 @@ def test_linen_targets_from_shapes(train):
   model = BNCNN()
   x = jnp.ones((2, 6, 6, 1))
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+      lambda: model.init(init_key(0), x, train=False))
   kwargs = {"rngs": {"dropout": jax.random.PRNGKey(1)}} if train else {}
   targets = ss_linen.targets(model, variables, x, train=train,
                              select={"bn1": "conv1"}, **kwargs)
@@ -156,7 +158,7 @@ def test_linen_targets_from_shapes(train):
 def test_linen_variables_as_params_error_names_params_argument():
   model = BNCNN()
   x = jnp.ones((2, 6, 6, 1))
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  variables = model.init(init_key(0), x, train=False)
   fn = lambda v, b: ss_linen.capture_stats(model, v, b, train=False,
                                            select={"bn1": "conv1"})[1]
   with pytest.raises(ValueError, match=r"params=variables\['params'\]"):
@@ -167,7 +169,7 @@ def test_linen_variables_as_params_error_names_params_argument():
 
 def test_nnx_dead_plain_arrays_and_same_counts_keys_as_linen():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)), jnp.float32)
-  model = TwoLinear(nnx.Rngs(0))
+  model = TwoLinear(nnx.Rngs(init_key(0)))
   stats = probe.reduce_stats_tree(
       ss_nnx.capture_stats(model, x, select="fc*")[1])
   with warnings.catch_warnings():
@@ -178,7 +180,7 @@ def test_nnx_dead_plain_arrays_and_same_counts_keys_as_linen():
     counts = ss.dead_counts(dead)
   assert sorted(counts) == ["fc1/kernel", "fc2/kernel"]
   lin = TwoDense()
-  variables = lin.init(jax.random.PRNGKey(0), x)
+  variables = lin.init(init_key(0), x)
   lstats = probe.reduce_stats_tree(
       ss_linen.capture_stats(lin, variables, x, select="fc*")[1])
   assert sorted(ss.dead_counts(probe.dead_tree(variables["params"], lstats))
@@ -191,7 +193,7 @@ def test_nnx_dead_plain_arrays_and_same_counts_keys_as_linen():
 
 
 def test_strip_event_on_nnx_state_points_at_nnx_strip():
-  model = TwoLinear(nnx.Rngs(0))
+  model = TwoLinear(nnx.Rngs(init_key(0)))
   targets = ss_nnx.targets(model, jnp.ones((2, 3)), select="fc*")
   opt = nnx.Optimizer(model, ss.with_stripping(optax.sgd(0.1), targets),
                       wrt=nnx.Param)
@@ -243,7 +245,7 @@ class ResNetBlock(nn.Module):
 
 
 def _linen_keys(model, x, select, **kwargs):
-  variables = model.init(jax.random.PRNGKey(0), x, **kwargs)
+  variables = model.init(init_key(0), x, **kwargs)
   _, stats = ss_linen.capture_stats(model, variables, x, select=select,
                                     **kwargs)
   return variables, stats
@@ -253,8 +255,8 @@ def _linen_keys(model, x, select, **kwargs):
 def test_logits_layer_taken_by_a_glob_is_reported(on_problem):
   x = jnp.ones((2, 3))
   model = TwoDense()
-  variables = model.init(jax.random.PRNGKey(0), x)
-  nmodel = TwoLinear(nnx.Rngs(0))
+  variables = model.init(init_key(0), x)
+  nmodel = TwoLinear(nnx.Rngs(init_key(0)))
   calls = [lambda: ss_linen.capture_stats(model, variables, x, select="*",
                                           check_relu=on_problem),
            lambda: ss_nnx.capture_stats(nmodel, x, select="*",
@@ -280,11 +282,11 @@ def test_logits_layer_taken_by_a_glob_is_reported(on_problem):
 def test_conv_batchnorm_relu_without_mapping_is_reported():
   x = jnp.ones((2, 6, 6, 1))
   model = BNCNN()
-  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  variables = model.init(init_key(0), x, train=False)
   msg = "'conv1' reaches a ReLU only through BatchNorm 'bn1'.*\\{'bn1': 'conv1'\\}"
   with pytest.warns(UserWarning, match=msg):
     ss_linen.capture_stats(model, variables, x, train=False, select="conv*")
-  nmodel = BNDropCNN(nnx.Rngs(0))
+  nmodel = BNDropCNN(nnx.Rngs(init_key(0)))
   nmodel.eval()
   with pytest.warns(UserWarning, match=msg):
     ss_nnx.capture_stats(nmodel, x, select="conv*")
@@ -314,7 +316,7 @@ def test_auto_matches_explicit_selection_linen(case):
     model, kwargs = ResNetBlock(4), {"train": False}
     x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
     explicit = {"bn1": "conv1"}
-  variables = model.init(jax.random.PRNGKey(0), x, **kwargs)
+  variables = model.init(init_key(0), x, **kwargs)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     _, auto = ss_linen.capture_stats(model, variables, x, select="auto",
@@ -326,7 +328,7 @@ def test_auto_matches_explicit_selection_linen(case):
 
 @pytest.mark.slow
 def test_auto_matches_explicit_selection_nnx_tutorial_cnn():
-  model = TutorialCNN(rngs=nnx.Rngs(0))
+  model = TutorialCNN(rngs=nnx.Rngs(init_key(0)))
   model.eval()
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 28, 28, 1)),
                   jnp.float32)
@@ -346,7 +348,7 @@ def test_auto_on_the_application_vit_takes_every_mlp_layer():
                        depth=2, num_heads=2, mlp_dim=16)
   x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.ones(x.shape), train=False))
+      lambda: model.init(init_key(0), jnp.ones(x.shape), train=False))
   auto = ss_linen.targets(model, variables, x, train=False, select="auto")
   explicit = ss_linen.targets(model, variables, x, train=False,
                               select="*/mlp/fc*")
@@ -358,8 +360,8 @@ def test_auto_on_the_application_vit_takes_every_mlp_layer():
 def test_auto_needs_the_relu():
   x = jnp.ones((2, 3))
   model = TwoDense()
-  variables = model.init(jax.random.PRNGKey(0), x)
-  nmodel = TwoLinear(nnx.Rngs(0))
+  variables = model.init(init_key(0), x)
+  nmodel = TwoLinear(nnx.Rngs(init_key(0)))
   with pytest.raises(ValueError, match="select='auto'.*activation=jax.nn.relu"):
     ss_linen.capture_stats(model, variables, x, select="auto",
                            activation=jax.nn.gelu)

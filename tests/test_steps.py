@@ -1,10 +1,12 @@
 """Tests of ``synstrip_vit.steps``: schedule, optimizer, state, steps, mesh.
 
-Tiny models (a 1-block ViT of width 32 on 16x16x3 images) keep the module
-under a minute on a 2-core CPU; every compiled step is built once per module.
+The steps do not depend on the model: the module's steps run on the
+package's MLP (two hidden layers of 16, on 16x16x3 images), every compiled
+step built once per module. Under ``-m slow`` a train step of a 1-block ViT
+with dropout and the 8-device comparison run on the ViT too.
 The 8-device checks run this file as a script in a subprocess (``XLA_FLAGS``
-must be set before JAX starts): ``python tests/test_steps.py --worker``
-prints one JSON line of results.
+must be set before JAX starts): ``python tests/test_steps.py --worker mlp``
+(or ``vit``) prints one JSON line of results.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +35,9 @@ from synstrip_vit.models.vit import ViT
 from synstrip_jax.transform import get_masks, strip_event
 
 IMAGE_SHAPE = (16, 16, 3)
-#: Encoder blocks of the tiny ViT (one block compiles in about half the time
-#: of two and exercises every step path).
-DEPTH = 1
+#: Hidden layers of the module's MLP (``fc0``, ``fc1``: both strippable).
+DEPTH = 2
+WIDTH = 16
 BATCH = 8
 MEAN = np.array([125.3, 123.0, 113.9], np.float32)
 STD = np.array([63.0, 62.1, 66.7], np.float32)
@@ -42,10 +45,18 @@ NUM_DEVICES = 8
 WORKER_TIMEOUT_S = 240
 
 
-def tiny_vit(dtype=jnp.float32, depth=None) -> ViT:
-  depth = DEPTH if depth is None else depth
-  return ViT(num_classes=10, patch_size=4, hidden_size=32, depth=depth,
-             num_heads=4, mlp_dim=64, dtype=dtype)
+def tiny_mlp() -> MLP:
+  return MLP(num_classes=10, width=WIDTH, depth=DEPTH)
+
+
+def tiny_vit(dtype=jnp.float32, dropout=0.0) -> ViT:
+  """A 1-block ViT of width 32 (16 patches of 4x4 and a class token)."""
+  return ViT(num_classes=10, patch_size=4, hidden_size=32, depth=1,
+             num_heads=4, mlp_dim=64, dropout=dropout, dtype=dtype)
+
+
+def tiny_model(name: str) -> nn.Module:
+  return {"mlp": tiny_mlp, "vit": tiny_vit}[name]()
 
 
 def schedule():
@@ -94,8 +105,8 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.fixture(scope="module")
 def setup():
-  """A fresh tiny-ViT state (strip on), its optimizer and the targets seen."""
-  model = tiny_vit()
+  """A fresh tiny-MLP state (strip on), its optimizer and the targets seen."""
+  model = tiny_mlp()
   seen = {}
 
   def factory(targets):
@@ -198,12 +209,11 @@ def test_make_optimizer_is_adamw_with_scheduled_learning_rate():
 
 # ---------------------------------------------------------------- train state
 
-def test_create_train_state_vit(setup):
+def test_create_train_state(setup):
   model, state, tx, targets = setup
   flat = {"/".join(str(k.key) for k in path): v for path, v in
           jax.tree_util.tree_flatten_with_path(targets)[0]}
-  expected = {f"encoder_block_{i}/mlp/fc{j}/kernel" for i in range(DEPTH)
-              for j in (1, 2)}
+  expected = {f"fc{i}/kernel" for i in range(DEPTH)}
   assert {k for k, v in flat.items() if v} == expected
   assert all(isinstance(v, bool) for v in flat.values())
   assert len(flat) == len(jax.tree.leaves(state.params))
@@ -215,12 +225,36 @@ def test_create_train_state_vit(setup):
   assert "activations" not in state.params
   masks = get_masks(state.opt_state)
   for i in range(DEPTH):
-    for j in (1, 2):
-      kernel = state.params[f"encoder_block_{i}"]["mlp"][f"fc{j}"]["kernel"]
-      mask = masks[f"encoder_block_{i}"]["mlp"][f"fc{j}"]["kernel"]
-      assert mask.shape == kernel.shape and bool(jnp.all(mask))
-  assert len(jax.tree.leaves(masks)) == 2 * DEPTH
+    kernel = state.params[f"fc{i}"]["kernel"]
+    mask = masks[f"fc{i}"]["kernel"]
+    assert mask.shape == kernel.shape and bool(jnp.all(mask))
+  assert masks["head"]["kernel"] is None
+  assert len(jax.tree.leaves(masks)) == DEPTH
   assert isinstance(tx, optax.GradientTransformation)
+
+
+@pytest.mark.slow
+def test_vit_state_and_train_step_with_dropout():
+  """The ViT's targets are its blocks' MLP layers; its train step draws the
+  dropout key from the state's ``rng`` (the same params and batch under
+  another ``rng`` give another loss) and keeps the params float32."""
+  model = tiny_vit(dropout=0.5)
+  state, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
+                                       seed=0)
+  assert {jax.tree_util.keystr(path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(get_masks(state.opt_state))[0]
+          } == {"['encoder_block_0']['mlp']['fc1']['kernel']",
+                "['encoder_block_0']['mlp']['fc2']['kernel']"}
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                   augment=no_augment))
+  images, labels = make_batch(seed=13)
+  new, metrics = step(copy_tree(state), images, labels)
+  other = state.replace(rng=jax.random.PRNGKey(7))
+  _, other_metrics = step(other, images, labels)
+  assert np.isfinite(float(metrics["loss_sum"]))
+  assert float(metrics["loss_sum"]) != float(other_metrics["loss_sum"])
+  assert int(new.step) == 1
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
 
 
 @pytest.mark.slow
@@ -276,20 +310,18 @@ def test_train_step_is_deterministic(setup, train_fn):
 def test_train_step_keeps_stripped_weights_at_zero(setup, train_fn):
   _, state, _, _ = setup
   dead = jax.tree.map(lambda _: None, state.params)
-  mlp = state.params["encoder_block_0"]["mlp"]
-  dead["encoder_block_0"]["mlp"]["fc1"]["kernel"] = (
-      jnp.arange(mlp["fc1"]["kernel"].shape[-1]) % 2 == 0)
+  dead["fc1"]["kernel"] = jnp.arange(WIDTH) % 2 == 0
   params, opt_state = strip_event(state.params, state.opt_state, dead,
                                   stripping_factor=0.5)
-  kept = get_masks(opt_state)["encoder_block_0"]["mlp"]["fc1"]["kernel"]
+  kept = get_masks(opt_state)["fc1"]["kernel"]
   assert not bool(jnp.all(kept))
   state = state.replace(params=params, opt_state=opt_state)
   images, labels = make_batch(seed=2)
   for _ in range(3):
     state, _ = train_fn(state, images, labels)
-  kernel = state.params["encoder_block_0"]["mlp"]["fc1"]["kernel"]
+  kernel = state.params["fc1"]["kernel"]
   assert bool(jnp.all(jnp.where(kept, True, kernel == 0.0)))
-  assert bool(jnp.any(kernel != params["encoder_block_0"]["mlp"]["fc1"]["kernel"]))
+  assert bool(jnp.any(kernel != params["fc1"]["kernel"]))
 
 
 @pytest.mark.slow
@@ -346,8 +378,8 @@ def test_eval_step_padding_rows_are_ignored(setup, eval_fns):
                               np.ones(8, bool))
   assert float(everything["count"]) == 8.0
   assert not np.allclose(
-      everything["stats"]["encoder_block_0"]["mlp"]["fc1"]["post_act"].total,
-      full["stats"]["encoder_block_0"]["mlp"]["fc1"]["post_act"].total)
+      everything["stats"]["fc1"]["post_act"].total,
+      full["stats"]["fc1"]["post_act"].total)
   plain = eval_fns[False](state.params, padded_images, padded_labels, valid)
   assert "stats" not in plain
   for key in ("loss_sum", "correct", "count"):
@@ -364,10 +396,9 @@ def test_eval_step_stats_equal_direct_apply(setup, eval_fns):
                                   mutable=["activations"])
   expected = probe.reduce_stats_tree(ss_linen.linen_stats(variables))
   assert_trees_close(out["stats"], expected, rtol=1e-6, atol=0)
-  s = out["stats"][f"encoder_block_{DEPTH - 1}"]["mlp"]["fc2"]["post_act"]
-  assert s.total.shape == (32,) and s.total.dtype == jnp.float32
-  # count: examples x tokens (16 patches + the class token).
-  assert float(s.count) == BATCH * 17
+  s = out["stats"][f"fc{DEPTH - 1}"]["post_act"]
+  assert s.total.shape == (WIDTH,) and s.total.dtype == jnp.float32
+  assert float(s.count) == BATCH
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   np.testing.assert_allclose(float(out["loss_sum"]), float(ce.sum()),
                              rtol=1e-5)
@@ -460,7 +491,7 @@ def test_jitted_steps_match_eager_mlp():
 
 @pytest.mark.slow
 def test_mixed_precision_bfloat16_model():
-  model = tiny_vit(jnp.bfloat16, depth=1)
+  model = tiny_vit(jnp.bfloat16)
   state, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
                                           seed=1)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
@@ -504,12 +535,12 @@ def _max_diffs(a, b, rel_floor=1e-6):
   return abs_d, rel_d
 
 
-def _worker() -> dict:
+def _worker(model_name: str) -> dict:
   """Runs on 8 fake CPU devices (see the module docstring)."""
   import synstrip_jax  # pylint: disable=import-outside-toplevel
   is_stats = lambda x: isinstance(x, synstrip_jax.ActivationStats)
   results = {"devices": jax.device_count()}
-  model = tiny_vit()
+  model = tiny_model(model_name)
   state0, tx = steps.create_train_state(model, tx_factory(), IMAGE_SHAPE,
                                            seed=0)
   batch, num_steps = 16, 3
@@ -593,35 +624,40 @@ def _worker() -> dict:
   return results
 
 
-def _eight_device_test_selected(session) -> bool:
-  return any(item.name == "test_eight_devices_match_one_device"
-             and item.path == Path(__file__) for item in session.items)
+def _eight_device_models(session) -> list[str]:
+  """The models of the selected ``test_eight_devices_match_one_device``."""
+  return [item.callspec.params["model_name"] for item in session.items
+          if item.path == Path(__file__)
+          and item.originalname == "test_eight_devices_match_one_device"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def eight_device_worker(request):
-  """Starts the 8-device worker as the module starts, so that it overlaps
-  with the single-device tests (XLA compiles mostly on one thread)."""
-  proc = None
-  if _eight_device_test_selected(request.session):
-    proc = start_python([__file__, "--worker"], NUM_DEVICES)
-  yield proc
-  if proc is not None and proc.poll() is None:
-    proc.kill()
-    proc.communicate()
+def eight_device_workers(request):
+  """Starts the 8-device workers (one per selected model) as the module
+  starts, so that they overlap with the single-device tests."""
+  procs = {name: start_python([__file__, "--worker", name], NUM_DEVICES)
+           for name in _eight_device_models(request.session)}
+  yield procs
+  for proc in procs.values():
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
 
 
-def test_eight_devices_match_one_device(eight_device_worker):
+@pytest.mark.parametrize("model_name", [
+    "mlp", pytest.param("vit", marks=pytest.mark.slow)])
+def test_eight_devices_match_one_device(eight_device_workers, model_name):
   """jit_train_step / jit_eval_step over 8 devices = over 1 device.
 
   Not bit-identical: the gradient all-reduce sums the per-device partial
   gradients in another order. Every param agrees to float tolerance except
-  the attention key biases: their gradient is mathematically zero (a key bias
-  adds the same ``q . b`` to every logit of a query, which the softmax
-  ignores), so both runs hold rounding noise there, which Adam normalises to
-  steps of about ``lr``; those are only bounded by the sum of the rates.
+  the ViT's attention key biases: their gradient is mathematically zero (a
+  key bias adds the same ``q . b`` to every logit of a query, which the
+  softmax ignores), so both runs hold rounding noise there, which Adam
+  normalises to steps of about ``lr``; those are only bounded by the sum of
+  the rates.
   """
-  out = json_verdict(eight_device_worker, WORKER_TIMEOUT_S,
+  out = json_verdict(eight_device_workers[model_name], WORKER_TIMEOUT_S,
                      "the 8-device worker")
   del out["stderr"]
   print(json.dumps(out, indent=1))  # shown with -s: bit-identical or not
@@ -640,5 +676,5 @@ def test_eight_devices_match_one_device(eight_device_worker):
   assert msg is not None and "batch_size=12" in msg and "device count 8" in msg
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-  print(json.dumps(_worker()))
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+  print(json.dumps(_worker(sys.argv[2])))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from _shared import assert_bitwise_equal
-from conftest import dead_tree, random_dead, small_dead, small_params
+from conftest import dead_tree, normal, random_dead, small_dead, small_params
 from synstrip_jax import stripping
 from synstrip_jax.stripping import strip_kernel, strip_params
 
@@ -264,7 +264,7 @@ def test_traced_program_size_does_not_grow_with_same_shape_kernels():
 def test_every_dead_count_gets_its_thresholds(count_compiles):
   """Each dead neuron gets the threshold of its whole column, every other
   neuron NaN, for every dead count (one compiled program for all)."""
-  w = jax.random.normal(jax.random.key(1), (40, 33))
+  w = normal((40, 33), 1)
   full = stripping.column_thresholds(w, 0.2, axis=0)
   thresholds = jax.jit(stripping.kernel_thresholds,
                        static_argnames="stripping_factor")

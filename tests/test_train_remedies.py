@@ -55,9 +55,11 @@ def no_remedy(tmp_path_factory):
   return records, evaluation.final_state(config, workdir)[0]
 
 
-# CBP through the loop by default: test_cbp_resume_is_bit_identical.
+# ReDo through the loop by default, shrink & perturb by
+# test_remedy_frequency_and_progress_line; CBP under -m slow.
 @pytest.mark.parametrize("name", [
-    "redo", pytest.param("cbp", marks=pytest.mark.slow), "shrink_perturb"])
+    "redo", *[pytest.param(n, marks=pytest.mark.slow)
+              for n in ("cbp", "shrink_perturb")]])
 def test_each_remedy_runs_at_its_events(tmp_path, no_remedy, name):
   config = mlp_config({"remedy.name": name})
   records = run(config, tmp_path / "wd")
@@ -130,8 +132,8 @@ def test_cbp_combines_with_stripping(cbp_reference):
       assert np.all(leaf[~mask] == 0.0)
 
 
-@pytest.mark.parametrize("interrupts", [
-    [5], pytest.param([6, 9], marks=pytest.mark.slow)])
+@pytest.mark.slow  # resume bit-identity by default: test_train_vit.py
+@pytest.mark.parametrize("interrupts", [[5], [6, 9]])
 def test_cbp_resume_is_bit_identical(tmp_path, cbp_reference, interrupts):
   """Killed mid-epoch or at an epoch end (after its event), the resumed run
   ends with the same params, CBP state and records."""
@@ -229,7 +231,8 @@ def test_checkpoint_without_remedy_field_restores(tmp_path):
         target.replace(remedy={"util": jnp.zeros(3)}))
 
 
-@pytest.mark.parametrize("name", ["redo", "cbp"])
+@pytest.mark.parametrize("name", [
+    "redo", pytest.param("cbp", marks=pytest.mark.slow)])
 def test_prepare_compiles_the_remedy_event(tmp_path, name):
   """After prepare, an epoch's probe and its remedy event compile nothing
   new of the remedy (it compiled at start-up with the other programs)."""

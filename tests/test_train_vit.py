@@ -306,12 +306,13 @@ def test_rerun_with_another_config_is_refused(script_run):
   assert "different config" in res.stderr and "seed" in res.stderr
 
 
-# Two variants by default (a data set and a config value refused before any
-# compile, one line, no traceback); the rest under ``-m slow``.
+# One variant by default (a data set refused before any compile, one line, no
+# traceback); the rest under ``-m slow`` (the config checks themselves run
+# in-process in test_cli.py and test_train_remedies.py).
 @pytest.mark.parametrize("args, expected", [
     (["--config.data.dataset=imagenet"], "unknown dataset 'imagenet'"),
-    (["--config.remedy.name=cpb"], "config.remedy.name='cpb' is not one of"),
     *[pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (["--config.remedy.name=cpb"], "config.remedy.name='cpb' is not one of"),
         (["--config.stripping.facter=0.1"], "did you mean 'stripping.factor'?"),
         (["--config.model.num_heads=3"], "num_heads=3 does not divide"),
         (["--config.stripping.factor=1.5"], "stripping.factor"),
@@ -440,14 +441,17 @@ def test_eight_fake_devices(tmp_path, script_run):
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("ref") / "wd"
-  config = tiny_config({"run.num_epochs": 3, "run.checkpoint_every_steps": 4})
+  # The tiny run's programs (compiled by other modules too), with
+  # checkpoints inside epochs (every 4 steps; 9 steps per epoch).
+  config = tiny_config({"run.checkpoint_every_steps": 4})
   records = loop.train_and_evaluate(config, workdir, log=lambda _: None)
   params, _ = final_params(config, workdir)
   return config, records, params
 
 
-@pytest.mark.slow  # resume bit-identity by default: test_train_remedies.py
-@pytest.mark.parametrize("interrupts", [[4], [9, 1], [5, 11, 3]])
+@pytest.mark.parametrize("interrupts", [
+    [4], *[pytest.param(i, marks=pytest.mark.slow) for i in ([9, 1],
+                                                              [5, 11, 3])]])
 def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
                                                          reference_run,
                                                          interrupts):
@@ -461,7 +465,7 @@ def test_interrupt_anywhere_then_resume_is_bit_identical(tmp_path,
                               log=lambda _: None)
   loop.train_and_evaluate(config, workdir, log=lambda _: None)
   params, position = final_params(config, workdir)
-  assert position == (3, 0)  # epoch 3 of 3 (index 2) finished
+  assert position == (2, 0)  # epoch 2 of 2 (index 1) finished
   assert_bitwise_equal(ref_params, params)
   assert strip_times(writers.read_jsonl(workdir / "metrics.jsonl")) == \
       strip_times(ref_records)
@@ -518,10 +522,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert len(steps) == len(records)
 
 
-@pytest.mark.parametrize("model", [
-    "mlp", pytest.param("vit", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the TFDS loader itself by default: test_data.py
+@pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_tfds_path_with_mock_data(tmp_path, model):
-  """cifar10 through the TFDS API (mock data: nothing is read or fetched)."""
+  """cifar10 through the TFDS API and the loop (mock data: nothing is read
+  or fetched)."""
   tfds = pytest.importorskip("tensorflow_datasets")
   config = tiny_config({"data.dataset": "cifar10", "data.train_limit": 0,
                         "data.test_limit": 0, "run.num_epochs": 1,

@@ -23,6 +23,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import normal
+
 from synstrip_jax.metrics import active_params, dead_counts, sparsity, summary
 from synstrip_jax.stripping import (strip_kernel, strip_params,
                                     validate_stripping_factor)
@@ -148,7 +150,7 @@ def test_strip_params_and_metrics_empty_kernel_is_noop(shape):
                                jnp.asarray(1, jnp.int32)])
 def test_concrete_0d_stripping_factor_accepted(q):
   assert validate_stripping_factor(q) == float(q)
-  k = jax.random.normal(jax.random.key(0), (20, 3))
+  k = normal((20, 3))
   dead, mask = jnp.array([True, False, True]), jnp.ones((20, 3), bool)
   got = strip_kernel(k, dead, mask, stripping_factor=q)
   want = strip_kernel(k, dead, mask, stripping_factor=float(q))
@@ -218,7 +220,7 @@ def test_dead_entry_at_none_param_leaf_names_path():
 # ------------------------------------------------------ NaN policy (item 7)
 
 def _nan_case():
-  k = jax.random.normal(jax.random.key(1), (24, 4))
+  k = normal((24, 4), 1)
   k = k.at[3, 1].set(jnp.nan).at[5, 2].set(jnp.nan)  # 2: live, 1: dead
   dead = jnp.array([True, True, False, True])
   return k, dead, jnp.ones(k.shape, bool)
