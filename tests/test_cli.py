@@ -221,6 +221,7 @@ def test_finished_run_says_so_without_restoring_or_compiling(finished,
   assert (workdir / writers.METRICS_FILE).read_text() == before
 
 
+@pytest.mark.slow  # by default: the refusal that points at --extend
 def test_extend_continues_on_the_longer_schedule_and_records_it(finished,
                                                                 tmp_path):
   source, records = finished

@@ -3,6 +3,7 @@
 Tiny configs; the default ViT is only checked abstractly (jax.eval_shape).
 """
 
+import functools
 import math
 
 import flax
@@ -28,7 +29,10 @@ def _images(b=4, h=8, w=8, c=3, seed=0):
 
 
 def _init(model, x):
-  return model.init(init_key(1), x, train=False)["params"]
+  """``model.init`` as one program (eagerly each initializer compiles per
+  parameter shape)."""
+  return jax.jit(functools.partial(model.init, train=False))(
+      init_key(1), x)["params"]
 
 
 @pytest.fixture(scope="module")

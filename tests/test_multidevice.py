@@ -80,7 +80,7 @@ CHECKS = {
         "ss.probe_dead over sharded-jit and pmap batches = the 1-device result."
     ),
 }
-SLOW = {"sharded_jit_strip_params_sharded_kernel",
+SLOW = {"sharded_jit_batch_stats", "sharded_jit_strip_params_sharded_kernel",
         "eager_strip_params_keeps_shardings", "pmap_strip_params",
         "opt_state_sharding_eager_init_auto", "explicit_mesh_jit_init",
         "explicit_mesh_update_and_strip_event", "probe_dead_over_devices"}

@@ -326,6 +326,7 @@ def test_mlp_output_unchanged():
     assert np.all(total[idx] > 0), layer
 
 
+@pytest.mark.slow  # the MLP's case by default: test_mlp_output_unchanged
 def test_vit_fc1_preserved_fc2_changes():
   """ViT: recycling fc1 neurons preserves the function (their outgoing
   rows in fc2 are zeroed); an fc2 neuron maps to None (residual stream),

@@ -317,12 +317,14 @@ def test_auto_matches_explicit_selection_linen(case):
     x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
     explicit = {"bn1": "conv1"}
   variables = model.init(init_key(0), x, **kwargs)
+
+  def stats(select):  # jitted: the selection runs as the program is traced
+    return jax.jit(lambda v, x: ss_linen.capture_stats(
+        model, v, x, select=select, **kwargs)[1])(variables, x)
+
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    _, auto = ss_linen.capture_stats(model, variables, x, select="auto",
-                                     **kwargs)
-    _, expl = ss_linen.capture_stats(model, variables, x, select=explicit,
-                                     **kwargs)
+    auto, expl = stats("auto"), stats(explicit)
   _same_stats(auto, expl)
 
 
