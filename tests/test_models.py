@@ -3,7 +3,6 @@
 Tiny configs; the default ViT is only checked abstractly (jax.eval_shape).
 """
 
-import functools
 import math
 
 import flax
@@ -29,10 +28,7 @@ def _images(b=4, h=8, w=8, c=3, seed=0):
 
 
 def _init(model, x):
-  """``model.init`` as one program (eagerly each initializer compiles per
-  parameter shape)."""
-  return jax.jit(functools.partial(model.init, train=False))(
-      init_key(1), x)["params"]
+  return model.init(init_key(1), x, train=False)["params"]
 
 
 @pytest.fixture(scope="module")

@@ -154,10 +154,11 @@ def test_redo_matches_dopamine_rule(tx):
   params = _mlp_params(0)
   params["fc0"]["bias"] = params["fc0"]["bias"].at[1].set(-100.0)
   x = normal((32, 3), 1)
-  grads = jax.grad(lambda p: jnp.sum(_forward(p, x)[0] ** 2))(params)
+  # The set-up as one program (eagerly every small op compiles on its own).
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(_forward(p, x)[0] ** 2)))(params)
   state = tx.init(params)
-  _, state = tx.update(grads, state, params)
-  stats = _stats(params, x)
+  _, state = jax.jit(tx.update)(grads, state, params)
+  stats = jax.jit(_stats)(params, x)
   _, (h, _) = _forward(params, x)
   dop = _dopamine_score(np.asarray(h))
   np.testing.assert_allclose(acts.dormancy_score(stats["fc0"]["post_act"]),
