@@ -99,11 +99,17 @@ def init_key(seed: int = 0) -> jax.Array:
   return jax.random.key(seed, impl="rbg")
 
 
+def host_normal(rng: np.random.Generator, shape: Sequence[int],
+                dtype: Any = jnp.float32, scale: float = 1.0) -> jax.Array:
+  """``scale * N(0, 1)`` of ``shape`` from ``rng``, as a ``dtype`` array."""
+  return jnp.asarray((scale * rng.standard_normal(tuple(shape))).astype(
+      np.float32).astype(jnp.dtype(dtype)))
+
+
 def normal(shape: Sequence[int], seed: Seed = 0,
            dtype: Any = jnp.float32) -> jax.Array:
   """``N(0, 1)`` of ``shape`` drawn on the host (:func:`host_rng`)."""
-  return jnp.asarray(host_rng(seed).standard_normal(tuple(shape)).astype(
-      np.float32).astype(jnp.dtype(dtype)))
+  return host_normal(host_rng(seed), shape, dtype)
 
 
 def small_params(shapes: Optional[Mapping[str, Sequence[int]]] = None,
@@ -116,10 +122,8 @@ def small_params(shapes: Optional[Mapping[str, Sequence[int]]] = None,
   """
   shapes = SMALL_SHAPES if shapes is None else shapes
   rng = host_rng(seed)
-  draw = lambda shape, scale=1.0: jnp.asarray(
-      (scale * rng.standard_normal(tuple(shape))).astype(np.float32).astype(
-          jnp.dtype(dtype)))
-  return {name: {"kernel": draw(s), "bias": draw((s[-1],), 0.1)}
+  return {name: {"kernel": host_normal(rng, s, dtype),
+                 "bias": host_normal(rng, (s[-1],), dtype, 0.1)}
           for name, s in shapes.items()}
 
 

@@ -29,7 +29,6 @@ from flax_mnist_linen import CNN as LinenCNN  # noqa: E402  pylint: disable=wron
 from nnx_mnist_tutorial import CNN as TutorialCNN  # noqa: E402  pylint: disable=wrong-import-position
 
 
-
 class SharedNNX(nnx.Module):
   """``fc1`` is also reachable as ``alias``; the model calls both."""
 

@@ -259,7 +259,7 @@ def test_vit_state_and_train_step_with_dropout():
 
 @pytest.mark.slow
 def test_create_train_state_is_seeded():
-  model = MLP(num_classes=10, width=16, depth=2)
+  model = tiny_mlp()
   a, _ = steps.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
   b, _ = steps.create_train_state(model, tx_factory(), (8, 8, 1), seed=3)
   c, _ = steps.create_train_state(model, tx_factory(), (8, 8, 1), seed=4)

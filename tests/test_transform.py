@@ -32,6 +32,7 @@ import pytest
 from _shared import assert_bitwise_equal, load_fixtures
 from conftest import SMALL_TARGETS as TARGETS
 from conftest import small_dead as make_dead
+from conftest import host_normal, host_rng
 from conftest import small_params as make_params
 
 from synstrip_jax import stripping
@@ -66,10 +67,9 @@ def grad_sequence(n: int, seed: int = 1):
   leaves, treedef = jax.tree_util.tree_flatten(params)
   out = []
   for t in range(n):
-    rng = np.random.default_rng([seed, t])
-    out.append(jax.tree_util.tree_unflatten(treedef, [
-        jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
-        for x in leaves]))
+    rng = host_rng([seed, t])
+    out.append(jax.tree_util.tree_unflatten(
+        treedef, [host_normal(rng, x.shape) for x in leaves]))
   return out
 
 
