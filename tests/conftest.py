@@ -3,9 +3,20 @@ a compilation counter, small models and dead trees, hypothesis profiles."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import jax
+# The tests, and the processes they start, compile with JAX's
+# ``jax_disable_most_optimizations`` (XLA:CPU: LLVM at -O0, no expensive
+# passes). Most of the suite's time is compiling hundreds of small programs
+# that run for milliseconds, and unoptimized they compile in about two thirds
+# of the time. Set in the environment before JAX is imported, so that every
+# process of a run compiles alike (some tests compare a child process's run
+# with an in-process one bit for bit). ``JAX_DISABLE_MOST_OPTIMIZATIONS=0
+# python -m pytest ...`` runs everything at XLA's default optimization.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,6 +38,10 @@ def reference():
 # user's cache.
 jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+# In case JAX was imported before this file (it reads the variable then).
+jax.config.update("jax_disable_most_optimizations", os.environ[
+    "JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true", "t", "yes", "y",
+                                                  "on"))
 
 
 class CompileCounter:
@@ -97,6 +112,47 @@ def init_key(seed: int = 0) -> jax.Array:
   ``nnx.Rngs``), whose values are arbitrary: threefry's draws compile a
   program of seconds per parameter shape on a small CPU, RBG's do not."""
   return jax.random.key(seed, impl="rbg")
+
+
+def fill_variables(abstract: Any, seed: Seed = 0) -> Any:
+  """Concrete values for an abstract variables tree, drawn on the host.
+
+  ``abstract``: a pytree of ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` of
+  a Linen ``init``) or an abstract NNX ``State``. By the leaf's name: kernels
+  ``N(0, 1 / fan_in)``, biases ``N(0, 0.1^2)``, scales and variances 1,
+  means 0, every other leaf (embeddings, tokens) ``N(0, 0.02^2)``. Arbitrary
+  values of the model's shapes without compiling its initializers (seconds
+  per model on a small CPU); :func:`init_key` runs the initializers.
+  """
+  rng = host_rng(seed)
+
+  def leaf(path, a):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    name = [n for n in names if n != "value"][-1]
+    if name in ("scale", "var"):
+      return jnp.ones(a.shape, a.dtype)
+    if name == "mean":
+      return jnp.zeros(a.shape, a.dtype)
+    scale = {"kernel": 1.0 / np.sqrt(np.prod(a.shape[:-1])),
+             "bias": 0.1}.get(name, 0.02)
+    return host_normal(rng, a.shape, a.dtype, scale)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def linen_variables(model: Any, seed: Seed, *args: Any, **kwargs: Any) -> Any:
+  """``model.init(key, *args, **kwargs)``'s variables with
+  :func:`fill_variables`' values (the init is only traced)."""
+  return fill_variables(jax.eval_shape(
+      lambda: model.init(init_key(), *args, **kwargs)), seed)
+
+
+def nnx_model(ctor: Any, seed: Seed) -> Any:
+  """The NNX module ``ctor()`` with :func:`fill_variables`' values (built
+  abstractly: its initializers are only traced)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  graphdef, state = nnx.split(nnx.eval_shape(ctor))
+  return nnx.merge(graphdef, fill_variables(state, seed))
 
 
 def host_normal(rng: np.random.Generator, shape: Sequence[int],

@@ -28,6 +28,7 @@ import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
 from _shared import REPO
+from conftest import linen_variables, normal, nnx_model
 
 sys.path.insert(0, str(REPO / "docs" / "examples"))
 # the Flax examples' MNIST CNN (examples/mnist/train.py), as written there
@@ -42,43 +43,6 @@ def _flat(tree):
   if isinstance(tree, nnx.State):
     tree = nnx.as_pure(tree).to_pure_dict()
   return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _normal(seed, shape):
-  """Standard-normal float32 numpy data (no XLA compile on the way)."""
-  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _fill(seed, abstract):
-  """Concrete values for an abstract variables tree, in numpy.
-
-  LeCun-normal kernels, zero biases/means, unit scales/variances: Flax's
-  defaults, without compiling each model's ``init`` (seconds on 2 cores).
-  """
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, a):
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    name = [n for n in names if n != "value"][-1]
-    if name == "kernel":
-      fan_in = int(np.prod(a.shape[:-1]))
-      return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
-    if name in ("scale", "var"):
-      return np.ones(a.shape, a.dtype)
-    return np.zeros(a.shape, a.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
-def _linen_init(model, seed, *args, **kwargs):
-  return _fill(seed, jax.eval_shape(
-      functools.partial(model.init, **kwargs), jax.random.key(0), *args))
-
-
-def _nnx_init(ctor, seed):
-  """``ctor()`` built abstractly, then filled as :func:`_fill`."""
-  graphdef, state = nnx.split(nnx.eval_shape(ctor))
-  return nnx.merge(graphdef, _fill(seed, state))
 
 
 def _kill(bias, idx):
@@ -206,8 +170,8 @@ _cnn_tx = None
 
 def test_mnist_cnn_dead_channels_and_strip_events():
   global _cnn_tx
-  x = _normal(0, (10, 8, 8, 1))
-  params = _linen_init(_CNN, 1, x[:1])["params"]
+  x = normal((10, 8, 8, 1), 0)
+  params = linen_variables(_CNN, 1, x[:1])["params"]
   layers = ss_linen.candidate_layers(_CNN, {"params": params}, x[:2])
   assert [(l.path, l.kind, l.kernel_shape) for l in layers] == [
       ("Conv_0", "Conv", (3, 3, 1, 32)), ("Conv_1", "Conv", (3, 3, 32, 64)),
@@ -301,8 +265,8 @@ _mlp_tx = None
 @pytest.fixture(scope="module")
 def vit_mlp():
   """(params with forced dead neurons, batches of tokens [4, 5, 8])."""
-  x = _normal(2, (10, 5, 8))
-  params = _linen_init(_MLP, 3, x[:1])["params"]
+  x = normal((10, 5, 8), 2)
+  params = linen_variables(_MLP, 3, x[:1])["params"]
   params["fc1"]["bias"] = _kill(params["fc1"]["bias"], [1, 4])
   params["fc2"]["bias"] = _kill(params["fc2"]["bias"], 6)
   return params, x, _batches(x, 4)
@@ -395,8 +359,8 @@ _res_tx = None
 
 def test_resnet_block_batchnorm_pairing():
   global _res_tx
-  x = _normal(4, (10, 6, 6, 4))
-  variables = _linen_init(_RES, 5, x[:2], train=False)
+  x = normal((10, 6, 6, 4), 4)
+  variables = linen_variables(_RES, 5, x[:2], train=False)
   params = variables["params"]
   # bn1's shift kills channels 2 and 5 after normalisation; conv1 itself is
   # untouched, so its raw output is positive somewhere in every channel.
@@ -469,7 +433,7 @@ def _nnx_train(model, optimizer, x, y):
 
 
 def _nnx_model(linear=nnx.Linear):
-  model = _nnx_init(lambda: NNXMLP(6, 16, 3, rngs=nnx.Rngs(0), linear=linear), 0)
+  model = nnx_model(lambda: NNXMLP(6, 16, 3, rngs=nnx.Rngs(0), linear=linear), 0)
   model.fc1.bias.set_value(_kill(model.fc1.bias.get_value(), [0, 9]))
   model.fc2.bias.set_value(_kill(model.fc2.bias.get_value(), 3))
   return model
@@ -501,7 +465,7 @@ def _nnx_run(model, stats_fn, x, y, batches, events=3):
 
 @pytest.fixture(scope="module")
 def nnx_data():
-  x = _normal(6, (10, 6))
+  x = normal((10, 6), 6)
   y = np.random.default_rng(7).integers(0, 3, (10,)).astype(np.int32)
   return x, y, _batches(x, 4)
 
@@ -565,8 +529,8 @@ class _NNXCNN(nnx.Module):
 
 
 def test_act_conv_linen_and_nnx_match_unmodified():
-  x = _normal(8, (3, 5, 5, 2))
-  params = _linen_init(_PlainCNN(), 9, x)["params"]
+  x = normal((3, 5, 5, 2), 8)
+  params = linen_variables(_PlainCNN(), 9, x)["params"]
   params["c"]["bias"] = _kill(params["c"]["bias"], 1)
 
   @jax.jit
@@ -580,8 +544,8 @@ def test_act_conv_linen_and_nnx_match_unmodified():
   _assert_trees_equal(sown, cap)
   dead = probe.dead_tree(params, probe.reduce_stats_tree(cap))
   np.testing.assert_array_equal(dead["c"]["kernel"], [False, True, False, False])
-  sown = _nnx_init(lambda: _NNXCNN(ss_nnx.ActConv, nnx.Rngs(0)), 1)
-  plain = _nnx_init(lambda: _NNXCNN(nnx.Conv, nnx.Rngs(0)), 1)
+  sown = nnx_model(lambda: _NNXCNN(ss_nnx.ActConv, nnx.Rngs(0)), 1)
+  plain = nnx_model(lambda: _NNXCNN(nnx.Conv, nnx.Rngs(0)), 1)
   _, inter = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(sown, x)
   _, cap = nnx.jit(lambda m, x: ss_nnx.capture_stats(m, x, select="c"))(plain, x)
   _assert_trees_equal(probe.reduce_stats_tree(inter),
@@ -598,9 +562,9 @@ def test_nnx_conv_batchnorm_pairing():
     def __call__(self, x):
       return nnx.relu(self.bn1(self.conv1(x)))
 
-  model = _nnx_init(lambda: Block(nnx.Rngs(0)), 2)
+  model = nnx_model(lambda: Block(nnx.Rngs(0)), 2)
   model.bn1.bias.set_value(_kill(model.bn1.bias.get_value(), 3))
-  x = _normal(10, (3, 5, 5, 2))
+  x = normal((3, 5, 5, 2), 10)
   _, stats = nnx.jit(lambda m, x: ss_nnx.capture_stats(
       m, x, select={"bn1": "conv1"}))(model, x)
   dead = probe.dead_tree(nnx.state(model, nnx.Param),
@@ -619,8 +583,8 @@ def test_shared_weights_add_up_linen_and_nnx():
       d = nn.Dense(3, name="shared")
       return d(nn.relu(d(x)))
 
-  x = _normal(11, (4, 3))
-  v = _linen_init(Twice(), 0, x)
+  x = normal((4, 3), 11)
+  v = linen_variables(Twice(), 0, x)
   _, st = jax.jit(lambda v, x: ss_linen.capture_stats(
       Twice(), v, x, select="shared"))(v, x)
   w, c = v["params"]["shared"]["kernel"], v["params"]["shared"]["bias"]
@@ -637,7 +601,7 @@ def test_shared_weights_add_up_linen_and_nnx():
     def __call__(self, x):
       return self.shared(nnx.relu(self.shared(x)))
 
-  m = _nnx_init(lambda: NTwice(nnx.Rngs(0)), 3)
+  m = nnx_model(lambda: NTwice(nnx.Rngs(0)), 3)
   _, st = nnx.jit(lambda m, x: ss_nnx.capture_stats(m, x, select="shared"))(m, x)
   w, c = m.shared.kernel.get_value(), m.shared.bias.get_value()
   a = x @ w + c
@@ -684,7 +648,7 @@ def test_remat_supported_scan_rejected_dense_general():
       y = nn.relu(nn.DenseGeneral(6, axis=(-2, -1), name="dg")(x))
       return nn.DenseGeneral((2, 3), name="heads")(y)
 
-  x3 = _normal(1, (2, 3, 4))
+  x3 = normal((2, 3, 4), 1)
   v = jax.eval_shape(DG().init, jax.random.key(0), x3)
   _, st = jax.eval_shape(lambda v: ss_linen.capture_stats(DG(), v, x3, select="dg"), v)
   dead = jax.eval_shape(lambda v, st: probe.dead_tree(

@@ -35,7 +35,7 @@ import optax
 import pytest
 
 from _shared import assert_bitwise_equal
-from conftest import examples
+from conftest import examples, linen_variables, normal
 
 from synstrip_jax import probe, redo, trees
 from synstrip_jax import linen as ss_linen
@@ -86,37 +86,12 @@ def make_dead():
   }
 
 
-def init_params(model, seed: int, x):
-  """Random float32 params of ``model``'s shapes, drawn with numpy.
-
-  Kernels ``N(0, 1/fan_in)``, biases ``N(0, 0.1^2)``, LayerNorm scales 1,
-  embeddings ``N(0, 0.02^2)``. (``model.init`` takes seconds to compile for
-  the ViT on CPU; the tests need realistic shapes, not Flax's draws.)
-  """
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), x, train=False))["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(path, sd):
-    name = trees.path_str(path)
-    if name.endswith("scale"):
-      return jnp.ones(sd.shape, sd.dtype)
-    if name.endswith("kernel"):
-      std = 1.0 / np.sqrt(np.prod(sd.shape[:-1]))
-    elif name.endswith("bias"):
-      std = 0.1
-    else:
-      std = 0.02
-    return jnp.asarray(std * rng.normal(size=sd.shape), sd.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def mlp_setup(width: int = 16, depth: int = 2, in_dim: int = 6,
               num_classes: int = 4, seed: int = 0):
   model = create_model("mlp", num_classes=num_classes, width=width,
                        depth=depth)
-  params = init_params(model, seed, np.zeros((1, in_dim), np.float32))
+  params = linen_variables(model, seed, np.zeros((1, in_dim), np.float32),
+                           train=False)["params"]
   return model, params
 
 
@@ -155,9 +130,8 @@ VIT_KW = dict(num_classes=3, patch_size=4, hidden_size=8, depth=2,
 @functools.lru_cache(maxsize=None)
 def vit_setup():
   model = create_model("vit", **VIT_KW)
-  x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 8, 8, 3)),
-                  jnp.float32)
-  params = init_params(model, 0, x)
+  x = normal((4, 8, 8, 3), 2)
+  params = linen_variables(model, 0, x, train=False)["params"]
   return model, params, x
 
 

@@ -668,7 +668,10 @@ def test_eight_devices_match_one_device(eight_device_workers, model_name):
   assert out["metrics_max_rel_diff"] < 1e-5, out
   assert out["counts_equal"] and out["step_equal"] and out["rng_equal"], out
   assert out["shardings_replicated"], out
-  assert out["eval_stats_max_rel_diff"] < 1e-5, out
+  # Per-neuron sums whose small entries carry the params' rounding
+  # difference: measured 5e-7 at XLA's default optimization, 2e-5 with
+  # jax_disable_most_optimizations; a lost or doubled shard is off by O(1).
+  assert out["eval_stats_max_rel_diff"] < 1e-4, out
   assert out["eval_dead_masks_equal"], out
   assert out["eval_count"] == [13.0] * 4, out
   assert out["eval_metrics_max_rel_diff"] < 1e-5, out
