@@ -164,6 +164,8 @@ def pmap_batch_stats():
   ref_pad = acts.batch_stats(x[where.reshape(-1)])
   expected_dead = np.all(x.reshape(-1, x.shape[-1]) == 0, axis=0)
   assert expected_dead.tolist() == [i in (2, 7) for i in range(16)]
+  s, acc, per_ex, padded, dead, dead_acc = jax.device_get(
+      (s, acc, per_ex, padded, dead, dead_acc))  # compared on the host
   for d in range(NDEV):
     take = lambda t: jax.tree_util.tree_map(lambda a: a[d], t)
     assert_bitwise_equal(take(s), full, f"device {d} batch_stats")

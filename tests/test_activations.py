@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import init_key, normal
+from conftest import linen_variables, nnx_model, normal
 
 import synstrip_jax as ss
 from synstrip_jax import activations as acts, linen as ss_linen, probe
@@ -101,7 +101,7 @@ class _LinenMLP(nn.Module):
 def test_linen_dead_tree_aligned_with_kernels():
   model = _LinenMLP()
   x = normal((6, 5))
-  params = model.init(init_key(1), x)["params"]
+  params = linen_variables(model, 1, x)["params"]
   params["fc1"]["bias"] = params["fc1"]["bias"].at[3].set(-1e3)  # kill neuron 3
   _, state = model.apply({"params": params}, x, mutable=[ss_linen.ACTIVATIONS])
   stats = probe.reduce_stats_tree(ss_linen.linen_stats(state))
@@ -125,7 +125,7 @@ def test_linen_layer_called_twice_accumulates():
       return layer(x) + layer(x)
 
   x = jnp.ones((2, 4))
-  v = Twice().init(init_key(0), x)
+  v = linen_variables(Twice(), 0, x)
   _, state = Twice().apply({"params": v["params"]}, x, mutable=[ss_linen.ACTIVATIONS])
   s = probe.reduce_stats_tree(ss_linen.linen_stats(state))["shared"]["post_act"]
   assert float(s.count) == 4.0
@@ -134,7 +134,7 @@ def test_linen_layer_called_twice_accumulates():
 def test_dead_tree_mismatch_names_the_path():
   model = _LinenMLP()
   x = jnp.ones((2, 5))
-  params = model.init(init_key(1), x)["params"]
+  params = linen_variables(model, 1, x)["params"]
   _, state = model.apply({"params": params}, x, mutable=[ss_linen.ACTIVATIONS])
   stats = probe.reduce_stats_tree(ss_linen.linen_stats(state))
   renamed = {"fc1": params["fc1"], "fc2_renamed": params["fc2"], "head": params["head"]}
@@ -160,7 +160,7 @@ class _NNXMLP(nnx.Module):
 
 
 def test_nnx_dead_tree_aligned_with_kernels():
-  model = _NNXMLP(nnx.Rngs(init_key(0)))
+  model = nnx_model(lambda: _NNXMLP(nnx.Rngs(0)), 0)
   model.fc1.bias.value = model.fc1.bias.value.at[2].set(-1e3)
   x = normal((6, 5))
   _, inter = nnx.capture(model, nnx.Intermediate)(x)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import init_key, normal
+from conftest import init_key, linen_variables, normal
 
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_vit import models
@@ -28,14 +28,20 @@ def _images(b=4, h=8, w=8, c=3, seed=0):
 
 
 def _init(model, x):
+  """``model``'s params from its own initializers."""
   return model.init(init_key(1), x, train=False)["params"]
+
+
+def _params(model, x):
+  """Arbitrary params of ``model``'s shapes (``conftest.linen_variables``)."""
+  return linen_variables(model, 1, x, train=False)["params"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  """(images [4, 8, 8, 3], params of ViT(**TINY)), initialised once."""
+  """(images [4, 8, 8, 3], arbitrary params of ViT(**TINY)), made once."""
   x = _images()
-  return x, _init(ViT(**TINY), x)
+  return x, _params(ViT(**TINY), x)
 
 
 def _flat(tree):
@@ -302,7 +308,7 @@ def test_vit_errors(tiny):
 def test_mlp_shapes_and_sown_layers(depth, width):
   model = MLP(num_classes=5, width=width, depth=depth)
   x = _images(3, 4, 4, 2)
-  params = _init(model, x)
+  params = _params(model, x)
   flat = {k: v.shape for k, v in _flat(params).items()}
   assert flat["fc0/kernel"] == (32, width)
   for i in range(1, depth):
@@ -327,7 +333,7 @@ def test_mlp_shapes_and_sown_layers(depth, width):
 def test_mlp_dead_neuron_and_bf16():
   model = MLP(num_classes=3, width=16, depth=2, dtype=jnp.bfloat16)
   x = _images(8, 4, 4, 1)
-  params = _init(model, x)
+  params = _params(model, x)
   assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))
   p = _set(params, "fc0/bias", lambda b: b.at[3].set(-1e4))
   p = _set(p, "fc0/kernel", lambda k: k.at[:, 3].set(0.0))
@@ -367,8 +373,7 @@ def test_registry_builds_the_model_and_its_outgoing_map(name):
   model = create_model(name.upper(), **kwargs)
   spec = models.model_spec(name)
   assert type(model) is spec.cls  # pylint: disable=unidiomatic-typecheck
-  params = model.init(init_key(0),
-                      jnp.zeros((1, 8, 8, 3)), train=False)["params"]
+  params = _params(model, jnp.zeros((1, 8, 8, 3)))
   outgoing = models.outgoing_map(params, name)
   assert outgoing and outgoing == spec.outgoing(params)
 
@@ -383,7 +388,8 @@ def test_registry_names_the_known_models():
 
 @pytest.mark.slow
 def test_bias_init_sets_only_the_strippable_layers(tiny):
-  x, params = tiny
+  x, _ = tiny
+  params = _init(ViT(**TINY), x)
   vit = _flat(_init(ViT(**TINY, bias_init=-0.25), x))
   for path, leaf in vit.items():
     if "/mlp/fc" in path and path.endswith("/bias"):

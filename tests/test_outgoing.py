@@ -12,7 +12,7 @@ import pytest
 from synstrip_jax import redo, remedies, trees
 from synstrip_vit import models
 from _shared import assert_bitwise_equal
-from conftest import init_key
+from conftest import linen_variables, nnx_model
 
 
 class LinenCNN(nn.Module):
@@ -80,7 +80,7 @@ def _linen_case(name):
     model, kw = ResNetBlock(), {}
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)),
                     jnp.float32)
-  variables = model.init(init_key(0), x, **kw)
+  variables = linen_variables(model, 0, x, **kw)
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
   apply = lambda p, x: model.apply({"params": p, **rest}, x, **kw)
@@ -118,7 +118,7 @@ def test_linen_found_equals_hand_written(name):
 
 
 def _nnx_case():
-  model = NNXCNN(rngs=nnx.Rngs(init_key(0)))
+  model = nnx_model(lambda: NNXCNN(rngs=nnx.Rngs(0)), 0)
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(state)
 

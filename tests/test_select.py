@@ -22,7 +22,7 @@ import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
 from _shared import REPO
-from conftest import init_key
+from conftest import init_key, linen_variables, nnx_model
 
 sys.path.insert(0, str(REPO / "docs" / "examples"))
 from flax_mnist_linen import CNN as LinenCNN  # noqa: E402  pylint: disable=wrong-import-position
@@ -47,7 +47,7 @@ def _shared_stats(model, batch):
 
 @pytest.mark.slow
 def test_nnx_shared_module_probe_matches_eager_capture():
-  model = SharedNNX(nnx.Rngs(init_key(0)))
+  model = nnx_model(lambda: SharedNNX(nnx.Rngs(0)), 0)
   # x drives every neuron positive, y none: the neurons are alive only
   # through the fc1 calls.
   w = np.asarray(model.fc1.kernel[...])
@@ -87,12 +87,12 @@ class TwoLinear(nnx.Module):
 def test_select_list_entry_matching_nothing_is_an_error(select):
   x = jnp.ones((2, 3))
   model = TwoDense()
-  variables = model.init(init_key(0), x)
+  variables = linen_variables(model, 0, x)
   bad = re.escape(f"select entries {[select[1]]}")
   with pytest.raises(ValueError, match=bad):
     ss_linen.capture_stats(model, variables, x, select=select)
   with pytest.raises(ValueError, match=bad):
-    ss_nnx.capture_stats(TwoLinear(nnx.Rngs(init_key(0))), x, select=select)
+    ss_nnx.capture_stats(nnx_model(lambda: TwoLinear(nnx.Rngs(0)), 0), x, select=select)
 
 
 class BNDropCNN(nnx.Module):
@@ -157,7 +157,7 @@ def test_linen_targets_from_shapes(train):
 def test_linen_variables_as_params_error_names_params_argument():
   model = BNCNN()
   x = jnp.ones((2, 6, 6, 1))
-  variables = model.init(init_key(0), x, train=False)
+  variables = linen_variables(model, 0, x, train=False)
   fn = lambda v, b: ss_linen.capture_stats(model, v, b, train=False,
                                            select={"bn1": "conv1"})[1]
   with pytest.raises(ValueError, match=r"params=variables\['params'\]"):
@@ -168,7 +168,7 @@ def test_linen_variables_as_params_error_names_params_argument():
 
 def test_nnx_dead_plain_arrays_and_same_counts_keys_as_linen():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)), jnp.float32)
-  model = TwoLinear(nnx.Rngs(init_key(0)))
+  model = nnx_model(lambda: TwoLinear(nnx.Rngs(0)), 0)
   stats = probe.reduce_stats_tree(
       ss_nnx.capture_stats(model, x, select="fc*")[1])
   with warnings.catch_warnings():
@@ -179,7 +179,7 @@ def test_nnx_dead_plain_arrays_and_same_counts_keys_as_linen():
     counts = ss.dead_counts(dead)
   assert sorted(counts) == ["fc1/kernel", "fc2/kernel"]
   lin = TwoDense()
-  variables = lin.init(init_key(0), x)
+  variables = linen_variables(lin, 0, x)
   lstats = probe.reduce_stats_tree(
       ss_linen.capture_stats(lin, variables, x, select="fc*")[1])
   assert sorted(ss.dead_counts(probe.dead_tree(variables["params"], lstats))
@@ -192,7 +192,7 @@ def test_nnx_dead_plain_arrays_and_same_counts_keys_as_linen():
 
 
 def test_strip_event_on_nnx_state_points_at_nnx_strip():
-  model = TwoLinear(nnx.Rngs(init_key(0)))
+  model = nnx_model(lambda: TwoLinear(nnx.Rngs(0)), 0)
   targets = ss_nnx.targets(model, jnp.ones((2, 3)), select="fc*")
   opt = nnx.Optimizer(model, ss.with_stripping(optax.sgd(0.1), targets),
                       wrt=nnx.Param)
@@ -244,7 +244,7 @@ class ResNetBlock(nn.Module):
 
 
 def _linen_keys(model, x, select, **kwargs):
-  variables = model.init(init_key(0), x, **kwargs)
+  variables = linen_variables(model, 0, x, **kwargs)
   _, stats = ss_linen.capture_stats(model, variables, x, select=select,
                                     **kwargs)
   return variables, stats
@@ -254,8 +254,8 @@ def _linen_keys(model, x, select, **kwargs):
 def test_logits_layer_taken_by_a_glob_is_reported(on_problem):
   x = jnp.ones((2, 3))
   model = TwoDense()
-  variables = model.init(init_key(0), x)
-  nmodel = TwoLinear(nnx.Rngs(init_key(0)))
+  variables = linen_variables(model, 0, x)
+  nmodel = nnx_model(lambda: TwoLinear(nnx.Rngs(0)), 0)
   calls = [lambda: ss_linen.capture_stats(model, variables, x, select="*",
                                           check_relu=on_problem),
            lambda: ss_nnx.capture_stats(nmodel, x, select="*",
@@ -281,7 +281,7 @@ def test_logits_layer_taken_by_a_glob_is_reported(on_problem):
 def test_conv_batchnorm_relu_without_mapping_is_reported():
   x = jnp.ones((2, 6, 6, 1))
   model = BNCNN()
-  variables = model.init(init_key(0), x, train=False)
+  variables = linen_variables(model, 0, x, train=False)
   msg = "'conv1' reaches a ReLU only through BatchNorm 'bn1'.*\\{'bn1': 'conv1'\\}"
   with pytest.warns(UserWarning, match=msg):
     ss_linen.capture_stats(model, variables, x, train=False, select="conv*")
@@ -315,7 +315,7 @@ def test_auto_matches_explicit_selection_linen(case):
     model, kwargs = ResNetBlock(4), {"train": False}
     x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
     explicit = {"bn1": "conv1"}
-  variables = model.init(init_key(0), x, **kwargs)
+  variables = linen_variables(model, 0, x, **kwargs)
 
   def stats(select):  # jitted: the selection runs as the program is traced
     return jax.jit(lambda v, x: ss_linen.capture_stats(
@@ -329,7 +329,7 @@ def test_auto_matches_explicit_selection_linen(case):
 
 @pytest.mark.slow
 def test_auto_matches_explicit_selection_nnx_tutorial_cnn():
-  model = TutorialCNN(rngs=nnx.Rngs(init_key(0)))
+  model = nnx_model(lambda: TutorialCNN(rngs=nnx.Rngs(0)), 0)
   model.eval()
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 28, 28, 1)),
                   jnp.float32)
@@ -361,8 +361,8 @@ def test_auto_on_the_application_vit_takes_every_mlp_layer():
 def test_auto_needs_the_relu():
   x = jnp.ones((2, 3))
   model = TwoDense()
-  variables = model.init(init_key(0), x)
-  nmodel = TwoLinear(nnx.Rngs(init_key(0)))
+  variables = linen_variables(model, 0, x)
+  nmodel = nnx_model(lambda: TwoLinear(nnx.Rngs(0)), 0)
   with pytest.raises(ValueError, match="select='auto'.*activation=jax.nn.relu"):
     ss_linen.capture_stats(model, variables, x, select="auto",
                            activation=jax.nn.gelu)
