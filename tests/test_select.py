@@ -329,7 +329,7 @@ def test_auto_matches_explicit_selection_linen(case):
 
 @pytest.mark.slow
 def test_auto_matches_explicit_selection_nnx_tutorial_cnn():
-  model = nnx_model(lambda: TutorialCNN(rngs=nnx.Rngs(0)), 0)
+  model = TutorialCNN(rngs=nnx.Rngs(init_key(0)))  # keeps RNG state
   model.eval()
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 28, 28, 1)),
                   jnp.float32)
