@@ -123,17 +123,20 @@ def fill_variables(abstract: Any, seed: Seed = 0) -> Any:
   means 0, every other leaf (embeddings, tokens) ``N(0, 0.02^2)``. Arbitrary
   values of the model's shapes without compiling its initializers (seconds
   per model on a small CPU); :func:`init_key` runs the initializers (as
-  needed for a model that keeps RNG keys or counts: only floats are filled).
+  needed for a model that keeps RNG keys). Integer and boolean leaves (e.g.
+  the counts of sown statistics) are zeros.
   """
   rng = host_rng(seed)
 
   def leaf(path, a):
     names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
     name = [n for n in names if n != "value"][-1]
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      raise TypeError(f"fill_variables cannot make the RNG key "
+                      f"{jax.tree_util.keystr(path)}: build a model that keeps "
+                      f"RNG keys with init_key")
     if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise TypeError(f"fill_variables fills float leaves only; "
-                      f"{jax.tree_util.keystr(path)} is {a.dtype} (build a "
-                      f"model that keeps RNG state with init_key)")
+      return jnp.zeros(a.shape, a.dtype)
     if name in ("scale", "var"):
       return jnp.ones(a.shape, a.dtype)
     if name == "mean":
