@@ -12,7 +12,7 @@ import pytest
 from synstrip_jax import redo, remedies, trees
 from synstrip_vit import models
 from _shared import assert_bitwise_equal
-from conftest import linen_variables, nnx_model
+from conftest import linen_variables, nnx_model, normal
 
 
 class LinenCNN(nn.Module):
@@ -64,22 +64,19 @@ def _linen_case(name):
   if name == "mlp":
     model = models.create_model("mlp", width=16, depth=2,
                                 num_classes=4)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)
+    x = normal((8, 6), 0)
     kw = {"train": False}
   elif name == "vit":
     model = models.create_model("vit", num_classes=3, patch_size=4,
                                 hidden_size=8, depth=2, num_heads=2, mlp_dim=16)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)),
-                    jnp.float32)
+    x = normal((4, 8, 8, 3), 0)
     kw = {"train": False}
   elif name == "cnn":
     model, kw = LinenCNN(), {}
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 28, 28, 1)),
-                    jnp.float32)
+    x = normal((2, 28, 28, 1), 0)
   else:
     model, kw = ResNetBlock(), {}
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)),
-                    jnp.float32)
+    x = normal((2, 8, 8, 3), 0)
   variables = linen_variables(model, 0, x, **kw)
   params = variables["params"]
   rest = {k: v for k, v in variables.items() if k != "params"}
@@ -126,8 +123,7 @@ def _nnx_case():
     s = jax.tree_util.tree_map(lambda a: a, state)
     nnx.replace_by_pure_dict(s, p)
     return nnx.merge(graphdef, s, rest)(x)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 28, 28, 1)),
-                  jnp.float32)
+  x = normal((2, 28, 28, 1), 0)
   return apply, params, x
 
 

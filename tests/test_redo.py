@@ -35,7 +35,7 @@ import optax
 import pytest
 
 from _shared import assert_bitwise_equal
-from conftest import examples, linen_variables, normal
+from conftest import examples, host_normal, host_rng, linen_variables, normal
 
 from synstrip_jax import probe, redo, trees
 from synstrip_jax import linen as ss_linen
@@ -66,13 +66,13 @@ RECYCLE_CHAIN_JIT = jax.jit(functools.partial(redo.recycle_params,
 
 
 def make_params(seed: int = 0):
-  rng = np.random.default_rng(seed)
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  rng = host_rng(seed)
+  draw = lambda *shape: host_normal(rng, shape)
   return {
-      "conv": {"kernel": normal(3, 3, 2, 4), "bias": normal(4)},
-      "fc": {"kernel": normal(4, 6), "bias": normal(6)},
-      "head": {"kernel": normal(6, 3), "bias": normal(3)},
-      "norm": {"scale": normal(4)},
+      "conv": {"kernel": draw(3, 3, 2, 4), "bias": draw(4)},
+      "fc": {"kernel": draw(4, 6), "bias": draw(6)},
+      "head": {"kernel": draw(6, 3), "bias": draw(3)},
+      "norm": {"scale": draw(4)},
   }
 
 
@@ -177,11 +177,9 @@ def test_live_untouched_dead_reset(jit):
 def test_fresh_scale():
   """Redrawn columns follow lecun_normal of the whole kernel: std
   1/sqrt(fan_in) with the receptive field counted (dense and conv)."""
-  rng = np.random.default_rng(1)
-  params = {"a": {"kernel": jnp.asarray(5 * rng.normal(size=(3, 3, 8, 32)),
-                                        jnp.float32)},
-            "b": {"kernel": jnp.asarray(5 * rng.normal(size=(32, 128)),
-                                        jnp.float32)},
+  rng = host_rng(1)
+  params = {"a": {"kernel": host_normal(rng, (3, 3, 8, 32), scale=5.0)},
+            "b": {"kernel": host_normal(rng, (32, 128), scale=5.0)},
             "c": {"kernel": jnp.zeros((128, 2))}}
   dead = {"a": {"kernel": np.arange(32) % 2 == 0},
           "b": {"kernel": np.arange(128) % 2 == 0}, "c": {"kernel": None}}
@@ -277,7 +275,7 @@ def test_masks_keep_stripped_weights_zero():
 # Function preservation on the package's models
 # ----------------------------------------------------------------------------
 
-X = jnp.asarray(np.random.default_rng(5).normal(size=(64, 6)), jnp.float32)
+X = normal((64, 6), 5)
 
 
 def test_mlp_output_unchanged():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import normal
+from conftest import normal, small_params
 
 import synstrip_jax as ss
 from synstrip_jax import activations as acts
@@ -110,11 +110,9 @@ from synstrip_jax import redo as ss_redo, remedies  # noqa: E402
 OUTGOING = {"fc0/kernel": "fc1/kernel", "fc1/kernel": "head/kernel"}
 
 
-def _mlp_params(seed=0, sizes=(3, 6, 5, 2)):
-  names = ["fc0", "fc1", "head"]
-  return {n: {"kernel": normal((a, b), 10 * seed + 2 * i),
-              "bias": normal((b,), 10 * seed + 2 * i + 1)}
-          for i, (n, a, b) in enumerate(zip(names, sizes[:-1], sizes[1:]))}
+#: The small MLP of the remedy tests: 3 inputs, hidden layers of 6 and 5, 2
+#: outputs (:func:`conftest.small_params` of these kernel shapes).
+MLP_SHAPES = {"fc0": (3, 6), "fc1": (6, 5), "head": (5, 2)}
 
 
 def _forward(params, x):
@@ -151,7 +149,7 @@ def test_redo_matches_dopamine_rule(tx):
   0, tau 0.1). ReDo: its fc0 column is redrawn, its bias and its fc1 row are
   0, every params-shaped moment is 0 there, all else is unchanged, and a
   stripped weight stays 0.0."""
-  params = _mlp_params(0)
+  params = small_params(MLP_SHAPES)
   params["fc0"]["bias"] = params["fc0"]["bias"].at[1].set(-100.0)
   x = normal((32, 3), 1)
   # The set-up as one program (eagerly every small op compiles on its own).
@@ -221,7 +219,7 @@ TARGETS = {"fc0": {"kernel": True, "bias": False},
 def _stripped_setup():
   """Params with fc0 neuron 1 and fc1 neuron 2 dead, stripped with factor
   0.5 under ``with_stripping(adam)``, one optimizer step taken."""
-  params = _mlp_params(0)
+  params = small_params(MLP_SHAPES)
   params["fc0"]["bias"] = params["fc0"]["bias"].at[1].set(-100.0)
   params["fc1"]["bias"] = params["fc1"]["bias"].at[2].set(-100.0)
   x = normal((32, 3), 1)
@@ -235,7 +233,7 @@ def _stripped_setup():
 
 
 def test_strip_is_strip_event():
-  params = _mlp_params(0)
+  params = small_params(MLP_SHAPES)
   params["fc0"]["bias"] = params["fc0"]["bias"].at[1].set(-100.0)
   x = normal((32, 3), 1)
   state = ss.with_stripping(optax.adam(1e-2), TARGETS).init(params)

@@ -22,7 +22,7 @@ import synstrip_jax as ss
 from synstrip_jax import linen as ss_linen, probe
 from synstrip_jax import nnx as ss_nnx
 from _shared import REPO
-from conftest import init_key, linen_variables, nnx_model
+from conftest import host_normal, init_key, linen_variables, nnx_model, normal
 
 sys.path.insert(0, str(REPO / "docs" / "examples"))
 from flax_mnist_linen import CNN as LinenCNN  # noqa: E402  pylint: disable=wrong-import-position
@@ -167,7 +167,7 @@ def test_linen_variables_as_params_error_names_params_argument():
 
 
 def test_nnx_dead_plain_arrays_and_same_counts_keys_as_linen():
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)), jnp.float32)
+  x = normal((8, 3), 0)
   model = nnx_model(lambda: TwoLinear(nnx.Rngs(0)), 0)
   stats = probe.reduce_stats_tree(
       ss_nnx.capture_stats(model, x, select="fc*")[1])
@@ -205,10 +205,10 @@ def test_strip_event_on_nnx_state_points_at_nnx_strip():
                                    optax.adamw(1e-2)])
 def test_with_stripping_is_bit_identical_to_inner_while_masks_are_true(inner):
   rng = np.random.default_rng(0)
-  p = {"d": {"kernel": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+  p = {"d": {"kernel": host_normal(rng, (8, 16)),
              "bias": jnp.zeros(16)},
-       "o": {"kernel": jnp.asarray(rng.standard_normal((16, 3)), jnp.float32)}}
-  x = jnp.asarray(rng.standard_normal((32, 8)), jnp.float32)
+       "o": {"kernel": host_normal(rng, (16, 3))}}
+  x = host_normal(rng, (32, 8))
   loss = lambda q: jnp.mean(
       (jax.nn.relu(x @ q["d"]["kernel"] + q["d"]["bias"]) @ q["o"]["kernel"])
       ** 2)
@@ -309,11 +309,11 @@ def test_auto_matches_explicit_selection_linen(case):
   rng = np.random.default_rng(1)
   if case == "linen_cnn":
     model, kwargs = LinenCNN(), {}
-    x = jnp.asarray(rng.standard_normal((2, 28, 28, 1)), jnp.float32)
+    x = host_normal(rng, (2, 28, 28, 1))
     explicit = ["Conv_0", "Conv_1", "Dense_0"]
   else:
     model, kwargs = ResNetBlock(4), {"train": False}
-    x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
+    x = host_normal(rng, (2, 6, 6, 4))
     explicit = {"bn1": "conv1"}
   variables = linen_variables(model, 0, x, **kwargs)
 
@@ -331,8 +331,7 @@ def test_auto_matches_explicit_selection_linen(case):
 def test_auto_matches_explicit_selection_nnx_tutorial_cnn():
   model = TutorialCNN(rngs=nnx.Rngs(init_key(0)))  # keeps RNG state
   model.eval()
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 28, 28, 1)),
-                  jnp.float32)
+  x = normal((2, 28, 28, 1), 2)
   explicit = {"batch_norm1": "conv1", "batch_norm2": "conv2",
               "linear1": "linear1"}
   with warnings.catch_warnings():
